@@ -1,0 +1,26 @@
+"""Shared option and argument types, so help text is identical in every command."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+from toolbox.cli._typer import typer
+
+CheckpointArg = Annotated[
+    str,
+    typer.Argument(
+        help="Checkpoint: an HF directory (safetensors), a single .safetensors file, "
+        "or demo:scout / demo:maverick for the built-in tiny demo.",
+        metavar="PATH",
+        show_default=False,
+    ),
+]
+OutputDirOpt = Annotated[
+    Path,
+    typer.Option("--output", "-o", help="Output directory (created atomically).", show_default=False),
+]
+ForceOpt = Annotated[
+    bool,
+    typer.Option("--force", help="Replace an existing output (only once the new one is complete)."),
+]

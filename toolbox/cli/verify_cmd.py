@@ -1,0 +1,55 @@
+"""`corral verify`: structural and tokenizer checks, findings with stable codes."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from rich.console import Console
+
+from toolbox.cli._typer import typer
+from toolbox.cli.options import CheckpointArg
+
+EPILOG = """\
+Exit status: 0 clean (info findings only), 1 errors or warnings found,
+3 a file could not be read at all (fatal findings).
+
+Examples:
+
+  corral verify demo:maverick
+
+  corral verify ./Llama-4-Scout-17B-16E-Instruct --deep
+
+  corral --json verify ./merged | jq '.findings[] | select(.severity != "info")'
+"""
+
+_STYLE = {"fatal": "bold red", "error": "red", "warning": "yellow", "info": "dim"}
+
+
+def verify(
+    ctx: typer.Context,
+    path: CheckpointArg,
+    deep: Annotated[bool, typer.Option("--deep", help="Read every byte: NaN/Inf counts and per-tensor statistics.")]
+    = False,
+) -> int:
+    """Check that every tensor the config implies is present with the right shape and dtype,
+    that index and shard headers agree, that the config is consistent and that the tokenizer
+    matches the model (special ids, round trip, Llama 4 fingerprint)."""
+    from toolbox.verify import verify_checkpoint
+
+    out = ctx.obj
+    report = verify_checkpoint(path, deep=deep, progress=out.progress())
+
+    def render(console: Console) -> None:
+        for f in report.findings:
+            where = f" [{f.tensor}]" if f.tensor and f.tensor not in f.message else ""
+            style = _STYLE[f.severity]
+            console.print(f"[{style}]{f.severity:7}[/{style}] {f.code:24} {f.message}{where}", highlight=False)
+        counts = {s: sum(1 for f in report.findings if f.severity == s) for s in _STYLE}
+        summary = ", ".join(f"{n} {s}" for s, n in counts.items() if n) or "no findings"
+        verdict = "[green]OK[/green]" if report.ok else "[red]FAILED[/red]"
+        checked = report.checked
+        console.print(f"{verdict} {report.path}: {checked.get('tensors', '?')} tensors in "
+                      f"{checked.get('shards', '?')} shards checked; {summary}", highlight=False)
+
+    out.result(report.to_dict(), render)
+    return int(report.exit_code)

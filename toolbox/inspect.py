@@ -1,0 +1,73 @@
+"""A summary of a checkpoint from headers, config and tokenizer files (no weights read)."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from toolbox.checkpoint import load_checkpoint
+from toolbox.errors import CorralError
+from toolbox.progress import NULL_PROGRESS, Progress
+
+LICENSE_FILES = ("LICENSE", "NOTICE", "USE_POLICY.md", "README.md")
+
+
+def inspect_checkpoint(path: str | Path, *, progress: Progress = NULL_PROGRESS) -> dict[str, Any]:
+    """Describe an HF Llama 4 checkpoint as a JSON-ready dict. Raises CorralError on bad input."""
+    from toolbox.demo import resolve_checkpoint
+    from toolbox.tensors.canonical import CanonicalView
+    from toolbox.tensors.safetensors_source import SafetensorsSource
+    from toolbox.tokenizer_files import load_tokenizer_files
+
+    root = resolve_checkpoint(path, progress=progress)
+    ckpt = load_checkpoint(root)
+    raw = SafetensorsSource(root)
+    view = CanonicalView(raw)
+    t = ckpt.text
+    counts = ckpt.parameter_counts()
+    stored = sum(info.numel for info in view.infos().values())
+    directory = root if root.is_dir() else root.parent
+    info: dict[str, Any] = {
+        "path": str(root),
+        "format": "hf-safetensors",
+        "architecture": ckpt.architecture,
+        "variant": ckpt.variant,
+        "shaped_like": ckpt.family,
+        "multimodal": ckpt.multimodal,
+        "parameters": {**counts, "stored": stored},
+        "layers": {
+            "count": t.layers,
+            "moe": list(t.moe_layers),
+            "dense": list(t.dense_layers),
+            "nope": list(t.nope_layers),
+            "chunked_attention": [i for i, r in enumerate(t.rope_layers) if r] if t.chunk_size else [],
+        },
+        "attention": {"heads": t.heads, "kv_heads": t.kv_heads, "head_dim": t.head_dim, "qk_norm": t.qk_norm,
+                      "chunk_size": t.chunk_size, "rope": t.rope_type},
+        "experts": {"count": t.experts, "top_k": t.top_k, "width": t.expert_width, "dense_width": t.dense_width},
+        "hidden_size": t.hidden,
+        "vocab_size": t.vocab,
+        "dtypes": dict(Counter(i.dtype for i in raw.infos().values())),
+        "layout": "per-expert" if view.per_expert else "fused",
+        "fp8": view.fp8,
+        "shards": {"count": len(raw.headers), "bytes": sum(h.file_size for h in raw.headers)},
+        "license_files": {name: (directory / name).is_file() for name in LICENSE_FILES},
+    }
+    if ckpt.vision is not None:
+        v = ckpt.vision
+        info["vision"] = {"hidden_size": v.hidden, "layers": v.layers, "image_size": v.image_size,
+                          "patch_size": v.patch_size}
+    try:
+        tok = load_tokenizer_files(directory)
+        info["tokenizer"] = {
+            "vocab_size": tok.vocab_size,
+            "bos": tok.special_token("bos_token"),
+            "eos": tok.special_token("eos_token"),
+            "pad": tok.special_token("pad_token"),
+            "chat_template": tok.chat_template is not None,
+        }
+    except CorralError as exc:
+        info["tokenizer"] = {"error": exc.message}
+    raw.close()
+    return info

@@ -1,0 +1,155 @@
+"""HF safetensors checkpoints (one file, or shards with model.safetensors.index.json).
+
+Bytes are read with positioned reads into a fresh buffer rather than through a memory map:
+a mapped 20 GiB expert tensor would stay resident (and count in RSS) as pages are touched,
+while a read of one expert costs exactly that expert's bytes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from toolbox.errors import BadInputError, CorruptFileError
+from toolbox.tensors.atomic import safe_join
+from toolbox.tensors.safetensors_format import DTYPES, SafetensorsHeader, TensorEntry, read_header
+from toolbox.tensors.sink import INDEX_NAME
+from toolbox.tensors.source import TensorInfo, TensorSource
+
+if TYPE_CHECKING:
+    import torch
+
+
+def shard_files(path: Path) -> tuple[list[Path], dict[str, str] | None]:
+    """The shard files of a checkpoint directory or file, and the index's weight_map if any."""
+    if path.is_file():
+        return [path], None
+    if not path.is_dir():
+        raise BadInputError(f"{path}: no such file or directory", path=path)
+    index = path / INDEX_NAME
+    if index.is_file():
+        try:
+            doc = json.loads(index.read_text())
+            weight_map = doc["weight_map"]
+            if not isinstance(weight_map, dict):
+                raise TypeError("weight_map is not an object")
+        except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as exc:
+            raise CorruptFileError(f"{index}: not a valid safetensors index ({exc})", path=index) from exc
+        names = sorted(set(weight_map.values()))
+        files = [safe_join(path, n) for n in names]
+        for f in files:
+            if not f.is_file():
+                raise CorruptFileError(
+                    f"{index}: names shard {f.name} which does not exist",
+                    hint="the download is incomplete; fetch the missing shard",
+                    path=f,
+                )
+        return files, weight_map
+    files = sorted(p for p in path.glob("*.safetensors") if not p.name.startswith("."))
+    if not files:
+        raise BadInputError(
+            f"{path}: no *.safetensors files and no {INDEX_NAME}",
+            hint="point at an HF checkpoint directory (config.json + safetensors shards)",
+            path=path,
+        )
+    return files, None
+
+
+class SafetensorsSource(TensorSource):
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        files, weight_map = shard_files(self.path)
+        self.headers: list[SafetensorsHeader] = [read_header(f) for f in files]
+        self._entries: dict[str, tuple[SafetensorsHeader, TensorEntry]] = {}
+        for h in self.headers:
+            for name, entry in h.tensors.items():
+                if name in self._entries:
+                    raise CorruptFileError(
+                        f"tensor {name!r} appears in both {self._entries[name][0].path.name} and {h.path.name}",
+                        path=h.path,
+                    )
+                self._entries[name] = (h, entry)
+        if weight_map is not None:
+            for name, shard in weight_map.items():
+                if name not in self._entries:
+                    raise CorruptFileError(
+                        f"{self.path / INDEX_NAME}: lists {name!r} in {shard}, which does not contain it",
+                        path=self.path / INDEX_NAME,
+                    )
+        self._infos = {n: TensorInfo(n, e.shape, e.dtype) for n, (_h, e) in self._entries.items()}
+        self._fds: dict[Path, int] = {}
+
+    def infos(self) -> dict[str, TensorInfo]:
+        return self._infos
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        return self.headers[0].metadata if self.headers else {}
+
+    def entry(self, name: str) -> tuple[SafetensorsHeader, TensorEntry]:
+        try:
+            return self._entries[name]
+        except KeyError:
+            raise KeyError(f"{self.path}: no tensor named {name!r}") from None
+
+    def _fd(self, path: Path) -> int:
+        fd = self._fds.get(path)
+        if fd is None:
+            fd = self._fds[path] = os.open(path, os.O_RDONLY)
+        return fd
+
+    def read_bytes(self, name: str, begin: int = 0, end: int | None = None) -> torch.Tensor:
+        """Bytes [begin, end) of a tensor's data, as a uint8 tensor (fresh memory)."""
+        import torch
+
+        header, entry = self.entry(name)
+        end = entry.nbytes if end is None else end
+        out = torch.empty(end - begin, dtype=torch.uint8)
+        view = memoryview(out.numpy())
+        fd, pos, done = self._fd(header.path), entry.begin + begin, 0
+        while done < len(view):
+            n = os.preadv(fd, [view[done:]], pos + done)
+            if n == 0:
+                raise CorruptFileError(f"{header.path}: unexpected end of file reading {name!r}", path=header.path)
+            done += n
+        return out
+
+    def load(self, name: str) -> torch.Tensor:
+        import torch
+
+        _h, entry = self.entry(name)
+        raw = self.read_bytes(name)
+        return raw.view(getattr(torch, DTYPES[entry.dtype][1])).reshape(entry.shape)
+
+    def load_slice(self, name: str, index: int | slice) -> torch.Tensor:
+        import torch
+
+        _h, entry = self.entry(name)
+        if not entry.shape:
+            raise IndexError(f"{name} is a scalar")
+        rows = entry.shape[0]
+        row_bytes = entry.nbytes // rows if rows else 0
+        if isinstance(index, int):
+            i = index + rows if index < 0 else index
+            if not 0 <= i < rows:
+                raise IndexError(f"{name}: index {index} out of range for {rows} rows")
+            start, stop, shape = i, i + 1, entry.shape[1:]
+        else:
+            start, stop, step = index.indices(rows)
+            if step != 1:
+                return self.load(name)[index]
+            shape = (max(stop - start, 0), *entry.shape[1:])
+        raw = self.read_bytes(name, start * row_bytes, max(stop, start) * row_bytes)
+        return raw.view(getattr(torch, DTYPES[entry.dtype][1])).reshape(shape)
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self.close()

@@ -1,0 +1,206 @@
+"""Incremental sharded safetensors writer: tensors (or dim-0 slices of one) go to disk as
+they come, so memory is bounded by the largest piece in flight, not by the model.
+
+A small state machine, in the manner of gguf-py's writer: declare every tensor (name,
+shape, dtype) first, then write their bytes in declaration order, then finish. Each shard's
+header is written before its data, so the whole plan, metadata included, is fixed at
+`begin()`. The writer writes into a directory it is given; atomicity comes from
+`toolbox.tensors.atomic.atomic_directory` around it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, BinaryIO
+
+from toolbox.tensors.safetensors_format import DTYPES, TORCH_TO_ST, encode_header
+
+if TYPE_CHECKING:
+    import torch
+
+DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
+INDEX_NAME = "model.safetensors.index.json"
+
+
+class _State(Enum):
+    DECLARING = 1
+    WRITING = 2
+    FINISHED = 3
+
+
+@dataclass
+class _Planned:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    shard: int = 0
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * DTYPES[self.dtype][0]
+
+
+def parse_size(text: str | int) -> int:
+    """'50G', '500MB', '2GiB', '1000' -> bytes (decimal units as HF uses them, binary with 'i')."""
+    if isinstance(text, int):
+        return text
+    s = text.strip().upper().removesuffix("B")
+    units = {"K": 1000, "M": 1000**2, "G": 1000**3, "T": 1000**4,
+             "KI": 1024, "MI": 1024**2, "GI": 1024**3, "TI": 1024**4}
+    for suffix in sorted(units, key=len, reverse=True):
+        if s.endswith(suffix):
+            return int(float(s[: -len(suffix)]) * units[suffix])
+    return int(s)
+
+
+def tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    """A tensor's raw little-endian bytes without a copy when it is already contiguous."""
+    import torch
+
+    t = tensor.detach().contiguous()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    return memoryview(t.view(torch.uint8).reshape(-1).numpy())
+
+
+def st_dtype(tensor: torch.Tensor) -> str:
+    return TORCH_TO_ST[str(tensor.dtype).removeprefix("torch.")]
+
+
+class SafetensorsWriter:
+    """Write a checkpoint's tensors into `model-0000i-of-0000n.safetensors` + index."""
+
+    def __init__(self, directory: str | Path, *, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+                 metadata: dict[str, str] | None = None, prefix: str = "model") -> None:
+        self.directory = Path(directory)
+        self.max_shard_bytes = max_shard_bytes
+        self.metadata = dict(metadata or {})
+        self.prefix = prefix
+        self._plan: dict[str, _Planned] = {}
+        self._state = _State.DECLARING
+        self._order: list[_Planned] = []
+        self._cursor = 0  # index in _order of the tensor being written
+        self._written = 0  # bytes of the current tensor written so far
+        self._file: BinaryIO | None = None
+        self._shard_open = -1
+        self.shard_names: list[str] = []
+
+    # -- declaring -------------------------------------------------------------------------
+    def add(self, name: str, shape: tuple[int, ...] | list[int], dtype: str) -> None:
+        self._expect(_State.DECLARING, "add")
+        if name in self._plan:
+            raise ValueError(f"tensor {name!r} declared twice")
+        if dtype not in DTYPES:
+            raise ValueError(f"unknown safetensors dtype {dtype!r}")
+        self._plan[name] = _Planned(name, dtype, tuple(int(d) for d in shape))
+
+    def begin(self) -> None:
+        """Fix the plan: assign shards (in declaration order) and name the files."""
+        self._expect(_State.DECLARING, "begin")
+        self._order = list(self._plan.values())
+        shard, used = 0, 0
+        for p in self._order:
+            if used and used + p.nbytes > self.max_shard_bytes:
+                shard, used = shard + 1, 0
+            p.shard = shard
+            used += p.nbytes
+        n = (self._order[-1].shard + 1) if self._order else 1
+        if n == 1:
+            self.shard_names = [f"{self.prefix}.safetensors"]
+        else:
+            self.shard_names = [f"{self.prefix}-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        self._state = _State.WRITING
+        if not self._order:
+            self._open_shard(0)
+
+    # -- writing ----------------------------------------------------------------------------
+    @property
+    def next_name(self) -> str | None:
+        """The tensor whose bytes are expected next (None when all are written)."""
+        return self._order[self._cursor].name if self._cursor < len(self._order) else None
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Write a whole tensor, or the next dim-0 slice of it (e.g. one expert)."""
+        self._expect(_State.WRITING, "write")
+        p = self._current(name)
+        if st_dtype(tensor) != p.dtype:
+            raise ValueError(f"{name}: got dtype {st_dtype(tensor)}, declared {p.dtype}")
+        shape = tuple(tensor.shape)
+        if shape != p.shape and shape != p.shape[1:] and shape[1:] != p.shape[1:]:
+            raise ValueError(f"{name}: got shape {shape}, declared {p.shape}")
+        self.write_bytes(name, tensor_bytes(tensor))
+
+    def write_bytes(self, name: str, data: memoryview | bytes) -> None:
+        """Write raw bytes for the current tensor (all at once or in pieces)."""
+        self._expect(_State.WRITING, "write")
+        p = self._current(name)
+        if self._shard_open != p.shard:
+            self._open_shard(p.shard)
+        assert self._file is not None
+        n = len(data) if isinstance(data, bytes) else data.nbytes
+        if self._written + n > p.nbytes:
+            raise ValueError(f"{name}: {self._written + n} bytes written, declared {p.nbytes}")
+        self._file.write(data)
+        self._written += n
+        if self._written == p.nbytes:
+            self._cursor += 1
+            self._written = 0
+
+    def finish(self) -> list[Path]:
+        """Close the last shard and write the index (when sharded). Returns written files."""
+        self._expect(_State.WRITING, "finish")
+        if self._cursor != len(self._order):
+            missing = [p.name for p in self._order[self._cursor:]]
+            raise ValueError(f"finish() with {len(missing)} tensors not written, first {missing[0]!r}")
+        self._close_shard()
+        paths = [self.directory / s for s in self.shard_names]
+        if len(self.shard_names) > 1:
+            index = {
+                "metadata": {"total_size": sum(p.nbytes for p in self._order), **self.metadata},
+                "weight_map": {p.name: self.shard_names[p.shard] for p in self._order},
+            }
+            index_path = self.directory / INDEX_NAME
+            index_path.write_text(json.dumps(index, indent=2) + "\n")
+            paths.append(index_path)
+        self._state = _State.FINISHED
+        return paths
+
+    def abort(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    # -- internals --------------------------------------------------------------------------
+    def _expect(self, state: _State, call: str) -> None:
+        if self._state is not state:
+            raise RuntimeError(f"SafetensorsWriter.{call}() called in state {self._state.name}")
+
+    def _current(self, name: str) -> _Planned:
+        if self._cursor >= len(self._order):
+            raise ValueError(f"{name}: all declared tensors are already written")
+        p = self._order[self._cursor]
+        if p.name != name:
+            raise ValueError(f"expected bytes of {p.name!r} next, got {name!r}")
+        return p
+
+    def _open_shard(self, shard: int) -> None:
+        self._close_shard()
+        entries = [(p.name, p.dtype, p.shape) for p in self._order if p.shard == shard]
+        f = open(self.directory / self.shard_names[shard], "wb")  # noqa: SIM115 - closed in _close_shard
+        f.write(encode_header(entries, self.metadata))
+        self._file, self._shard_open = f, shard
+
+    def _close_shard(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def __enter__(self) -> SafetensorsWriter:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.abort()

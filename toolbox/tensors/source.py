@@ -1,0 +1,75 @@
+"""Lazy tensor sources: list names/shapes/dtypes from headers, load a tensor or one dim-0
+slice of it (one expert) only when asked."""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from toolbox.tensors.safetensors_format import DTYPES
+
+if TYPE_CHECKING:
+    import torch
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str  # safetensors dtype name: BF16, F32, F8_E4M3, ...
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * DTYPES[self.dtype][0]
+
+
+class TensorSource(ABC):
+    """A checkpoint as a stream of named tensors."""
+
+    path: Path
+
+    @abstractmethod
+    def infos(self) -> dict[str, TensorInfo]:
+        """Every tensor, in storage order, from headers alone."""
+
+    @abstractmethod
+    def load(self, name: str) -> torch.Tensor:
+        """The whole tensor. Prefer `load_slice` for fused expert tensors."""
+
+    def load_slice(self, name: str, index: int | slice) -> torch.Tensor:
+        """tensor[index] along dim 0, reading only those bytes where the format allows it."""
+        return self.load(name)[index]
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release open files."""
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.infos()
+
+    def __enter__(self) -> TensorSource:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def open_source(path: str | Path, *, canonical: bool = True) -> TensorSource:
+    """Open any checkpoint corral reads. `canonical` presents per-expert and FP8 layouts as
+    the fused bf16 layout transformers uses (see `toolbox.tensors.canonical`)."""
+    from toolbox.demo import resolve_checkpoint
+    from toolbox.tensors.safetensors_source import SafetensorsSource
+
+    resolved = resolve_checkpoint(path)
+    source: TensorSource = SafetensorsSource(resolved)
+    if canonical:
+        from toolbox.tensors.canonical import CanonicalView
+
+        source = CanonicalView(source)
+    return source
