@@ -116,7 +116,7 @@ def create_demo(out: str | Path, variant: str = "scout", *, force: bool = False,
         gen = {"bos_token_id": 200000, "eos_token_id": EOS_IDS, "pad_token_id": 200018,
                "do_sample": True, "temperature": 0.6, "top_p": 0.9}
         (staging / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
-        save_llama4_tokenizer(staging)
+        save_llama4_tokenizer(staging, cache_dir=cache_dir() / "tokenizer")
         writer = SafetensorsWriter(staging, max_shard_bytes=32 * 1024**2,
                                    metadata={"format": "pt", "corral.demo": variant})
         for name, shape in inventory.items():

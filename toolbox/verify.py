@@ -304,72 +304,122 @@ def _check_tokenizer(ckpt: Llama4Checkpoint, root: Path, report: VerifyReport) -
 
 
 # -- deep scan ----------------------------------------------------------------------------------
-DEEP_CHUNK_BYTES = 64 * 1024**2
+DEEP_CHUNK_BYTES = 32 * 1024**2
+
+
+class _Stats:
+    """Running per-tensor statistics over chunks (float64 accumulators)."""
+
+    def __init__(self) -> None:
+        self.n = self.nan = self.inf = 0
+        self.s = self.ss = 0.0
+        self.lo, self.hi = math.inf, -math.inf
+
+    def add(self, x: Any) -> None:
+        import torch
+
+        lo, hi = torch.aminmax(x)  # NaN propagates, so one fast pass tells whether to count
+        lo_f, hi_f = float(lo), float(hi)
+        if not (math.isfinite(lo_f) and math.isfinite(hi_f)):
+            nan_mask, inf_mask = torch.isnan(x), torch.isinf(x)
+            self.nan += int(nan_mask.sum())
+            self.inf += int(inf_mask.sum())
+            x = x[~(nan_mask | inf_mask)]
+            if not x.numel():
+                return
+            lo, hi = torch.aminmax(x)
+            lo_f, hi_f = float(lo), float(hi)
+        self.n += x.numel()
+        self.s += float(x.sum())
+        self.ss += float(torch.dot(x, x))
+        self.lo, self.hi = min(self.lo, lo_f), max(self.hi, hi_f)
+
+    def summary(self) -> dict[str, float]:
+        mean = self.s / self.n if self.n else 0.0
+        std = math.sqrt(max(self.ss / self.n - mean * mean, 0.0)) if self.n else 0.0
+        return {"min": self.lo if self.n else 0.0, "max": self.hi if self.n else 0.0, "mean": mean, "std": std,
+                "nan": self.nan, "inf": self.inf}
+
+
+def _chunks(headers: list[SafetensorsHeader]) -> list[tuple[SafetensorsHeader, Any, int, int]]:
+    """(shard, tensor entry, absolute begin, end) pieces of at most DEEP_CHUNK_BYTES, whole elements."""
+    from toolbox.tensors.safetensors_format import DTYPES
+
+    out = []
+    for h in headers:
+        for e in sorted(h.tensors.values(), key=lambda e: e.begin):
+            step = DEEP_CHUNK_BYTES - DEEP_CHUNK_BYTES % DTYPES[e.dtype][0]
+            out.extend((h, e, pos, min(pos + step, e.end)) for pos in range(e.begin, e.end, step))
+    return out
 
 
 def _deep_scan(headers: list[SafetensorsHeader], report: VerifyReport, progress: Progress) -> None:
-    """Read every byte once, in bounded chunks: NaN/Inf counts and per-tensor statistics."""
+    """Read every byte once, in bounded chunks, with the next read overlapping the statistics
+    of the current chunk: NaN/Inf counts and per-tensor statistics."""
     import os
+    from concurrent.futures import ThreadPoolExecutor
 
     import torch
 
     from toolbox.tensors.safetensors_format import DTYPES
 
-    total = sum(e.nbytes for h in headers for e in h.tensors.values())
-    buf = torch.empty(DEEP_CHUNK_BYTES, dtype=torch.uint8)
-    view = memoryview(buf.numpy())
-    with progress.task("reading (bytes)", total=total) as task:
-        for h in headers:
-            fd = os.open(h.path, os.O_RDONLY)
-            try:
-                if hasattr(os, "posix_fadvise"):
-                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
-                for e in sorted(h.tensors.values(), key=lambda e: e.begin):
-                    itemsize, tname = DTYPES[e.dtype]
-                    floating = e.dtype in FLOAT_DTYPES
-                    step = DEEP_CHUNK_BYTES - DEEP_CHUNK_BYTES % itemsize
-                    n = nan = inf = 0
-                    s = ss = 0.0
-                    lo, hi = math.inf, -math.inf
-                    pos = e.begin
-                    while pos < e.end:
-                        want = min(step, e.end - pos)
-                        got = os.preadv(fd, [view[:want]], pos)
-                        if got != want:
-                            report.add("shard.truncated", "fatal", f"{h.path}: short read in {e.name}",
-                                       path=str(h.path), tensor=e.name)
-                            return
-                        pos += got
-                        task.advance(got)
-                        if not floating:
-                            continue
-                        x = buf[:got].view(getattr(torch, tname)).float()
-                        bad_nan = torch.isnan(x)
-                        bad_inf = torch.isinf(x)
-                        nan += int(bad_nan.sum())
-                        inf += int(bad_inf.sum())
-                        if nan or inf:
-                            x = x[~(bad_nan | bad_inf)]
-                        if x.numel():
-                            n += x.numel()
-                            s += float(x.sum(dtype=torch.float64))
-                            ss += float(torch.dot(x, x))
-                            lo, hi = min(lo, float(x.min())), max(hi, float(x.max()))
-                    if not floating:
-                        continue
-                    mean = s / n if n else 0.0
-                    std = math.sqrt(max(ss / n - mean * mean, 0.0)) if n else 0.0
-                    report.tensor_stats[e.name] = {"min": lo if n else 0.0, "max": hi if n else 0.0,
-                                                   "mean": mean, "std": std, "nan": nan, "inf": inf}
-                    if nan:
-                        report.add("deep.nan", "error", f"{e.name} has {nan} NaN values", tensor=e.name,
-                                   path=str(h.path))
-                    if inf:
-                        report.add("deep.inf", "error", f"{e.name} has {inf} infinite values", tensor=e.name,
-                                   path=str(h.path))
-                    if n and std == 0.0 and e.numel > 1 and not e.name.endswith(("norm.weight", ".bias")):
-                        report.add("deep.constant", "warning", f"{e.name} is constant ({mean:g})", tensor=e.name,
-                                   path=str(h.path))
-            finally:
-                os.close(fd)
+    pieces = _chunks(headers)
+    total = sum(end - begin for _h, _e, begin, end in pieces)
+    bufs = [torch.empty(DEEP_CHUNK_BYTES, dtype=torch.uint8) for _ in range(2)]
+    f32 = torch.empty(DEEP_CHUNK_BYTES, dtype=torch.float32)  # room for 1-byte dtypes
+    fds: dict[Path, int] = {}
+
+    def read(i: int) -> int:
+        h, _e, begin, end = pieces[i]
+        fd = fds.get(h.path)
+        if fd is None:
+            fd = fds[h.path] = os.open(h.path, os.O_RDONLY)
+            if hasattr(os, "posix_fadvise"):
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        view = memoryview(bufs[i % 2].numpy())[: end - begin]
+        done = 0
+        while done < len(view):
+            n = os.preadv(fd, [view[done:]], begin + done)
+            if n == 0:
+                break
+            done += n
+        return done
+
+    stats: dict[str, _Stats] = {}
+    try:
+        with ThreadPoolExecutor(max_workers=1) as pool, progress.task("reading (bytes)", total=total) as task:
+            pending = pool.submit(read, 0) if pieces else None
+            for i, (h, e, begin, end) in enumerate(pieces):
+                assert pending is not None
+                got = pending.result()
+                pending = pool.submit(read, i + 1) if i + 1 < len(pieces) else None
+                if got != end - begin:
+                    report.add("shard.truncated", "fatal", f"{h.path}: short read in {e.name}", path=str(h.path),
+                               tensor=e.name)
+                    return
+                task.advance(got)
+                if e.dtype not in FLOAT_DTYPES:
+                    continue
+                raw = bufs[i % 2][:got].view(getattr(torch, DTYPES[e.dtype][1]))
+                x = f32[: raw.numel()]
+                x.copy_(raw)  # into a reused buffer: converting into fresh memory is 7x slower
+                stats.setdefault(e.name, _Stats()).add(x)
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+    for h in headers:
+        for e in h.tensors.values():
+            if e.name not in stats:
+                continue
+            summary = stats[e.name].summary()
+            report.tensor_stats[e.name] = summary
+            if summary["nan"]:
+                report.add("deep.nan", "error", f"{e.name} has {summary['nan']} NaN values", tensor=e.name,
+                           path=str(h.path))
+            if summary["inf"]:
+                report.add("deep.inf", "error", f"{e.name} has {summary['inf']} infinite values", tensor=e.name,
+                           path=str(h.path))
+            if summary["std"] == 0.0 and e.numel > 1 and not e.name.endswith(("norm.weight", ".bias")):
+                report.add("deep.constant", "warning", f"{e.name} is constant ({summary['mean']:g})", tensor=e.name,
+                           path=str(h.path))
     report.checked["bytes_read"] = total
