@@ -1,0 +1,125 @@
+"""GGUF tensor encodings, computed on row slices so memory stays bounded.
+
+F32/F16/BF16 are plain casts. Q8_0 has a torch implementation (multi-threaded, bit-exact
+with gguf-py's numpy reference, checked in tests) because gguf-py's is single-threaded numpy.
+The other types gguf-py implements are computed by gguf-py on row groups in a thread pool
+(numpy releases the GIL in its kernels). K- and I-quants need llama.cpp's own quantizer
+(`converters.llama_cpp_quant`).
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+
+# corral --outtype name -> gguf GGMLQuantizationType name, for types computed in Python
+PY_OUTTYPES = {
+    "f32": "F32", "f16": "F16", "bf16": "BF16", "q8_0": "Q8_0", "q4_0": "Q4_0", "q4_1": "Q4_1",
+    "q5_0": "Q5_0", "q5_1": "Q5_1", "tq1_0": "TQ1_0", "tq2_0": "TQ2_0", "mxfp4": "MXFP4",
+}
+# corral --outtype name -> llama.cpp LLAMA_FTYPE_MOSTLY_* suffix, for types llama.cpp computes
+LLAMA_CPP_OUTTYPES = {
+    "q2_k": "Q2_K", "q3_k_s": "Q3_K_S", "q3_k_m": "Q3_K_M", "q3_k_l": "Q3_K_L", "q4_k_s": "Q4_K_S",
+    "q4_k_m": "Q4_K_M", "q5_k_s": "Q5_K_S", "q5_k_m": "Q5_K_M", "q6_k": "Q6_K", "iq4_xs": "IQ4_XS",
+    "iq4_nl": "IQ4_NL", "iq3_m": "IQ3_M", "iq3_xxs": "IQ3_XXS", "iq2_m": "IQ2_M",
+}
+ALL_OUTTYPES = ("auto", *PY_OUTTYPES, *LLAMA_CPP_OUTTYPES)
+FLOAT_TYPES = frozenset({"F32", "F16", "BF16"})
+
+
+def qtype(name: str) -> Any:
+    import gguf
+
+    return getattr(gguf.GGMLQuantizationType, name)
+
+
+def block_info(qtype_name: str) -> tuple[int, int]:
+    """(elements per block, bytes per block)."""
+    import gguf
+
+    return gguf.GGML_QUANT_SIZES[qtype(qtype_name)]
+
+
+def can_encode(qtype_name: str, row_len: int) -> bool:
+    block, _ = block_info(qtype_name)
+    return row_len % block == 0
+
+
+def nbytes(qtype_name: str, shape: tuple[int, ...]) -> int:
+    block, size = block_info(qtype_name)
+    rows = 1
+    for d in shape[:-1]:
+        rows *= d
+    return rows * (shape[-1] // block) * size
+
+
+def _roundf(x: torch.Tensor) -> torch.Tensor:
+    """Round half away from zero exactly as gguf-py's np_roundf (same float32 operations)."""
+    import torch
+
+    a = x.abs()
+    floored = torch.floor(a)
+    return torch.sign(x) * (floored + torch.floor(2 * (a - floored)))
+
+
+def q8_0(x: torch.Tensor) -> torch.Tensor:
+    """Q8_0 blocks (f16 scale + 32 int8) of a float32 [..., n] tensor, as uint8 bytes."""
+    import torch
+
+    blocks = x.reshape(-1, 32)
+    d = blocks.abs().amax(dim=1, keepdim=True) / 127
+    inv = torch.where(d == 0, torch.zeros_like(d), 1 / d)
+    qs = _roundf(blocks * inv).to(torch.int8)
+    out = torch.empty((blocks.shape[0], 34), dtype=torch.uint8)
+    out[:, :2] = d.to(torch.float16).view(torch.uint8)
+    out[:, 2:] = qs.view(torch.uint8)
+    return out.reshape(-1)
+
+
+def _gguf_py(x: np.ndarray, name: str, workers: int) -> np.ndarray:
+    import gguf
+    import numpy as np
+
+    rows = x.reshape(-1, x.shape[-1])
+    groups = np.array_split(rows, max(1, min(workers * 4, rows.shape[0])))
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        parts = list(pool.map(lambda g: gguf.quants.quantize(g, qtype(name)).reshape(-1), groups))
+    return np.concatenate(parts)
+
+
+def encode(t: torch.Tensor, qtype_name: str, *, workers: int = 2) -> memoryview:
+    """The bytes of `t` (rows along the last dim) in GGUF type `qtype_name`."""
+    import torch
+
+    if qtype_name == "F32":
+        out = t.to(torch.float32)
+    elif qtype_name == "F16":
+        out = t.to(torch.float16)
+    elif qtype_name == "BF16":
+        out = t.to(torch.bfloat16)
+    elif qtype_name == "Q8_0":
+        out = q8_0(t.to(torch.float32))
+    else:
+        arr = _gguf_py(t.to(torch.float32).numpy(), qtype_name, workers)
+        return memoryview(arr.view("uint8").reshape(-1))
+    return memoryview(out.contiguous().view(torch.uint8).reshape(-1).numpy())
+
+
+def decode(raw: np.ndarray, qtype_name: str, shape: tuple[int, ...]) -> torch.Tensor:
+    """Float tensor (float32, or bf16 for BF16) from GGUF raw bytes of the given element shape."""
+    import gguf
+    import numpy as np
+    import torch
+
+    if qtype_name == "BF16":
+        return torch.from_numpy(np.ascontiguousarray(raw).view(np.int16).copy()).view(torch.bfloat16).reshape(shape)
+    if qtype_name == "F32":
+        return torch.from_numpy(np.ascontiguousarray(raw).view(np.float32).copy()).reshape(shape)
+    if qtype_name == "F16":
+        return torch.from_numpy(np.ascontiguousarray(raw).view(np.float16).copy()).reshape(shape)
+    deq = gguf.quants.dequantize(np.ascontiguousarray(raw).view(np.uint8), qtype(qtype_name))
+    return torch.from_numpy(np.ascontiguousarray(deq, dtype=np.float32)).reshape(shape)

@@ -1,0 +1,319 @@
+"""HF safetensors (any layout corral reads) -> GGUF for llama.cpp, streamed.
+
+Memory is bounded by one piece in flight: 2-D tensors go in row chunks, fused expert
+tensors one expert at a time (split into gate/up and transposed to llama.cpp's layout).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from converters.gguf_names import EXPERT_DOWN, EXPERT_GATE_UP, F32_KINDS, gguf_name, kind_of, text_name_map
+from converters.gguf_quant import FLOAT_TYPES, PY_OUTTYPES, can_encode, encode, nbytes
+from toolbox.checkpoint import Llama4Checkpoint, load_checkpoint
+from toolbox.errors import BadInputError, UnsupportedModelError, UsageError
+from toolbox.progress import NULL_PROGRESS, Progress
+from toolbox.tensors.atomic import PARTIAL_MARK, check_output_path
+from toolbox.tensors.source import TensorSource
+
+ROW_CHUNK_BYTES = 64 * 1024**2
+PROVENANCE_KEY = "corral.hf_config"  # the source config.json, so GGUF -> HF can restore what GGUF cannot hold
+LLAMA_CPP_CHUNK = 8192  # llama.cpp hard-codes these for arch llama4 (src/models/llama4.cpp)
+LLAMA_CPP_NOPE_INTERVAL = 4
+LLAMA_CPP_TEMP = {"attn_temperature_tuning": True, "floor_scale": 8192, "attn_scale": 0.1}
+
+
+@dataclass
+class Planned:
+    name: str
+    shape: tuple[int, ...]  # numpy order (rows first)
+    qtype: str
+    pieces: Callable[[], Iterator[Any]]  # float tensors whose rows, concatenated, form the tensor
+    source: str
+
+    @property
+    def nbytes(self) -> int:
+        return nbytes(self.qtype, self.shape)
+
+
+@dataclass
+class GGUFResult:
+    paths: list[Path]
+    outtype: str
+    tensors: int
+    bytes: int
+    warnings: list[str] = field(default_factory=list)
+
+
+def llama_cpp_incompatibilities(ckpt: Llama4Checkpoint) -> list[str]:
+    """What llama.cpp would silently run differently from transformers (FIELD_NOTES section 3)."""
+    t = ckpt.text
+    tc = ckpt.config.get("text_config") or ckpt.config
+    problems = []
+    if t.chunk_size not in (None, LLAMA_CPP_CHUNK):
+        problems.append(f"attention_chunk_size={t.chunk_size} (llama.cpp always uses {LLAMA_CPP_CHUNK})")
+    default_rope = tuple((i + 1) % LLAMA_CPP_NOPE_INTERVAL != 0 for i in range(t.layers))
+    if t.rope_layers != default_rope:
+        problems.append(f"NoPE layers {list(t.nope_layers)} (llama.cpp always uses every 4th layer)")
+    for key, want in LLAMA_CPP_TEMP.items():
+        if key in tc and tc[key] != want and not (key == "attn_temperature_tuning" and bool(tc[key]) == want):
+            problems.append(f"{key}={tc[key]} (llama.cpp always uses {want})")
+    if t.qk_norm != (t.experts != 128):
+        problems.append(f"use_qk_norm={t.qk_norm} with {t.experts} experts (llama.cpp turns qk-norm on exactly "
+                        "when the expert count is not 128)")
+    if t.interleave_step > 0 and tuple(t.moe_layers) != tuple(range(t.interleave_step - 1, t.layers,
+                                                                      t.interleave_step)):
+        problems.append(f"moe_layers {list(t.moe_layers)} (llama.cpp derives them from interleave_moe_layer_step)")
+    if t.experts == 0:
+        problems.append("no experts (llama.cpp's llama4 needs a MoE model)")
+    if t.attention_bias:
+        problems.append("attention biases (llama.cpp's llama4 has none)")
+    if t.rope_type not in ("default", "llama3"):
+        problems.append(f"rope type {t.rope_type!r} (only default and llama3 scaling are converted)")
+    return problems
+
+
+def resolve_outtype(outtype: str, source: TensorSource) -> str:
+    """'auto' keeps the source's float type (FP8 becomes bf16); otherwise the GGUF type name."""
+    if outtype == "auto":
+        dtypes = {i.dtype for i in source.infos().values()}
+        for st, gg in (("F32", "F32"), ("BF16", "BF16"), ("F16", "F16")):
+            if st in dtypes:
+                return gg
+        return "BF16"
+    key = outtype.lower()
+    if key not in PY_OUTTYPES:
+        raise UsageError(f"unknown --outtype {outtype!r}", hint=f"choose from auto, {', '.join(PY_OUTTYPES)}")
+    return PY_OUTTYPES[key]
+
+
+def _row_pieces(source: TensorSource, name: str, transform: Callable[[Any], Any] | None = None
+                ) -> Callable[[], Iterator[Any]]:
+    info = source.infos()[name]
+
+    def gen() -> Iterator[Any]:
+        if len(info.shape) < 2:
+            t = source.load(name)
+            yield transform(t) if transform else t
+            return
+        row_bytes = math.prod(info.shape[1:]) * (info.nbytes // max(info.numel, 1))
+        step = max(1, ROW_CHUNK_BYTES // max(row_bytes, 1))
+        for r in range(0, info.shape[0], step):
+            t = source.load_slice(name, slice(r, min(r + step, info.shape[0])))
+            yield transform(t) if transform else t
+
+    return gen
+
+
+def _expert_pieces(source: TensorSource, name: str, which: str, width: int) -> Callable[[], Iterator[Any]]:
+    experts = source.infos()[name].shape[0]
+
+    def gen() -> Iterator[Any]:
+        for e in range(experts):
+            t = source.load_slice(name, e)  # gate_up: [H, 2I]; down: [I, H]
+            if which == "gate":
+                yield t[:, :width].T.contiguous()
+            elif which == "up":
+                yield t[:, width:].T.contiguous()
+            else:
+                yield t.T.contiguous()
+
+    return gen
+
+
+def _rope_freqs(ckpt: Llama4Checkpoint) -> Any | None:
+    """llama3 rope scaling as llama.cpp's per-dimension frequency factors (None if not llama3)."""
+    import torch
+
+    tc = ckpt.config.get("text_config") or ckpt.config
+    rope = tc.get("rope_parameters") or tc.get("rope_scaling") or {}
+    if (rope.get("rope_type") or rope.get("type")) != "llama3":
+        return None
+    base = rope.get("rope_theta", tc.get("rope_theta", 500000.0))
+    dim = ckpt.text.head_dim
+    freqs = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    factor = rope.get("factor", 8.0)
+    low, high = rope.get("low_freq_factor", 1.0), rope.get("high_freq_factor", 4.0)
+    old = rope.get("original_max_position_embeddings", 8192)
+    low_wl, high_wl = old / low, old / high
+    out = []
+    for f in freqs.tolist():
+        wl = 2 * math.pi / f
+        if wl < high_wl:
+            out.append(1.0)
+        elif wl > low_wl:
+            out.append(factor)
+        else:
+            smooth = (old / wl - low) / (high - low)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return torch.tensor(out, dtype=torch.float32)
+
+
+def plan_text(ckpt: Llama4Checkpoint, source: TensorSource, outtype: str) -> list[Planned]:
+    """Every text tensor of the GGUF, in file order, with its type and lazy pieces."""
+    infos = source.infos()
+    names = text_name_map(ckpt)
+    plan: list[Planned] = []
+
+    def qtype_for(kind: str, shape: tuple[int, ...]) -> str:
+        if kind in F32_KINDS or len(shape) < 2:
+            return "F32"
+        if outtype in FLOAT_TYPES or can_encode(outtype, shape[-1]):
+            return outtype
+        return "F16"  # rows not a multiple of the block size: llama.cpp's converter falls back the same way
+
+    freqs = _rope_freqs(ckpt)
+    if freqs is not None:
+        plan.append(Planned(gguf_name("ROPE_FREQS"), tuple(freqs.shape), "F32", lambda f=freqs: iter([f]),
+                            "(llama3 rope scaling)"))
+    emitted = set()
+    for hf_name, gg_name in names.items():
+        if hf_name not in infos:
+            continue
+        if hf_name.startswith(f"{ckpt.text_prefix}layers.0.") or ".layers." not in hf_name:
+            pass
+        shape = infos[hf_name].shape
+        kind = kind_of(gg_name) or ""
+        plan.append(Planned(gg_name, shape, qtype_for(kind, shape), _row_pieces(source, hf_name), hf_name))
+        emitted.add(hf_name)
+        # experts go right after the router of their block
+        if hf_name.endswith("feed_forward.router.weight"):
+            block = hf_name.removesuffix("router.weight")
+            bid = int(hf_name.split(".layers.")[1].split(".")[0])
+            gu, dn = f"{block}experts.gate_up_proj", f"{block}experts.down_proj"
+            experts, hidden, two_i = infos[gu].shape
+            width = two_i // 2
+            for which, kind_name in (("gate", "FFN_GATE_EXP"), ("up", "FFN_UP_EXP")):
+                shp = (experts, width, hidden)
+                plan.append(Planned(gguf_name(kind_name, bid), shp, qtype_for(kind_name, shp),
+                                    _expert_pieces(source, gu, which, width), gu))
+            shp = (experts, hidden, infos[dn].shape[1])
+            plan.append(Planned(gguf_name("FFN_DOWN_EXP", bid), shp, qtype_for("FFN_DOWN_EXP", shp),
+                                _expert_pieces(source, dn, "down", width), dn))
+            emitted.update({gu, dn})
+    text_names = {n for n in infos if n.startswith(ckpt.text_prefix) or n == ckpt.lm_head_name}
+    leftover = sorted(text_names - emitted)
+    if leftover:
+        raise BadInputError(f"{source.path}: tensors with no GGUF mapping: {', '.join(leftover[:5])}",
+                            hint="run `corral verify` on the checkpoint", path=source.path)
+    missing = [p.source for p in plan if p.source in (EXPERT_GATE_UP, EXPERT_DOWN)]
+    assert not missing
+    return plan
+
+
+def add_text_kv(writer: Any, ckpt: Llama4Checkpoint, outtype: str) -> None:
+    import gguf
+
+    t = ckpt.text
+    tc = ckpt.config.get("text_config") or ckpt.config
+    writer.add_block_count(t.layers)
+    writer.add_context_length(int(tc.get("max_position_embeddings", 131072)))
+    writer.add_embedding_length(t.hidden)
+    writer.add_feed_forward_length(t.dense_width)
+    writer.add_expert_feed_forward_length(t.expert_width)
+    writer.add_head_count(t.heads)
+    writer.add_head_count_kv(t.kv_heads)
+    writer.add_key_length(t.head_dim)
+    writer.add_value_length(t.head_dim)
+    rope = tc.get("rope_parameters") or tc.get("rope_scaling") or {}
+    writer.add_rope_freq_base(float(rope.get("rope_theta", tc.get("rope_theta", 500000.0))))
+    writer.add_rope_dimension_count(t.head_dim)
+    writer.add_layer_norm_rms_eps(float(tc.get("rms_norm_eps", 1e-5)))
+    writer.add_expert_count(t.experts)
+    writer.add_expert_used_count(t.top_k)
+    writer.add_interleave_moe_layer_step(t.interleave_step)
+    writer.add_vocab_size(t.vocab)
+    ftype = {"F32": gguf.LlamaFileType.ALL_F32, "F16": gguf.LlamaFileType.MOSTLY_F16,
+             "BF16": gguf.LlamaFileType.MOSTLY_BF16}.get(outtype) or getattr(gguf.LlamaFileType, f"MOSTLY_{outtype}")
+    writer.add_file_type(int(ftype))
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+
+def default_name(ckpt: Llama4Checkpoint, outtype: str) -> str:
+    """A license-compliant model name derived from the source (begins with "Llama")."""
+    base = ckpt.path.name if ckpt.path is not None else "Llama-4"
+    if base.startswith(("demo", "scout-v", "maverick-v")) or ckpt.path is None:
+        base = f"Llama-4-{ckpt.family.split('-')[0].capitalize()}-demo"
+    if not base.lower().startswith("llama"):
+        base = f"Llama-4-{base}"
+    return f"{base}-{outtype}"
+
+
+def convert_hf_to_gguf(src: str | Path, out: str | Path, *, outtype: str = "auto", split_max_size: int = 0,
+                       name: str | None = None, allow_lossy_config: bool = False, force: bool = False,
+                       stamp: Any = None, progress: Progress = NULL_PROGRESS) -> GGUFResult:
+    """Convert an HF Llama 4 checkpoint to a GGUF file (or split set) for llama.cpp."""
+    import gguf
+
+    from converters.gguf_vocab import add_vocab
+    from toolbox.tensors.source import open_source
+
+    ckpt = load_checkpoint(src)
+    assert ckpt.path is not None
+    warnings: list[str] = []
+    problems = llama_cpp_incompatibilities(ckpt)
+    if problems:
+        msg = f"{ckpt.path}: llama.cpp cannot represent this config: {'; '.join(problems)}"
+        if not allow_lossy_config:
+            raise UnsupportedModelError(msg, hint="pass --allow-lossy-config to convert anyway (llama.cpp will "
+                                        "run the model differently from transformers)", path=ckpt.path)
+        warnings.append(msg)
+    out = Path(out).absolute()
+    if out.suffix != ".gguf":
+        raise UsageError(f"output {out} must end in .gguf")
+    check_output_path(out, force=force)
+    source = open_source(ckpt.path)
+    gg_type = resolve_outtype(outtype, source)
+    plan = plan_text(ckpt, source, gg_type)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}{PARTIAL_MARK}", dir=out.parent))
+    try:
+        writer = gguf.GGUFWriter(staging / out.name, "llama4", split_max_size=split_max_size)
+        writer.add_name(name or default_name(ckpt, gg_type.lower()))
+        add_text_kv(writer, ckpt, gg_type)
+        add_vocab(writer, ckpt.path, ckpt.text.vocab)
+        writer.add_string(PROVENANCE_KEY, json.dumps(ckpt.config, sort_keys=True))
+        if stamp is not None:
+            from license.stamp import apply_to_gguf_writer
+
+            apply_to_gguf_writer(writer, stamp)
+        import numpy as np
+
+        for p in plan:
+            writer.add_tensor_info(p.name, p.shape, np.dtype(np.float32), p.nbytes, raw_dtype=getattr(
+                gguf.GGMLQuantizationType, p.qtype))
+        from converters.gguf_stream import begin_data, write_tensor_pieces
+
+        begin_data(writer)
+        total = sum(p.nbytes for p in plan)
+        with progress.task(f"writing {out.name} (bytes)", total=total) as task:
+            for p in plan:
+
+                def pieces(p: Planned = p) -> Iterator[Any]:
+                    for t in p.pieces():
+                        data = encode(t, p.qtype)
+                        task.advance(data.nbytes)
+                        yield data
+
+                write_tensor_pieces(writer, p.name, pieces())
+        writer.close()
+        produced = sorted(staging.iterdir())
+        for f in produced:
+            with open(f, "rb+") as fh:
+                os.fsync(fh.fileno())
+        finals = [out.parent / f.name for f in produced]
+        check_output_path(out, force=force)
+        # first shard last: until it lands, nothing llama.cpp would open exists
+        for f in sorted(produced, key=lambda f: "-00001-of-" in f.name or f.name == out.name):
+            os.replace(f, out.parent / f.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        source.close()
+    return GGUFResult(paths=finals, outtype=gg_type, tensors=len(plan), bytes=total, warnings=warnings)
