@@ -231,8 +231,9 @@ def add_text_kv(writer: Any, ckpt: Llama4Checkpoint, outtype: str) -> None:
     writer.add_expert_used_count(t.top_k)
     writer.add_interleave_moe_layer_step(t.interleave_step)
     writer.add_vocab_size(t.vocab)
-    ftype = {"F32": gguf.LlamaFileType.ALL_F32, "F16": gguf.LlamaFileType.MOSTLY_F16,
-             "BF16": gguf.LlamaFileType.MOSTLY_BF16}.get(outtype) or getattr(gguf.LlamaFileType, f"MOSTLY_{outtype}")
+    floats = {"F32": gguf.LlamaFileType.ALL_F32, "F16": gguf.LlamaFileType.MOSTLY_F16,
+              "BF16": gguf.LlamaFileType.MOSTLY_BF16}
+    ftype = floats[outtype] if outtype in floats else getattr(gguf.LlamaFileType, f"MOSTLY_{outtype}")
     writer.add_file_type(int(ftype))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 

@@ -21,7 +21,7 @@ from toolbox.errors import OutputExistsError, UsageError
 from toolbox.progress import NULL_PROGRESS, Progress
 
 DEMO_PREFIX = "demo:"
-DEMO_FORMAT_VERSION = 1  # bump when what a demo contains changes; invalidates the cache
+DEMO_FORMAT_VERSION = 2  # bump when what a demo contains changes; invalidates the cache
 VARIANTS = ("scout", "maverick")
 EOS_IDS = [200001, 200007, 200008]
 
@@ -94,6 +94,10 @@ def _init_tensor(name: str, shape: tuple[int, ...], seed: int) -> Any:
     if name.endswith(("class_embedding", "positional_embedding_vlm")):
         return noise * shape[-1] ** -0.5
     fan_in = shape[1] if name.endswith(("gate_up_proj", "down_proj")) and len(shape) == 3 else shape[-1]
+    if name.endswith(("o_proj.weight", "down_proj.weight", "experts.down_proj")):
+        # sublayer outputs at 0.3x keep the residual stream stable, as in a trained model, so that
+        # quantization noise is not amplified chaotically (a random network at gain 1 is near chaos)
+        return noise * 0.3 * fan_in**-0.5
     return noise * fan_in**-0.5
 
 

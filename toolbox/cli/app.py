@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Annotated
 
 from toolbox import __version__
-from toolbox.cli import demo_cmd, inspect_cmd, license_cmd, verify_cmd
+from toolbox.cli import convert_cmd, demo_cmd, inspect_cmd, license_cmd, verify_cmd
 from toolbox.cli._typer import typer
 from toolbox.cli.output import Output
 
@@ -14,6 +14,8 @@ Exit codes: 0 ok, 1 checks found problems, 2 usage error, 3 bad input,
 4 access/auth/network, 5 refused by license policy.
 
 Examples:
+
+  corral convert demo:scout --to gguf -o llama-4-scout-demo.gguf
 
   corral demo create ./tiny-scout --variant scout
 
@@ -62,5 +64,6 @@ def _global(
 
 app.command("inspect", epilog=inspect_cmd.EPILOG)(inspect_cmd.inspect)
 app.command("verify", epilog=verify_cmd.EPILOG)(verify_cmd.verify)
+app.command("convert", epilog=convert_cmd.EPILOG)(convert_cmd.convert)
 app.add_typer(demo_cmd.app, name="demo")
 app.add_typer(license_cmd.app, name="license")
