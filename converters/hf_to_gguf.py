@@ -318,3 +318,20 @@ def convert_hf_to_gguf(src: str | Path, out: str | Path, *, outtype: str = "auto
         shutil.rmtree(staging, ignore_errors=True)
         source.close()
     return GGUFResult(paths=finals, outtype=gg_type, tensors=len(plan), bytes=total, warnings=warnings)
+
+
+def expected_gguf_shapes(ckpt: Llama4Checkpoint) -> dict[str, tuple[int, ...]]:
+    """GGUF tensor name -> numpy-order shape that a conversion of this config produces."""
+    inv = ckpt.expected_tensors()
+    out: dict[str, tuple[int, ...]] = {}
+    if _rope_freqs(ckpt) is not None:
+        out[gguf_name("ROPE_FREQS")] = (ckpt.text.head_dim // 2,)
+    for hf_name, gg_name in text_name_map(ckpt).items():
+        if hf_name in inv:
+            out[gg_name] = inv[hf_name]
+    t = ckpt.text
+    for bid in t.moe_layers:
+        out[gguf_name("FFN_GATE_EXP", bid)] = (t.experts, t.expert_width, t.hidden)
+        out[gguf_name("FFN_UP_EXP", bid)] = (t.experts, t.expert_width, t.hidden)
+        out[gguf_name("FFN_DOWN_EXP", bid)] = (t.experts, t.hidden, t.expert_width)
+    return out

@@ -20,6 +20,10 @@ def inspect_checkpoint(path: str | Path, *, progress: Progress = NULL_PROGRESS) 
     from toolbox.tensors.safetensors_source import SafetensorsSource
     from toolbox.tokenizer_files import load_tokenizer_files
 
+    if str(path).endswith(".gguf"):
+        from toolbox.gguf_checks import inspect_gguf
+
+        return inspect_gguf(path)
     root = resolve_checkpoint(path, progress=progress)
     ckpt = load_checkpoint(root)
     raw = SafetensorsSource(root)

@@ -7,6 +7,7 @@ reported but does not fail. Without --deep only headers and the tokenizer are re
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -73,6 +74,11 @@ def verify_checkpoint(path: str | Path, *, deep: bool = False, progress: Progres
 
     root = resolve_checkpoint(path, progress=progress)
     report = VerifyReport(path=str(root))
+    if root.suffix == ".gguf" and root.is_file():
+        from toolbox.gguf_checks import verify_gguf
+
+        verify_gguf(root, report)
+        return report
     if not root.exists():
         report.add("input.missing", "fatal", f"{root}: no such file or directory", path=str(root))
         return report
@@ -307,6 +313,16 @@ def _check_tokenizer(ckpt: Llama4Checkpoint, root: Path, report: VerifyReport) -
 DEEP_CHUNK_BYTES = 32 * 1024**2
 
 
+BF16_ROW = 4096
+
+
+@functools.cache
+def _ones_bf16() -> Any:
+    import torch
+
+    return torch.ones(BF16_ROW, dtype=torch.bfloat16)
+
+
 class _Stats:
     """Running per-tensor statistics over chunks (float64 accumulators)."""
 
@@ -316,6 +332,7 @@ class _Stats:
         self.lo, self.hi = math.inf, -math.inf
 
     def add(self, x: Any) -> None:
+        """Fold in a chunk (bf16 is reduced natively, other floats as float32)."""
         import torch
 
         lo, hi = torch.aminmax(x)  # NaN propagates, so one fast pass tells whether to count
@@ -330,8 +347,15 @@ class _Stats:
             lo, hi = torch.aminmax(x)
             lo_f, hi_f = float(lo), float(hi)
         self.n += x.numel()
-        self.s += float(x.sum())
-        self.ss += float(torch.dot(x, x))
+        if x.dtype == torch.bfloat16 and x.numel() % BF16_ROW == 0:
+            # bf16 kernels accumulate in float32 and are ~5x faster than converting first; the
+            # statistics keep ~3 significant digits, which is what a health check needs
+            self.s += float(torch.mv(x.view(-1, BF16_ROW), _ones_bf16()).float().sum())
+            self.ss += float(torch.dot(x, x))
+        else:
+            x = x.float()
+            self.s += float(x.sum())
+            self.ss += float(torch.dot(x, x))
         self.lo, self.hi = min(self.lo, lo_f), max(self.hi, hi_f)
 
     def summary(self) -> dict[str, float]:
@@ -401,9 +425,11 @@ def _deep_scan(headers: list[SafetensorsHeader], report: VerifyReport, progress:
                 if e.dtype not in FLOAT_DTYPES:
                     continue
                 raw = bufs[i % 2][:got].view(getattr(torch, DTYPES[e.dtype][1]))
-                x = f32[: raw.numel()]
-                x.copy_(raw)  # into a reused buffer: converting into fresh memory is 7x slower
-                stats.setdefault(e.name, _Stats()).add(x)
+                if raw.dtype != torch.bfloat16:
+                    x = f32[: raw.numel()]
+                    x.copy_(raw)  # into a reused buffer: converting into fresh memory is 7x slower
+                    raw = x
+                stats.setdefault(e.name, _Stats()).add(raw)
     finally:
         for fd in fds.values():
             os.close(fd)

@@ -17,6 +17,8 @@ Examples:
 
   corral inspect ./Llama-4-Scout-17B-16E-Instruct
 
+  corral inspect scout-q8_0.gguf
+
   corral --json inspect ./Llama-4-Maverick-17B-128E-Instruct | jq .parameters
 """
 
@@ -35,7 +37,32 @@ def _human_bytes(n: int) -> str:
     return f"{n} B"
 
 
+def _render_gguf(info: dict[str, Any], console: Console) -> None:
+    t = Table(show_header=False, box=None, pad_edge=False)
+    t.add_column(style="bold")
+    t.add_column()
+    t.add_row("path", info["path"] + (f" (+{len(info['files']) - 1} split parts)" if len(info["files"]) > 1 else ""))
+    t.add_row("format", f"GGUF, architecture {info['architecture']}, name {info['name']}")
+    if "layers" in info:
+        layers, e = info["layers"], info["experts"]
+        t.add_row("shaped like", f"{info['shaped_like']}; {_human_count(info['parameters']['text'])} text parameters, "
+                  f"{_human_count(info['parameters']['active_text'])} active")
+        t.add_row("layers", f"{layers['count']}: MoE {layers['moe']}, dense {layers['dense']}, NoPE {layers['nope']}")
+        t.add_row("experts", f"{e['count']} routed (top-{e['top_k']}, width {e['width']})")
+    t.add_row("tensor types", ", ".join(f"{k}×{v}" for k, v in sorted(info["types"].items())))
+    t.add_row("size", _human_bytes(info["bytes"]))
+    tok = info["tokenizer"]
+    t.add_row("tokenizer", f"{tok['model']}/{tok['pre']}, {tok['vocab_size']} tokens, bos {tok['bos_id']}, "
+              f"eos {tok['eos_id']}, chat template {'yes' if tok['chat_template'] else 'no'}")
+    lic = info["license"]
+    t.add_row("license", ", ".join(f"{k.split('.', 1)[1]}={v}" for k, v in lic.items() if v) or "[red]none[/red]")
+    console.print(t)
+
+
 def _render(info: dict[str, Any], console: Console) -> None:
+    if info.get("format") == "gguf":
+        _render_gguf(info, console)
+        return
     t = Table(show_header=False, box=None, pad_edge=False)
     t.add_column(style="bold")
     t.add_column()
@@ -68,8 +95,8 @@ def _render(info: dict[str, Any], console: Console) -> None:
 
 
 def inspect(ctx: typer.Context, path: CheckpointArg) -> None:
-    """Summarise a Llama 4 checkpoint: variant, parameters, layers, experts, dtypes, shards,
-    tokenizer and license files. Reads headers only."""
+    """Summarise a Llama 4 checkpoint (HF directory or GGUF file): variant, parameters, layers,
+    experts, dtypes, shards, tokenizer and license metadata. Reads headers only."""
     from toolbox.inspect import inspect_checkpoint
 
     out = ctx.obj
