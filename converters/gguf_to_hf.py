@@ -84,11 +84,13 @@ def hf_config_for(g: GGUFFile) -> dict[str, Any]:
     return tc
 
 
-def convert_gguf_to_hf(src: str | Path, out: str | Path, *, dtype: str = "auto", force: bool = False,
+def convert_gguf_to_hf(src: str | Path, out: str | Path, *, dtype: str = "auto", name: str | None = None,
+                       mau_declaration: str | None = None, fix_name: bool = False, force: bool = False,
                        progress: Progress = NULL_PROGRESS) -> HFResult:
-    """Convert a llama4 GGUF (or split set) back to an HF checkpoint directory."""
+    """Convert a llama4 GGUF (or split set) back to an HF checkpoint directory, license-stamped."""
     import torch
 
+    from license.stamp import Stamp, write_sidecars
     from toolbox.tensors.atomic import atomic_directory
     from toolbox.tensors.safetensors_format import TORCH_TO_ST
     from toolbox.tensors.sink import SafetensorsWriter
@@ -100,6 +102,9 @@ def convert_gguf_to_hf(src: str | Path, out: str | Path, *, dtype: str = "auto",
         raise UsageError(f"unknown --dtype {dtype!r}", hint="choose auto, bf16, f16 or f32")
     config = hf_config_for(g)
     ckpt = from_config(config)
+    stamp = Stamp.create(name or g.get("general.name") or f"Llama-4-{Path(src).stem}", declaration=mau_declaration,
+                         fix=fix_name, provenance={"operations": [{"op": "convert", "to": "hf", "from": "gguf"}],
+                                                   "source": str(src)})
     types = {g.type_name(n) for n in g.tensors if n.endswith(("_exps.weight", "attn_q.weight"))}
     st_dtype = OUT_DTYPES[dtype] or next((t for t in ("F32", "BF16", "F16") if types == {t}), "BF16")
     config["dtype"] = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}[st_dtype]
@@ -110,7 +115,7 @@ def convert_gguf_to_hf(src: str | Path, out: str | Path, *, dtype: str = "auto",
     global_map = {f"{p}{s}": gguf_name(k) for s, k in GLOBAL_TENSORS.items()}
     global_map[ckpt.lm_head_name] = gguf_name("OUTPUT")
     with atomic_directory(out, force=force) as staging:
-        writer = SafetensorsWriter(staging, metadata={"format": "pt"})
+        writer = SafetensorsWriter(staging, metadata=stamp.safetensors_metadata())
         for name, shape in inventory.items():
             writer.add(name, shape, TORCH_TO_ST[str(torch_dtype).removeprefix("torch.")])
         writer.begin()
@@ -123,6 +128,7 @@ def convert_gguf_to_hf(src: str | Path, out: str | Path, *, dtype: str = "auto",
         from converters.gguf_tokenizer import write_hf_tokenizer
 
         write_hf_tokenizer(g, staging)
+        write_sidecars(staging, stamp)
     return HFResult(Path(out), len(inventory), st_dtype)
 
 

@@ -51,6 +51,7 @@ class GGUFResult:
     tensors: int
     bytes: int
     warnings: list[str] = field(default_factory=list)
+    name: str = ""
 
 
 def llama_cpp_incompatibilities(ckpt: Llama4Checkpoint) -> list[str]:
@@ -249,12 +250,18 @@ def default_name(ckpt: Llama4Checkpoint, outtype: str) -> str:
 
 
 def convert_hf_to_gguf(src: str | Path, out: str | Path, *, outtype: str = "auto", split_max_size: int = 0,
-                       name: str | None = None, allow_lossy_config: bool = False, force: bool = False,
-                       stamp: Any = None, progress: Progress = NULL_PROGRESS) -> GGUFResult:
-    """Convert an HF Llama 4 checkpoint to a GGUF file (or split set) for llama.cpp."""
+                       name: str | None = None, mau_declaration: str | None = None, fix_name: bool = False,
+                       base_model: str | None = None, allow_lossy_config: bool = False, force: bool = False,
+                       progress: Progress = NULL_PROGRESS) -> GGUFResult:
+    """Convert an HF Llama 4 checkpoint to a GGUF file (or split set) for llama.cpp.
+
+    The license stamp goes into the file: a name beginning with "Llama" and a declaration
+    about the 700M MAU threshold are required (LicensePolicyError, exit 5, otherwise).
+    """
     import gguf
 
     from converters.gguf_vocab import add_vocab
+    from license.stamp import Stamp, apply_to_gguf_writer
     from toolbox.tensors.source import open_source
 
     ckpt = load_checkpoint(src)
@@ -273,18 +280,18 @@ def convert_hf_to_gguf(src: str | Path, out: str | Path, *, outtype: str = "auto
     check_output_path(out, force=force)
     source = open_source(ckpt.path)
     gg_type = resolve_outtype(outtype, source)
+    stamp = Stamp.create(name or default_name(ckpt, gg_type.lower()), declaration=mau_declaration, fix=fix_name,
+                         base_model=base_model, relation=None if gg_type in FLOAT_TYPES else "quantized",
+                         provenance={"operations": [{"op": "convert", "to": "gguf", "outtype": gg_type}],
+                                     "source": str(src)})
     plan = plan_text(ckpt, source, gg_type)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}{PARTIAL_MARK}", dir=out.parent))
     try:
         writer = gguf.GGUFWriter(staging / out.name, "llama4", split_max_size=split_max_size)
-        writer.add_name(name or default_name(ckpt, gg_type.lower()))
+        apply_to_gguf_writer(writer, stamp)
         add_text_kv(writer, ckpt, gg_type)
         add_vocab(writer, ckpt.path, ckpt.text.vocab)
         writer.add_string(PROVENANCE_KEY, json.dumps(ckpt.config, sort_keys=True))
-        if stamp is not None:
-            from license.stamp import apply_to_gguf_writer
-
-            apply_to_gguf_writer(writer, stamp)
         import numpy as np
 
         for p in plan:
@@ -317,7 +324,8 @@ def convert_hf_to_gguf(src: str | Path, out: str | Path, *, outtype: str = "auto
     finally:
         shutil.rmtree(staging, ignore_errors=True)
         source.close()
-    return GGUFResult(paths=finals, outtype=gg_type, tensors=len(plan), bytes=total, warnings=warnings)
+    return GGUFResult(paths=finals, outtype=gg_type, tensors=len(plan), bytes=total, warnings=warnings,
+                      name=stamp.name)
 
 
 def expected_gguf_shapes(ckpt: Llama4Checkpoint) -> dict[str, tuple[int, ...]]:

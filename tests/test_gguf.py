@@ -19,6 +19,7 @@ from toolbox.cli.main import main
 from toolbox.errors import BadInputError, CorruptFileError, UnsupportedModelError
 from toolbox.verify import verify_checkpoint
 
+DECL = "below-700m"
 TEXTS = [
     "Hello Llama 4!",
     "Ünïcödé — naïve café, 你好世界, Здравствуй, 🦙🦙 and 3.14159 numbers 1234567",
@@ -34,7 +35,7 @@ def gguf_files(tmp_path_factory, scout_dir: Path, maverick_dir: Path) -> dict[tu
     for variant, d in (("scout", scout_dir), ("maverick", maverick_dir)):
         for outtype in ("f32", "bf16", "q8_0"):
             p = out / f"{variant}-{outtype}.gguf"
-            convert_hf_to_gguf(d, p, outtype=outtype)
+            convert_hf_to_gguf(d, p, outtype=outtype, mau_declaration=DECL)
             files[(variant, outtype)] = p
     return files
 
@@ -84,7 +85,7 @@ def test_llama_cpp_logits_match_transformers(variant: str, gguf_files, scout_dir
 def test_q8_0_file_is_what_llama_cpp_runs(gguf_files, tmp_path: Path) -> None:
     """llama.cpp on our Q8_0 file equals transformers on the same weights dequantized (GGUF -> HF)."""
     back = tmp_path / "deq"
-    convert_gguf_to_hf(gguf_files[("scout", "q8_0")], back, dtype="f32")
+    convert_gguf_to_hf(gguf_files[("scout", "q8_0")], back, dtype="f32", mau_declaration=DECL)
     ids = AutoTokenizer.from_pretrained(back)(" ".join(TEXTS)).input_ids
     model = Llama4ForCausalLM.from_pretrained(back, dtype=torch.float32)
     with torch.no_grad():
@@ -113,7 +114,7 @@ def test_gguf_layout_as_llama_cpp_expects(gguf_files) -> None:
 @pytest.mark.parametrize("outtype", ["f32", "bf16"])
 def test_gguf_to_hf_round_trip_is_bit_exact(outtype: str, gguf_files, scout_dir: Path, tmp_path: Path) -> None:
     back = tmp_path / "back"
-    convert_gguf_to_hf(gguf_files[("scout", outtype)], back)
+    convert_gguf_to_hf(gguf_files[("scout", outtype)], back, mau_declaration=DECL)
     original = {}
     for p in scout_dir.glob("model*.safetensors"):
         original.update(load_file(str(p)))
@@ -132,7 +133,7 @@ def test_gguf_to_hf_round_trip_is_bit_exact(outtype: str, gguf_files, scout_dir:
 
 def test_gguf_to_hf_logits_equal_original(gguf_files, maverick_dir: Path, tmp_path: Path) -> None:
     back = tmp_path / "back"
-    convert_gguf_to_hf(gguf_files[("maverick", "bf16")], back)
+    convert_gguf_to_hf(gguf_files[("maverick", "bf16")], back, mau_declaration=DECL)
     tok = AutoTokenizer.from_pretrained(back)
     for text in TEXTS:
         assert tok(text).input_ids == AutoTokenizer.from_pretrained(maverick_dir)(text).input_ids
@@ -145,17 +146,17 @@ def test_gguf_to_hf_logits_equal_original(gguf_files, maverick_dir: Path, tmp_pa
 
 def test_split_gguf_loads_and_converts_back(scout_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "split.gguf"
-    res = convert_hf_to_gguf(scout_dir, out, outtype="bf16", split_max_size=20 * 10**6)
+    res = convert_hf_to_gguf(scout_dir, out, outtype="bf16", split_max_size=20 * 10**6, mau_declaration=DECL)
     assert len(res.paths) >= 3 and all(p.name.startswith("split-000") for p in res.paths)
     first = next(p for p in res.paths if "-00001-of-" in p.name)
     llm = _llama(first)
     assert llm.n_vocab() == 202048
     back = tmp_path / "back"
-    convert_gguf_to_hf(res.paths[-1], back)
+    convert_gguf_to_hf(res.paths[-1], back, mau_declaration=DECL)
     assert verify_checkpoint(back).ok
     res.paths[1].unlink()
     with pytest.raises(BadInputError, match="missing"):
-        convert_gguf_to_hf(first, tmp_path / "again")
+        convert_gguf_to_hf(first, tmp_path / "again", mau_declaration=DECL)
     assert not (tmp_path / "again").exists()
 
 
@@ -165,9 +166,9 @@ def test_config_llama_cpp_cannot_represent_is_refused(scout_copy: Path, tmp_path
     (scout_copy / "config.json").write_text(json.dumps(cfg))
     out = tmp_path / "x.gguf"
     with pytest.raises(UnsupportedModelError, match="attention_chunk_size=16"):
-        convert_hf_to_gguf(scout_copy, out)
+        convert_hf_to_gguf(scout_copy, out, mau_declaration=DECL)
     assert list(tmp_path.iterdir()) == [scout_copy]
-    res = convert_hf_to_gguf(scout_copy, out, allow_lossy_config=True, outtype="q8_0")
+    res = convert_hf_to_gguf(scout_copy, out, allow_lossy_config=True, outtype="q8_0", mau_declaration=DECL)
     assert res.warnings and out.is_file()
 
 
@@ -175,11 +176,11 @@ def test_bad_gguf_inputs_exit_3_and_leave_nothing(gguf_files, tmp_path: Path, ca
     bad_magic = tmp_path / "bad.gguf"
     bad_magic.write_bytes(b"NOPE" + b"\0" * 100)
     with pytest.raises(CorruptFileError, match="not a GGUF file"):
-        convert_gguf_to_hf(bad_magic, tmp_path / "o1")
+        convert_gguf_to_hf(bad_magic, tmp_path / "o1", mau_declaration=DECL)
     truncated = tmp_path / "trunc.gguf"
     data = gguf_files[("scout", "q8_0")].read_bytes()
     truncated.write_bytes(data[: len(data) // 2])
-    assert main(["convert", str(truncated), "--to", "hf", "-o", str(tmp_path / "o2")]) == 3
+    assert main(["convert", str(truncated), "--to", "hf", "-o", str(tmp_path / "o2"), "--mau-declaration", DECL]) == 3
     err = capsys.readouterr().err
     assert "truncated" in err and "Traceback" not in err
     assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
@@ -188,7 +189,8 @@ def test_bad_gguf_inputs_exit_3_and_leave_nothing(gguf_files, tmp_path: Path, ca
 
 def test_cli_convert_json_and_refusals(scout_dir: Path, tmp_path: Path, capsys) -> None:
     out = tmp_path / "m.gguf"
-    assert main(["--json", "convert", str(scout_dir), "--to", "gguf", "-o", str(out), "--outtype", "q4_0"]) == 0
+    assert main(["--json", "convert", str(scout_dir), "--to", "gguf", "-o", str(out), "--outtype", "q4_0",
+                 "--mau-declaration", DECL]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc["outtype"] == "Q4_0" and Path(doc["paths"][0]) == out
     assert main(["convert", str(scout_dir), "--to", "gguf", "-o", str(out)]) == 2  # exists, no --force

@@ -21,7 +21,7 @@ from toolbox.errors import OutputExistsError, UsageError
 from toolbox.progress import NULL_PROGRESS, Progress
 
 DEMO_PREFIX = "demo:"
-DEMO_FORMAT_VERSION = 2  # bump when what a demo contains changes; invalidates the cache
+DEMO_FORMAT_VERSION = 3  # bump when what a demo contains changes; invalidates the cache
 VARIANTS = ("scout", "maverick")
 EOS_IDS = [200001, 200007, 200008]
 
@@ -101,6 +101,17 @@ def _init_tensor(name: str, shape: tuple[int, ...], seed: int) -> Any:
     return noise * fan_in**-0.5
 
 
+def _license_files(directory: Path) -> None:
+    """The demo ships the real Llama 4 tokenizer (Llama Materials): the agreement and the Notice go with
+    it. No model card or declaration: a demo is a local test fixture, not a model anyone distributes."""
+    from license.policy import load_policy
+
+    policy = load_policy("llama4")
+    (directory / "NOTICE").write_text(policy.notice + "\n", encoding="utf-8")
+    for filename in policy.texts:
+        (directory / filename).write_bytes(policy.text_bytes(filename))
+
+
 def create_demo(out: str | Path, variant: str = "scout", *, force: bool = False, seed: int = 0,
                 progress: Progress = NULL_PROGRESS) -> Path:
     """Write a demo checkpoint (config, safetensors, tokenizer, generation config) to `out`."""
@@ -121,6 +132,7 @@ def create_demo(out: str | Path, variant: str = "scout", *, force: bool = False,
                "do_sample": True, "temperature": 0.6, "top_p": 0.9}
         (staging / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
         save_llama4_tokenizer(staging, cache_dir=cache_dir() / "tokenizer")
+        _license_files(staging)
         writer = SafetensorsWriter(staging, max_shard_bytes=32 * 1024**2,
                                    metadata={"format": "pt", "corral.demo": variant})
         for name, shape in inventory.items():

@@ -24,3 +24,13 @@ ForceOpt = Annotated[
     bool,
     typer.Option("--force", help="Replace an existing output (only once the new one is complete)."),
 ]
+MauDeclarationOpt = Annotated[
+    str | None,
+    typer.Option("--mau-declaration", envvar="CORRAL_MAU_DECLARATION",
+                 help="Your declaration about the Llama license's 700M monthly-active-user threshold: "
+                 "below-700m, or meta-license:REFERENCE.", show_default=False),
+]
+FixNameOpt = Annotated[
+    bool,
+    typer.Option("--fix-name", help="Prefix the model name with 'Llama' when it does not begin with it."),
+]
