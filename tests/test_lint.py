@@ -16,10 +16,3 @@ def test_ruff_clean() -> None:
     assert ruff is not None, "ruff is part of the test extras: pip install -e '.[test]'"
     res = subprocess.run([ruff, "check", "."], cwd=REPO, capture_output=True, text=True, check=False)
     assert res.returncode == 0, res.stdout + res.stderr
-
-
-def test_readme_test_command_is_what_ci_runs() -> None:
-    readme = (REPO / "README.md").read_text()
-    ci = (REPO / ".ci" / "run").read_text()
-    command = next(line for line in ci.splitlines() if line.startswith("pip install") and "pytest" in line)
-    assert command in readme
