@@ -31,8 +31,6 @@ GLOBAL_TENSORS: dict[str, str] = {
     "embed_tokens.weight": "TOKEN_EMBD",
     "norm.weight": "OUTPUT_NORM",
 }
-EXPERT_GATE_UP = "feed_forward.experts.gate_up_proj"  # -> FFN_GATE_EXP + FFN_UP_EXP
-EXPERT_DOWN = "feed_forward.experts.down_proj"  # -> FFN_DOWN_EXP
 F32_KINDS = frozenset({"ATTN_NORM", "FFN_NORM", "OUTPUT_NORM", "FFN_GATE_INP", "ROPE_FREQS"})
 
 
