@@ -19,6 +19,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+from results import write_section  # noqa: E402
 from synthetic import make_checkpoint  # noqa: E402
 
 CORRAL = [sys.executable, "-m", "toolbox.cli.main"]
@@ -84,14 +85,7 @@ def main() -> None:
     text = header + "\n" + "\n".join(table) + "\n" + notes
     print(text)
     if a.write:
-        results = HERE / "RESULTS.md"
-        old = results.read_text() if results.exists() else "# Benchmark results\n\n"
-        marker = "## Foundation (issue 2)"
-        if marker in old:
-            start = old.index(marker)
-            end = old.find("\n## ", start + 1)
-            old = old[:start] + old[end + 1:] if end != -1 else old[:start]
-        results.write_text(old.rstrip() + "\n\n" + text)
+        write_section('## Foundation (issue 2)', text)
 
 
 if __name__ == "__main__":

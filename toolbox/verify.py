@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -151,13 +150,12 @@ def _check_shards(root: Path, report: VerifyReport) -> list[SafetensorsHeader] |
     index_path = directory / INDEX_NAME
     weight_map: dict[str, str] | None = None
     if root.is_dir() and index_path.is_file():
+        from toolbox.tensors.safetensors_source import read_index
+
         try:
-            doc = json.loads(index_path.read_text())
-            weight_map = doc["weight_map"]
-            if not isinstance(weight_map, dict):
-                raise TypeError("weight_map is not an object")
-        except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as exc:
-            report.add("index.invalid", "fatal", f"{index_path}: not a valid index ({exc})", path=str(index_path))
+            weight_map = read_index(index_path)
+        except CorruptFileError as exc:
+            report.add("index.invalid", "fatal", exc.message, path=str(index_path))
             return None
         files = sorted(set(weight_map.values()))
     elif root.is_dir():

@@ -23,6 +23,18 @@ if TYPE_CHECKING:
     import torch
 
 
+def read_index(index: Path) -> dict[str, str]:
+    """The weight_map of a model.safetensors.index.json; CorruptFileError when it is not one."""
+    try:
+        doc = json.loads(index.read_text())
+        weight_map = doc["weight_map"]
+        if not isinstance(weight_map, dict):
+            raise TypeError("weight_map is not an object")
+    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as exc:
+        raise CorruptFileError(f"{index}: not a valid safetensors index ({exc})", path=index) from exc
+    return weight_map
+
+
 def shard_files(path: Path) -> tuple[list[Path], dict[str, str] | None]:
     """The shard files of a checkpoint directory or file, and the index's weight_map if any."""
     if path.is_file():
@@ -31,13 +43,7 @@ def shard_files(path: Path) -> tuple[list[Path], dict[str, str] | None]:
         raise BadInputError(f"{path}: no such file or directory", path=path)
     index = path / INDEX_NAME
     if index.is_file():
-        try:
-            doc = json.loads(index.read_text())
-            weight_map = doc["weight_map"]
-            if not isinstance(weight_map, dict):
-                raise TypeError("weight_map is not an object")
-        except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as exc:
-            raise CorruptFileError(f"{index}: not a valid safetensors index ({exc})", path=index) from exc
+        weight_map = read_index(index)
         names = sorted(set(weight_map.values()))
         files = [safe_join(path, n) for n in names]
         for f in files:

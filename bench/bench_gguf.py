@@ -1,0 +1,122 @@
+"""Issue 4 benchmarks, side by side in one run, on a synthetic checkpoint with one real-shaped
+Scout MoE layer (hidden 5120, 16 experts of width 8192, the real 202,048-row embedding and
+lm_head): peak RSS and wall time of `corral convert --to gguf` (bf16 and q8_0) against a plain
+`cp` of the same bytes and against llama.cpp's own converter; Q8_0 throughput against
+gguf-py's numpy quantizer.
+
+llama.cpp's converter is taken from the llama-cpp-python source distribution at bench time
+(`pip download --no-binary`), never committed. Run:
+  python bench/bench_gguf.py [--work bench/work] [--skip-llama-cpp] [--write]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from results import write_section  # noqa: E402
+from synthetic import make_checkpoint  # noqa: E402
+
+
+def run_timed(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, float]:
+    """(wall seconds, max RSS GiB) as /usr/bin/time -v reports them."""
+    t = time.perf_counter()
+    res = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True, env=env, check=False)
+    wall = time.perf_counter() - t
+    if res.returncode != 0:
+        raise RuntimeError(f"{cmd[:3]} failed: {res.stderr[-2000:]}")
+    rss_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", res.stderr).group(1))
+    return wall, rss_kb / 2**20
+
+
+def llama_cpp_converter(work: Path) -> Path | None:
+    dest = work / "llama.cpp-src"
+    script = next(dest.glob("*/vendor/llama.cpp/convert_hf_to_gguf.py"), None)
+    if script is not None:
+        return script
+    dest.mkdir(parents=True, exist_ok=True)
+    subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
+                    "llama-cpp-python==0.3.36", "-d", str(dest)], check=True)
+    sdist = next(dest.glob("llama_cpp_python-*.tar.gz"))
+    with tarfile.open(sdist) as tf:
+        tf.extractall(dest, filter="data")
+    return next(dest.glob("*/vendor/llama.cpp/convert_hf_to_gguf.py"), None)
+
+
+def q8_throughput() -> tuple[float, float]:
+    """Elements/s of corral's Q8_0 and of gguf-py's, on the same 64 Mi-element slice."""
+    import gguf
+    import torch
+
+    from converters.gguf_quant import encode
+
+    x = torch.randn(8192, 8192) * 0.02
+    t = time.perf_counter()
+    encode(x, "Q8_0")
+    ours = x.numel() / (time.perf_counter() - t)
+    arr = x.numpy()
+    t = time.perf_counter()
+    gguf.quants.quantize(arr, gguf.GGMLQuantizationType.Q8_0)
+    ref = x.numel() / (time.perf_counter() - t)
+    return ours, ref
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--work", type=Path, default=HERE / "work")
+    ap.add_argument("--skip-llama-cpp", action="store_true")
+    ap.add_argument("--write", action="store_true")
+    a = ap.parse_args()
+    src = a.work / "scout-1layer"
+    if not (src / "config.json").exists():
+        make_checkpoint(src, "scout", shards=4, sparse=False, layers=1)
+    size = sum(p.stat().st_size for p in src.glob("*.safetensors"))
+    out = a.work / "out"
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    rows = []
+    cp_wall, cp_rss = run_timed(["cp", "-r", str(src), str(out / "copy")])
+    rows.append(("`cp -r` of the checkpoint", f"{cp_wall:.1f} s", f"{cp_rss:.2f} GiB", "1.00x"))
+    shutil.rmtree(out / "copy")
+    corral = [sys.executable, "-m", "toolbox.cli.main", "--quiet", "convert", str(src), "--to", "gguf"]
+    for outtype in ("bf16", "q8_0"):
+        wall, rss = run_timed([*corral, "--outtype", outtype, "-o", str(out / f"corral-{outtype}.gguf")])
+        rows.append((f"corral convert --outtype {outtype}", f"{wall:.1f} s", f"{rss:.2f} GiB",
+                     f"{wall / cp_wall:.2f}x"))
+        (out / f"corral-{outtype}.gguf").unlink()
+    if not a.skip_llama_cpp:
+        script = llama_cpp_converter(a.work)
+        if script is not None:
+            env = {**os.environ, "PYTHONPATH": str(script.parent / "gguf-py")}
+            for outtype in ("bf16", "q8_0"):
+                wall, rss = run_timed([sys.executable, str(script), str(src), "--outtype", outtype, "--outfile",
+                                       str(out / f"llama-{outtype}.gguf")], env=env)
+                rows.append((f"llama.cpp convert_hf_to_gguf.py --outtype {outtype}", f"{wall:.1f} s", f"{rss:.2f} GiB",
+                             f"{wall / cp_wall:.2f}x"))
+                (out / f"llama-{outtype}.gguf").unlink()
+    ours, ref = q8_throughput()
+    table = ["| run | wall | max RSS | vs cp |", "|---|---|---|---|", *[f"| {r[0]} | {r[1]} | {r[2]} | {r[3]} |"
+                                                                         for r in rows]]
+    text = (f"## HF -> GGUF (issue 4) — {time.strftime('%Y-%m-%d')}, {platform.machine()}, {os.cpu_count()} cores\n\n"
+            f"Command: `python bench/bench_gguf.py --write`. Source: one real-shaped Scout MoE layer plus the real "
+            f"embedding and lm_head, {size / 2**30:.2f} GiB of bf16 in 4 shards.\n\n" + "\n".join(table) +
+            f"\n\nQ8_0 quantization throughput on one 8192x8192 slice: corral {ours / 1e6:.0f} M elements/s, "
+            f"gguf-py numpy {ref / 1e6:.0f} M elements/s ({ours / ref:.1f}x).\n")
+    print(text)
+    if a.write:
+        write_section('## HF -> GGUF (issue 4)', text)
+
+
+if __name__ == "__main__":
+    main()
