@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from converters.gguf_names import F32_KINDS, gguf_name, kind_of, text_name_map
-from converters.gguf_quant import FLOAT_TYPES, PY_OUTTYPES, can_encode, encode, nbytes
+from converters.gguf_quant import FLOAT_TYPES, LLAMA_CPP_OUTTYPES, PY_OUTTYPES, can_encode, encode, nbytes
 from toolbox.checkpoint import Llama4Checkpoint, load_checkpoint
 from toolbox.errors import BadInputError, UnsupportedModelError, UsageError
 from toolbox.progress import NULL_PROGRESS, Progress
@@ -92,7 +92,8 @@ def resolve_outtype(outtype: str, source: TensorSource) -> str:
         return "BF16"
     key = outtype.lower()
     if key not in PY_OUTTYPES:
-        raise UsageError(f"unknown --outtype {outtype!r}", hint=f"choose from auto, {', '.join(PY_OUTTYPES)}")
+        raise UsageError(f"unknown --outtype {outtype!r}",
+                         hint=f"choose from auto, {', '.join(PY_OUTTYPES)}, {', '.join(LLAMA_CPP_OUTTYPES)}")
     return PY_OUTTYPES[key]
 
 
@@ -260,6 +261,10 @@ def convert_hf_to_gguf(src: str | Path, out: str | Path, *, outtype: str = "auto
     from license.stamp import Stamp, apply_to_gguf_writer
     from toolbox.tensors.source import open_source
 
+    if outtype.lower() in LLAMA_CPP_OUTTYPES:
+        return _via_llama_cpp(src, Path(out), outtype.lower(), split_max_size=split_max_size, name=name,
+                              mau_declaration=mau_declaration, fix_name=fix_name, base_model=base_model,
+                              allow_lossy_config=allow_lossy_config, force=force, progress=progress)
     ckpt = load_checkpoint(src)
     assert ckpt.path is not None
     warnings: list[str] = []
@@ -339,3 +344,26 @@ def expected_gguf_shapes(ckpt: Llama4Checkpoint) -> dict[str, tuple[int, ...]]:
         out[gguf_name("FFN_UP_EXP", bid)] = (t.experts, t.expert_width, t.hidden)
         out[gguf_name("FFN_DOWN_EXP", bid)] = (t.experts, t.hidden, t.expert_width)
     return out
+
+
+def _via_llama_cpp(src: str | Path, out: Path, outtype: str, *, split_max_size: int, force: bool,
+                   name: str | None, **kwargs: Any) -> GGUFResult:
+    """Write a BF16 GGUF beside the output, then let llama.cpp quantize it into place."""
+    from converters.llama_cpp_quant import _llama_cpp, quantize_file
+
+    _llama_cpp()  # fail before any work when the extra is missing
+    out = out.absolute()
+    if split_max_size:
+        raise UsageError("--split-max-size is not supported with llama.cpp quant types yet",
+                         hint="quantize to one file, then split it with llama.cpp's gguf-split")
+    check_output_path(out, force=force)
+    ckpt = load_checkpoint(src)
+    tmp = out.parent / f".{out.stem}{PARTIAL_MARK}bf16.gguf"
+    try:
+        first = convert_hf_to_gguf(src, tmp, outtype="bf16", name=name or default_name(ckpt, outtype), force=True,
+                                   **kwargs)
+        quantize_file(tmp, out, outtype)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return GGUFResult(paths=[out], outtype=outtype.upper(), tensors=first.tensors, bytes=out.stat().st_size,
+                      warnings=first.warnings, name=first.name)

@@ -197,3 +197,15 @@ def test_cli_convert_json_and_refusals(scout_dir: Path, tmp_path: Path, capsys) 
     assert main(["convert", str(scout_dir), "--to", "gguf", "-o", str(tmp_path / "z.gguf"), "--outtype", "q9"]) == 2
     shutil.rmtree(tmp_path / "nonexistent", ignore_errors=True)
     assert main(["convert", str(tmp_path / "nonexistent"), "--to", "gguf", "-o", str(tmp_path / "y.gguf")]) == 3
+
+
+def test_k_quant_through_llama_cpp_quantizer(maverick_dir: Path, tmp_path: Path) -> None:
+    from license.audit import check_artifact
+
+    out = tmp_path / "k.gguf"
+    res = convert_hf_to_gguf(maverick_dir, out, outtype="q4_k_m", mau_declaration=DECL)
+    assert res.paths == [out] and sorted(p.name for p in tmp_path.iterdir()) == ["k.gguf"]  # no leftovers
+    assert check_artifact(out).findings == []  # llama.cpp's quantizer kept the license stamp
+    ids = AutoTokenizer.from_pretrained(maverick_dir)(TEXTS[1]).input_ids
+    got = _cpp_logits(_llama(out), ids)
+    assert np.corrcoef(got.ravel(), _hf_logits(maverick_dir, ids).ravel())[0, 1] > 0.95
