@@ -6,6 +6,7 @@ ids, add-BOS and the chat template through gguf-py's own `SpecialVocab`.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +54,13 @@ def add_vocab(writer: Any, directory: Path, vocab_size: int) -> None:
     writer.add_tokenizer_pre(TOKENIZER_PRE)
     writer.add_token_list(tokens)
     writer.add_token_types(types)
-    special = gguf.SpecialVocab(directory, load_merges=True, n_vocab=vocab_size)
+    vocab_log = logging.getLogger("gguf.vocab")
+    level = vocab_log.level
+    vocab_log.setLevel(logging.ERROR)  # it warns about the BOS-pair template every Llama 4 tokenizer has
+    try:
+        special = gguf.SpecialVocab(directory, load_merges=True, n_vocab=vocab_size)
+    finally:
+        vocab_log.setLevel(level)
     if not special.merges:
         raise TokenizerError(f"{directory / 'tokenizer.json'}: no BPE merges found", path=directory)
     special.add_to_gguf(writer, quiet=True)
