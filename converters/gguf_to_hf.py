@@ -104,7 +104,7 @@ def convert_gguf_to_hf(src: str | Path, out: str | Path, *, dtype: str = "auto",
     ckpt = from_config(config)
     stamp = Stamp.create(name or g.get("general.name") or f"Llama-4-{Path(src).stem}", declaration=mau_declaration,
                          fix=fix_name, provenance={"operations": [{"op": "convert", "to": "hf", "from": "gguf"}],
-                                                   "source": str(src)})
+                                                   "source": Path(src).name})
     types = {g.type_name(n) for n in g.tensors if n.endswith(("_exps.weight", "attn_q.weight"))}
     st_dtype = OUT_DTYPES[dtype] or next((t for t in ("F32", "BF16", "F16") if types == {t}), "BF16")
     config["dtype"] = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}[st_dtype]

@@ -284,7 +284,7 @@ def convert_hf_to_gguf(src: str | Path, out: str | Path, *, outtype: str = "auto
     stamp = Stamp.create(name or default_name(ckpt, gg_type.lower()), declaration=mau_declaration, fix=fix_name,
                          base_model=base_model, relation=None if gg_type in FLOAT_TYPES else "quantized",
                          provenance={"operations": [{"op": "convert", "to": "gguf", "outtype": gg_type}],
-                                     "source": str(src)})
+                                     "source": str(src) if str(src).startswith("demo:") else Path(src).name})
     plan = plan_text(ckpt, source, gg_type)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}{PARTIAL_MARK}", dir=out.parent))
     try:

@@ -1,248 +1,410 @@
-"""The audit: does an artifact carry the Llama license obligations? Any format, any origin.
+"""The audit: does an artifact carry the obligations of the Llama license that covers it?
 
-A Llama 4 model is recognised by what it is (config architectures, GGUF architecture, tensor
-names), not by what its metadata claims, so relabelling under another license is caught.
+A model is matched to a policy by what it *is* (config architectures, GGUF architecture,
+tensor names; see `license.artifact.recognise`), so a Llama 4 model relabelled under another
+license is caught whatever its metadata says; when nothing structural matches, the license the
+artifact claims is checked instead, and an artifact that neither is nor claims a Llama model
+has no obligations to check. Directories (and files with sidecars beside them) are judged on
+their sidecar files and model card plus any in-file stamps; a lone file on its in-file metadata.
+
+Every finding names its rule (a stable code), the clause it enforces, the file, and the fix.
 """
 
 from __future__ import annotations
 
-import json
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from license.policy import LicensePolicy, load_policy
-from license.stamp import BELOW, META_PREFIX
-from toolbox.errors import BadInputError, CorralError, ExitCode
+from license import keys as K
+from license.artifact import Artifact, FileMeta, Recognised, detect, read_file_meta, recognise
+from license.card import CardFacts, read_card
+from license.policy import LicensePolicy, load_policy, policy_for_label
+from license.stamp import Declaration, fix_name
+from toolbox.errors import ExitCode, LicensePolicyError
+
+Severity = Literal["error", "warning"]
+
+
+@dataclass(frozen=True)
+class Rule:
+    code: str
+    clause_key: str
+    severity: Severity
+    title: str
+
+
+RULES: dict[str, Rule] = {r.code: r for r in (
+    Rule("notice-missing", "notice", "error", "The Notice text is not distributed with the model"),
+    Rule("notice-altered", "notice", "error", "The Notice text differs from the sentence the license prescribes"),
+    Rule("license-text-missing", "agreement", "error", "No copy of the license agreement is distributed"),
+    Rule("license-text-altered", "agreement", "error", "LICENSE is not the verbatim license agreement"),
+    Rule("use-policy-missing", "use_policy", "error", "No copy of the Acceptable Use Policy is distributed"),
+    Rule("use-policy-altered", "use_policy", "error", "USE_POLICY.md is not the verbatim Acceptable Use Policy"),
+    Rule("attribution-missing", "attribution", "error", "The required attribution is not displayed"),
+    Rule("card-invalid", "attribution", "error", "The model card cannot be read"),
+    Rule("name-prefix", "name", "error", "The model name does not begin with the required prefix"),
+    Rule("name-missing", "name", "warning", "The artifact names no model, so its name cannot be checked"),
+    Rule("declaration-missing", "threshold", "error", "No declaration about the monthly-active-user threshold"),
+    Rule("declaration-invalid", "threshold", "error", "The monthly-active-user declaration is not valid"),
+    Rule("license-label-missing", "label", "error", "The artifact does not say which license covers it"),
+    Rule("relabelled", "label", "error", "A model covered by a Llama license is labelled with another license"),
+    Rule("metadata-mismatch", "label", "error", "In-file metadata disagrees with the sidecar files or other files"),
+    Rule("eu-clause-missing", "multimodal", "error", "A multimodal model without the EU restriction"),
+)}
+
+# which clause a disagreeing key concerns
+_KEY_CLAUSE = {K.NOTICE: "notice", K.ATTRIBUTION: "attribution", K.MODEL_NAME: "name", K.DECLARATION: "threshold",
+               K.USE_POLICY: "use_policy", K.MULTIMODAL_RESTRICTION: "multimodal", K.MULTIMODAL: "multimodal",
+               K.POLICY: "label", K.LICENSE_NAME: "label", K.LICENSE_LINK: "label"}
 
 
 @dataclass
-class LicenseFinding:
+class Finding:
     code: str
+    severity: Severity
     clause: str
     message: str
     fix: str
-    path: str | None = None
-    severity: str = "error"
+    path: str
+    line: int | None = None
 
 
 @dataclass
 class AuditReport:
     path: str
-    format: str
-    is_llama: bool = False
-    findings: list[LicenseFinding] = field(default_factory=list)
-    facts: dict[str, Any] = field(default_factory=dict)
+    kind: str
+    policy: str | None = None
+    recognised_by: list[str] = field(default_factory=list)
+    multimodal: bool = False
+    files: list[str] = field(default_factory=list)
+    findings: list[Finding] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
         return not self.findings
 
     @property
+    def is_llama(self) -> bool:
+        """Whether a Llama license covers the artifact (recognised, or claimed by it)."""
+        return self.policy is not None
+
+    @property
     def exit_code(self) -> ExitCode:
         return ExitCode.OK if self.ok else ExitCode.FINDINGS
 
+    def codes(self) -> set[str]:
+        return {f.code for f in self.findings}
+
     def to_dict(self) -> dict[str, Any]:
-        return {"path": self.path, "format": self.format, "is_llama": self.is_llama, "compliant": self.ok,
-                "findings": [asdict(f) for f in self.findings], "facts": self.facts}
+        return {"path": self.path, "kind": self.kind, "policy": self.policy, "compliant": self.ok,
+                "recognised_by": self.recognised_by, "multimodal": self.multimodal, "files": self.files,
+                "findings": [asdict(f) for f in self.findings], "notes": self.notes}
 
     def to_sarif(self) -> dict[str, Any]:
-        from toolbox import __version__
+        from license.sarif import to_sarif
 
-        codes = sorted({f.code for f in self.findings})
-        rules = [{"id": c, "shortDescription": {"text": c.replace(".", " ")},
-                  "properties": {"clause": next(f.clause for f in self.findings if f.code == c)}} for c in codes]
-        results = [{"ruleId": f.code, "level": "error" if f.severity == "error" else "warning",
-                    "message": {"text": f"{f.message} Fix: {f.fix}"},
-                    "locations": [{"physicalLocation": {"artifactLocation": {"uri": Path(f.path or self.path)
-                                                                             .as_posix()}}}]}
-                   for f in self.findings]
-        return {"$schema": "https://json.schemastore.org/sarif-2.1.0.json", "version": "2.1.0",
-                "runs": [{"tool": {"driver": {"name": "corral", "version": __version__,
-                                              "informationUri": "https://github.com/corral/corral",
-                                              "rules": rules}},
-                          "results": results}]}
+        return to_sarif(self)
 
 
-class _Ctx:
-    def __init__(self, report: AuditReport, policy: LicensePolicy) -> None:
-        self.r = report
-        self.p = policy
-
-    def add(self, code: str, clause_key: str, message: str, fix: str, path: Path | str | None = None) -> None:
-        self.r.findings.append(LicenseFinding(code, self.p.clause(clause_key), message, fix,
-                                              str(path) if path else None))
-
-
-def check_artifact(path: str | Path, policy_id: str = "llama4") -> AuditReport:
-    """Audit an HF checkpoint directory, a PEFT adapter directory or a GGUF file (or split set)."""
-    p = Path(path)
-    policy = load_policy(policy_id)
-    if p.is_file() and p.suffix == ".gguf":
-        report = AuditReport(str(p), "gguf")
-        _check_gguf(p, _Ctx(report, policy))
+def check_artifact(path: str | Path, *, policy_id: str | None = None) -> AuditReport:
+    """Audit an HF/adapter/ONNX directory, a GGUF file or split set, or a lone .onnx/.safetensors file."""
+    art = detect(path)
+    metas = [read_file_meta(f) for f in art.files]
+    rec = recognise(art, metas)
+    card_path = art.root / "README.md"
+    card = read_card(card_path) if art.has_sidecars and card_path.is_file() else None
+    policy = load_policy(policy_id) if policy_id else rec.policy or _claimed_policy(metas, card)
+    report = AuditReport(path=str(art.path), kind=art.kind, recognised_by=rec.evidence,
+                         files=[str(m.path) for m in metas])
+    if policy is None:
+        report.notes.append("neither recognised as a model under a Llama license nor claiming one: "
+                            "no obligations to check")
         return report
-    if p.is_dir():
-        fmt = "adapter" if (p / "adapter_config.json").is_file() else "hf"
-        report = AuditReport(str(p), fmt)
-        _check_hf_dir(p, _Ctx(report, policy))
-        return report
-    raise BadInputError(f"{p}: not an HF/adapter directory or a .gguf file", path=p)
+    report.policy = policy.id
+    _Audit(report, policy, art, metas, card, rec).run()
+    return report
 
 
-def _check_declaration(ctx: _Ctx, value: str | None, where: Path) -> None:
-    if not value:
-        ctx.add("license.mau-declaration-missing", "mau", f"{where}: no declaration about the 700M monthly-active-"
-                "user threshold", f"corral license stamp {where} --mau-declaration {BELOW}", where)
-    elif value != BELOW and not (value.startswith(META_PREFIX) and value[len(META_PREFIX):].strip()):
-        ctx.add("license.mau-declaration-invalid", "mau", f"{where}: declaration {value!r} is not valid",
-                f"declare {BELOW} or {META_PREFIX}REFERENCE", where)
+def _claimed_policy(metas: list[FileMeta], card: CardFacts | None) -> LicensePolicy | None:
+    """The Llama license the artifact says it is under (when it is not recognised structurally)."""
+    claims: list[tuple[str | None, str | None]] = []
+    for m in metas:
+        claims += [(m.meta.get(K.POLICY), None), (m.meta.get(K.GENERAL_LICENSE), m.meta.get(K.GENERAL_LICENSE_NAME)),
+                   (m.meta.get(K.FOREIGN_LICENSE), m.meta.get(K.FOREIGN_LICENSE_NAME))]
+    if card is not None and not card.error:
+        claims += [(card.corral.get(K.CARD_POLICY), None),
+                   (card.data.get("license"), card.data.get("license_name"))]
+    for label, name in claims:
+        policy = policy_for_label(label, name) if label else None
+        if policy is not None:
+            return policy
+    return None
 
 
-def _check_name(ctx: _Ctx, name: str | None, where: Path, what: str) -> None:
-    if name and not name.startswith(ctx.p.name_prefix):
-        from license.stamp import fix_name
-
-        ctx.add("license.name", "name", f"{where}: {what} {name!r} does not begin with {ctx.p.name_prefix!r}",
-                f"rename to {fix_name(name, ctx.p)!r} (corral license stamp --name ...)", where)
+def _norm(text: str) -> str:
+    return " ".join(text.replace(">", " ").split())
 
 
-def _check_sidecars(ctx: _Ctx, d: Path, required: bool) -> dict[str, Any]:
-    """NOTICE/LICENSE/USE_POLICY.md/README.md beside the model; returns card facts."""
-    facts: dict[str, Any] = {}
-    notice = d / "NOTICE"
-    if not notice.is_file():
-        if required:
-            ctx.add("license.notice-missing", "notice", f"{d}: no NOTICE file", "corral license stamp", notice)
-    elif notice.read_text(encoding="utf-8", errors="replace").strip() != ctx.p.notice:
-        ctx.add("license.notice-altered", "notice", f"{notice}: does not hold the exact Notice sentence",
-                f"NOTICE must read: {ctx.p.notice}", notice)
-    for filename in ctx.p.texts:
-        f = d / filename
-        if not f.is_file():
-            if required:
-                ctx.add("license.text-missing", "agreement" if filename == "LICENSE" else "use_policy",
-                        f"{d}: no {filename}", f"ship the verbatim {filename} (corral license stamp)", f)
-        elif f.read_bytes() != ctx.p.text_bytes(filename):
-            ctx.add("license.text-altered", "agreement" if filename == "LICENSE" else "use_policy",
-                    f"{f}: not byte-identical to the {ctx.p.display_name} text", "replace it with the verbatim text",
-                    f)
-    card = d / "README.md"
-    if not card.is_file():
-        if required:
-            ctx.add("license.card-missing", "attribution", f"{d}: no README.md model card showing "
-                    f"{ctx.p.attribution!r}", "corral license stamp", card)
-        return facts
-    from huggingface_hub import ModelCard
+class _Audit:
+    def __init__(self, report: AuditReport, policy: LicensePolicy, art: Artifact, metas: list[FileMeta],
+                 card: CardFacts | None, rec: Recognised) -> None:
+        self.r, self.p, self.art, self.metas, self.card, self.rec = report, policy, art, metas, card, rec
+        self.card_ok = card is not None and card.error is None
+        claimed_mm = any(m.meta.get(K.MULTIMODAL) == "true" for m in metas) or \
+            (self.card_ok and card is not None and card.corral.get(K.CARD_MULTIMODAL) is True)
+        self.multimodal = rec.multimodal or claimed_mm
+        report.multimodal = self.multimodal
+        # files whose in-file metadata is judged: all of them for a lone file, stamped ones beside sidecars
+        self.judged = [m for m in metas if m.stamped or not art.has_sidecars]
 
-    text = card.read_text(encoding="utf-8", errors="replace")
+    def add(self, code: str, path: Path | str, message: str, fix: str, *, clause_key: str | None = None,
+            line: int | None = None) -> None:
+        rule = RULES[code]
+        self.r.findings.append(Finding(code, rule.severity, self.p.clause(clause_key or rule.clause_key), message,
+                                       fix, str(path), line))
+
+    def run(self) -> None:
+        if self.art.has_sidecars:
+            self.sidecars()
+        else:
+            self.r.notes.append("lone file: judged on its in-file metadata; whoever distributes it must still "
+                                f"ship {', '.join(self.p.texts)} and NOTICE with it")
+        unstamped = [m.path.name for m in self.metas if not m.stamped]
+        if self.art.has_sidecars and unstamped:
+            self.r.notes.append(f"no in-file stamp in {', '.join(unstamped)} (the sidecar files cover them; "
+                                "`corral license stamp` adds one)")
+        self.in_file()
+        self.agreement()
+        self.labels()
+        self.names()
+        self.declarations()
+        self.eu_clause()
+
+    # -- sidecar files ---------------------------------------------------------------------------------
+    def sidecars(self) -> None:
+        p, root = self.p, self.art.root
+        notice = root / "NOTICE"
+        stamp_fix = "run `corral license stamp PATH --mau-declaration ...`, which writes it"
+        if not notice.is_file():
+            self.add("notice-missing", notice, "no NOTICE file beside the model (the license requires the Notice "
+                     "sentence in a \"Notice\" text file)", f'write NOTICE containing "{p.notice}"; or {stamp_fix}')
+        else:
+            lines = notice.read_text(encoding="utf-8", errors="replace").splitlines()
+            if p.notice not in (line.strip() for line in lines):
+                self.add("notice-altered", notice, "NOTICE does not contain the Notice sentence exactly as the "
+                         "license states it", f'make it contain, unchanged: "{p.notice}"', line=1)
+        for filename in p.texts:
+            f = root / filename
+            code = "license-text" if filename == "LICENSE" else "use-policy"
+            what = p.display_name if filename == "LICENSE" else f"{p.family} Acceptable Use Policy"
+            fix = f"copy the verbatim {what} into {filename}; or {stamp_fix}"
+            if not f.is_file():
+                self.add(f"{code}-missing", f, f"no {filename} (a copy of the {what}) beside the model", fix)
+            elif f.read_bytes() != p.text_bytes(filename):
+                line = _first_difference(f.read_bytes(), p.text_bytes(filename))
+                self.add(f"{code}-altered", f, f"{filename} is not byte-identical to the {what} "
+                         f"(first difference on line {line})", fix, line=line)
+        card = root / "README.md"
+        if self.card is None:
+            self.add("attribution-missing", card, f'no README.md model card, so nothing displays "{p.attribution}"',
+                     f'write a model card that shows "{p.attribution}" prominently; or {stamp_fix}')
+        elif self.card.error:
+            self.add("card-invalid", card, f"README.md front matter cannot be parsed ({self.card.error})",
+                     "fix the YAML between the --- lines")
+        elif p.attribution not in self.card.body:
+            self.add("attribution-missing", card, f'the model card does not display "{p.attribution}"',
+                     f'add "{p.attribution}" near the top of README.md; or {stamp_fix}')
+
+    # -- in-file metadata ------------------------------------------------------------------------------
+    def in_file(self) -> None:
+        p = self.p
+        for m in self.judged:
+            notice = m.meta.get(K.NOTICE)
+            if notice is None and not self.art.has_sidecars:
+                self.add("notice-missing", m.path, f"no Notice sentence in the file's metadata ({K.NOTICE}) and no "
+                         "NOTICE file beside it", "run `corral license stamp FILE --mau-declaration ...`")
+            elif notice is not None and notice != p.notice:
+                self.add("notice-altered", m.path, f"{K.NOTICE} is not the Notice sentence exactly as the license "
+                         "states it", f'set it to "{p.notice}" (corral license stamp does)')
+            if not self.art.has_sidecars and m.meta.get(K.ATTRIBUTION) != p.attribution:
+                self.add("attribution-missing", m.path, f'the file does not carry "{p.attribution}" '
+                         f"({K.ATTRIBUTION}) and has no model card beside it", "run `corral license stamp FILE ...`")
+
+    def agreement(self) -> None:
+        """Stamped files agree with each other and with the model card's corral fields."""
+        compared = (K.POLICY, K.LICENSE_NAME, K.LICENSE_LINK, K.NOTICE, K.ATTRIBUTION, K.USE_POLICY, K.DECLARATION,
+                    K.MULTIMODAL_RESTRICTION, K.MODEL_NAME, K.MULTIMODAL)
+        stamped = [m for m in self.metas if m.stamped]
+        sources: list[tuple[str, Path, dict[str, str]]] = [(m.path.name, m.path, m.corral) for m in stamped]
+        for index in self.art.index_files:
+            meta = _index_metadata(index)
+            if any(K.is_stamp_key(k) for k in meta):
+                sources.append((index.name, index, meta))
+        if len(sources) > 1:
+            first_name, _, first = sources[0]
+            for _name, path, meta in sources[1:]:
+                for key in compared:
+                    if meta.get(key) != first.get(key):
+                        self.add("metadata-mismatch", path, f"{key} is {meta.get(key)!r} here but {first.get(key)!r} "
+                                 f"in {first_name}", "stamp the artifact again so every file says the same",
+                                 clause_key=_KEY_CLAUSE[key])
+        if not (self.card_ok and self.card and self.card.corral and sources):
+            return
+        c = self.card.corral
+        multimodal = c.get(K.CARD_MULTIMODAL)
+        card_view = {K.POLICY: c.get(K.CARD_POLICY), K.MODEL_NAME: c.get(K.CARD_MODEL_NAME),
+                     K.DECLARATION: c.get(K.CARD_DECLARATION),
+                     K.MULTIMODAL: None if multimodal is None else str(bool(multimodal)).lower()}
+        name, path, meta = sources[0]
+        for key, value in card_view.items():
+            if value is not None and meta.get(key) is not None and str(value) != meta[key]:
+                self.add("metadata-mismatch", path, f"{key} is {meta[key]!r} in {name} but the model card says "
+                         f"{value!r}", "stamp the artifact again so the files and the card agree",
+                         clause_key=_KEY_CLAUSE[key])
+
+    # -- license labels --------------------------------------------------------------------------------
+    def labels(self) -> None:
+        p = self.p
+        labels: list[tuple[str, Path, str, str | None]] = []
+        card_path = self.art.root / "README.md"
+        if self.card_ok and self.card is not None:
+            lic = self.card.data.get("license")
+            if lic:
+                labels.append(("the model card's license", card_path, str(lic), self.card.data.get("license_name")))
+            else:
+                self.add("license-label-missing", card_path, "the model card's front matter has no license field",
+                         f"set license: {p.hub_license}" + (f" and license_name: {p.hub_license_name}"
+                                                            if p.hub_license == "other" else ""))
+        for m in self.metas:
+            for key, name_key in K.LICENSE_LABEL_KEYS:
+                if m.meta.get(key):
+                    labels.append((f"{m.path.name} {key}", m.path, m.meta[key], m.meta.get(name_key)))
+            if m.meta.get(K.POLICY) and m.meta[K.POLICY] != p.id:
+                labels.append((f"{m.path.name} {K.POLICY}", m.path, m.meta[K.POLICY], None))
+        why = (f"it is recognised as a {p.family} model ({'; '.join(self.rec.evidence[:2])})" if self.rec.policy is p
+               else f"it is declared a {p.family} model elsewhere")
+        for where, path, label, name in labels:
+            if not p.names_license(label, name) and label != p.id:
+                shown = f"{label} ({name})" if name else label
+                self.add("relabelled", path, f"{where} is {shown!r}, but {why}, which is under the {p.display_name}",
+                         f"{_relabel_fix(p, path)} (corral license stamp --force does)")
+        in_file_labelled = any(m.meta.get(K.GENERAL_LICENSE) or m.meta.get(K.FOREIGN_LICENSE) or m.meta.get(K.POLICY)
+                               for m in self.metas)
+        if not self.art.has_sidecars and not in_file_labelled:
+            for m in self.metas:
+                self.add("license-label-missing", m.path, "the file does not say which license covers it "
+                         f"({K.GENERAL_LICENSE if m.fmt == 'gguf' else K.POLICY} is absent)",
+                         "run `corral license stamp FILE --mau-declaration ...`")
+        elif self.art.has_sidecars and self.card is None and not in_file_labelled:
+            self.add("license-label-missing", card_path, "nothing in the artifact says which license covers it",
+                     "run `corral license stamp PATH --mau-declaration ...`")
+
+    # -- names -----------------------------------------------------------------------------------------
+    def names(self) -> None:
+        p = self.p
+        found: list[tuple[str, Path, str, int | None]] = []
+        if self.card_ok and self.card is not None:
+            if self.card.title:
+                found.append(("model card title", self.card.path, self.card.title, _title_line(self.card)))
+            if isinstance(self.card.corral.get(K.CARD_MODEL_NAME), str):
+                found.append(("model card corral.model_name", self.card.path, self.card.corral[K.CARD_MODEL_NAME],
+                              None))
+        for m in self.metas:
+            for key in (K.GENERAL_NAME, K.MODEL_NAME):
+                if m.meta.get(key):
+                    found.append((f"{m.path.name} {key}", m.path, m.meta[key], None))
+        if not found:
+            where = self.card.path if self.card is not None else (self.metas[0].path if self.metas else self.art.path)
+            self.add("name-missing", where, "no model name anywhere (card title, general.name or "
+                     f"{K.MODEL_NAME}), so the {p.name_prefix!r} prefix cannot be checked",
+                     "give the model a name that begins with "
+                     f"{p.name_prefix!r} (corral license stamp --name NAME)")
+            return
+        bad: dict[str, list[tuple[str, Path, int | None]]] = {}
+        for where, path, value, line in found:
+            if not value.strip().startswith(p.name_prefix):
+                bad.setdefault(value, []).append((where, path, line))
+        for value, places in bad.items():
+            where, path, line = places[0]
+            self.add("name-prefix", path, f"model name {value!r} ({', '.join(w for w, _, _ in places)}) does not "
+                     f"begin with {p.name_prefix!r}",
+                     f"rename it {fix_name(value, p)!r} (corral license stamp --fix-name)", line=line)
+
+    # -- section 2 declaration ---------------------------------------------------------------------------
+    def declarations(self) -> None:
+        p = self.p
+        found: list[tuple[str, Path, str]] = []
+        if self.card_ok and self.card is not None and self.card.corral.get(K.CARD_DECLARATION) is not None:
+            found.append(("model card", self.card.path, str(self.card.corral[K.CARD_DECLARATION])))
+        for m in self.metas:
+            if m.meta.get(K.DECLARATION) is not None:
+                found.append((m.path.name, m.path, m.meta[K.DECLARATION]))
+        how = f"declare {p.below_threshold} or meta-license:REFERENCE (corral license stamp --mau-declaration)"
+        if not found:
+            where = self.card.path if self.card is not None else (self.metas[0].path if self.metas else self.art.path)
+            self.add("declaration-missing", where, f"no declaration about the {p.threshold_words} threshold "
+                     f"({K.DECLARATION} / card corral.{K.CARD_DECLARATION})", how)
+        for where, path, text in found:
+            try:
+                Declaration.parse(text, p)
+            except LicensePolicyError as exc:
+                self.add("declaration-invalid", path, f"{where}: {exc.message}", how)
+
+    # -- EU clause -----------------------------------------------------------------------------------------
+    def eu_clause(self) -> None:
+        p = self.p
+        if not (self.multimodal and p.multimodal_restriction):
+            return
+        why = self.rec.multimodal_evidence or "its metadata says it is multimodal"
+        fix = "state the EU restriction of the Acceptable Use Policy (corral license stamp does)"
+        text = _norm(p.multimodal_restriction)
+        if self.card_ok and self.card is not None and text not in _norm(self.card.body):
+            self.add("eu-clause-missing", self.card.path, f"multimodal model ({why}) but the model card does not "
+                     "state the EU restriction on multimodal models", fix)
+        for m in self.judged:
+            if m.meta.get(K.MULTIMODAL_RESTRICTION) != p.multimodal_restriction:
+                self.add("eu-clause-missing", m.path, f"multimodal model ({why}) but {K.MULTIMODAL_RESTRICTION} is "
+                         "missing or altered in the file", fix)
+        if not self.card_ok and not self.judged:
+            self.add("eu-clause-missing", self.art.root, f"multimodal model ({why}) and nothing states the EU "
+                     "restriction on multimodal models", fix)
+
+
+def _relabel_fix(p: LicensePolicy, path: Path) -> str:
+    if path.name == "README.md":
+        name = f" and license_name: {p.hub_license_name}" if p.hub_license == "other" else ""
+        return f"set license: {p.hub_license}{name} in the card's front matter"
+    if path.suffix == ".gguf":
+        return f"set general.license to {p.gguf_license}"
+    return f"set {K.POLICY} to {p.id} and remove the other license key"
+
+
+def _index_metadata(path: Path) -> dict[str, str]:
+    import json
+
     try:
-        data = ModelCard(text).data.to_dict()
-    except Exception:
-        data = {}
-    facts["card_license"] = data.get("license_name") or data.get("license")
-    title = next((line[2:].strip() for line in text.splitlines() if line.startswith("# ")), None)
-    facts["card_name"] = title
-    if ctx.p.attribution not in text:
-        ctx.add("license.attribution", "attribution", f"{card}: does not display {ctx.p.attribution!r}",
-                f"add {ctx.p.attribution!r} prominently to the model card", card)
-    _check_name(ctx, title, card, "model card title")
-    lic = (data.get("license"), data.get("license_name"))
-    if lic[0] not in (None, ctx.p.hub_license, ctx.p.hub_license_name) or (
-            lic[0] == "other" and lic[1] not in (None, ctx.p.hub_license_name)):
-        ctx.add("license.relabelled", "agreement", f"{card}: declares license {lic[1] or lic[0]!r} for a Llama "
-                "model", f"set license: {ctx.p.hub_license} and license_name: {ctx.p.hub_license_name}", card)
-    facts["card_text"] = text
-    return facts
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    meta = doc.get("metadata") if isinstance(doc, dict) else None
+    return {str(k): str(v) for k, v in meta.items()} if isinstance(meta, dict) else {}
 
 
-def _check_hf_dir(d: Path, ctx: _Ctx) -> None:
-    from toolbox.tensors.safetensors_format import read_header
-
-    cfg: dict[str, Any] = {}
-    if (d / "config.json").is_file():
-        try:
-            cfg = json.loads((d / "config.json").read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            cfg = {}
-    archs = cfg.get("architectures") or []
-    shards = sorted(x for x in d.glob("*.safetensors") if not x.name.startswith("."))
-    headers = []
-    for s in shards:
-        try:
-            headers.append(read_header(s))
-        except CorralError as exc:
-            raise BadInputError(exc.message, path=s) from exc
-    names = {n for h in headers for n in h.tensors}
-    adapter = (d / "adapter_config.json").is_file()
-    is_llama4 = any(a.startswith("Llama4") for a in archs) or cfg.get("model_type") in ("llama4", "llama4_text") or \
-        any("feed_forward.experts" in n or "feed_forward.router" in n for n in names)
-    if adapter:
-        try:
-            acfg = json.loads((d / "adapter_config.json").read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            acfg = {}
-        is_llama4 = is_llama4 or "llama" in str(acfg.get("base_model_name_or_path", "")).lower()
-    ctx.r.is_llama = is_llama4
-    if not is_llama4:
-        ctx.r.facts["note"] = "not recognised as a Llama model: no obligations checked"
-        return
-    multimodal = "Llama4ForConditionalGeneration" in archs or any(n.startswith("vision_model.") for n in names)
-    ctx.r.facts["multimodal"] = multimodal
-    card = _check_sidecars(ctx, d, required=True)
-    metas = [(h.path, h.metadata) for h in headers]
-    for path, meta in metas:
-        if meta.get("corral.license.notice") not in (None, ctx.p.notice):
-            ctx.add("license.metadata-notice", "notice", f"{path}: in-file notice differs from the license's",
-                    "corral license stamp", path)
-        if "corral.license.policy" not in meta:
-            ctx.add("license.metadata-missing", "agreement", f"{path}: no license metadata in the safetensors header",
-                    "corral license stamp (writes it into every shard)", path)
-            continue
-        if meta["corral.license.policy"] != ctx.p.id:
-            ctx.add("license.relabelled", "agreement", f"{path}: header declares license "
-                    f"{meta['corral.license.policy']!r} for a Llama model", "corral license stamp", path)
-        _check_declaration(ctx, meta.get("corral.license.mau_declaration"), path)
-        _check_name(ctx, meta.get("corral.model.name"), path, "in-file model name")
-        if card.get("card_name") and meta.get("corral.model.name") and meta["corral.model.name"] != card["card_name"]:
-            ctx.add("license.metadata-mismatch", "name", f"{path}: in-file name {meta['corral.model.name']!r} "
-                    f"disagrees with the model card's {card['card_name']!r}", "corral license stamp", path)
-        if multimodal and "corral.license.multimodal_restriction" not in meta:
-            ctx.add("license.multimodal", "multimodal", f"{path}: multimodal model without the EU restriction",
-                    "corral license stamp", path)
-    if not metas:
-        _check_declaration(ctx, None, d)
-    if multimodal and card.get("card_text") is not None and ctx.p.multimodal_restriction and \
-            "European Union" not in card["card_text"]:
-        ctx.add("license.multimodal", "multimodal", f"{d / 'README.md'}: multimodal model card does not state the "
-                "EU restriction of the Acceptable Use Policy", "corral license stamp", d / "README.md")
+def _first_difference(a: bytes, b: bytes) -> int:
+    for i, (x, y) in enumerate(zip(a.splitlines(), b.splitlines(), strict=False), start=1):
+        if x != y:
+            return i
+    return min(len(a.splitlines()), len(b.splitlines())) + 1
 
 
-def _check_gguf(p: Path, ctx: _Ctx) -> None:
-    from toolbox.tensors.gguf_file import GGUFFile
-
-    g = GGUFFile(p)
-    is_llama4 = g.architecture == "llama4" or (
-        any("ffn_gate_exps" in n for n in g.tensors) and g.get("tokenizer.ggml.pre") == "llama4")
-    ctx.r.is_llama = is_llama4
-    if not is_llama4:
-        ctx.r.facts["note"] = "not recognised as a Llama model: no obligations checked"
-        return
-    lic = g.get("general.license")
-    if lic is None:
-        ctx.add("license.metadata-missing", "agreement", f"{p}: no general.license", "corral license stamp", p)
-    elif lic != ctx.p.gguf_license:
-        ctx.add("license.relabelled", "agreement", f"{p}: general.license is {lic!r} for a Llama 4 model",
-                f"general.license must be {ctx.p.gguf_license!r}", p)
-    _check_name(ctx, g.get("general.name"), p, "general.name")
-    if not g.get("general.name"):
-        ctx.add("license.name", "name", f"{p}: no general.name", "corral license stamp --name Llama-...", p)
-    if g.get("corral.license.notice") != ctx.p.notice:
-        ctx.add("license.metadata-notice", "notice", f"{p}: no exact Notice sentence in corral.license.notice",
-                "corral license stamp", p)
-    if g.get("corral.license.attribution") != ctx.p.attribution:
-        ctx.add("license.attribution", "attribution", f"{p}: no {ctx.p.attribution!r} attribution",
-                "corral license stamp", p)
-    _check_declaration(ctx, g.get("corral.license.mau_declaration"), p)
-    if any((p.parent / n).exists() for n in ("NOTICE", "LICENSE")):
-        _check_sidecars(ctx, p.parent, required=False)
+def _title_line(card: CardFacts) -> int | None:
+    """Line of the title in README.md (front matter included), for SARIF regions."""
+    if not card.title:
+        return None
+    for i, line in enumerate(card.path.read_text(encoding="utf-8", errors="replace").splitlines(), start=1):
+        if re.fullmatch(r"#\s+" + re.escape(card.title) + r"\s*", line):
+            return i
+    return None

@@ -1,68 +1,116 @@
-"""Stamping: the Llama license obligations written into every artifact corral produces.
+"""Stamping: the license obligations and provenance that every artifact corral writes carries.
 
-One `Stamp` gives every format's view, under one key namespace:
+A `Stamp` is built once per output (name checked, section 2 declaration recorded) and gives
+each format its view under one key namespace (`license.keys`): `safetensors_metadata()` for
+every shard's `__metadata__` (sinks take it at construction, because the header is written
+first), `gguf_fields()` / `apply_to_gguf_writer()`, `onnx_props()` / `apply_to_onnx()`, and
+`write_sidecars()` for NOTICE, LICENSE, USE_POLICY.md and the README.md model card.
 
-| key | meaning |
-|---|---|
-| `corral.license.policy` | policy id (`llama4`) |
-| `corral.license.name`, `corral.license.link` | the agreement's name and URL |
-| `corral.license.notice` | the exact Notice sentence (1.b.iii) |
-| `corral.license.attribution` | `Built with Llama` (1.b.i(B)) |
-| `corral.license.use_policy` | the Acceptable Use Policy URL (1.b.iv) |
-| `corral.license.mau_declaration` | `below-700m` or `meta-license:REFERENCE` (section 2) |
-| `corral.license.multimodal_restriction` | the AUP's EU clause, for models with a vision tower |
-| `corral.model.name` | the model name (begins with "Llama", 1.b.i) |
-| `corral.provenance` | JSON: base model, operations, corral version, time |
-
-safetensors: every shard's `__metadata__`; GGUF: these keys plus `general.name`,
-`general.license`, `general.license.name`, `general.license.link`, `general.base_model.*`,
-`general.tags`; ONNX: `metadata_props`. Beside the files: NOTICE, LICENSE, USE_POLICY.md and a
-README.md model card (huggingface_hub `ModelCardData`).
+corral records the user's declaration about the 700M monthly-active-user threshold; it cannot
+know anyone's user count, so it refuses only a missing declaration or one that admits the
+threshold is exceeded without naming the license Meta granted.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from license.policy import LicensePolicy, load_policy
-from toolbox.errors import LicensePolicyError
+from license import keys as K
+from license.policy import DEFAULT_POLICY, LicensePolicy, load_policy
+from toolbox.errors import LicensePolicyError, UsageError
 
 ENV_DECLARATION = "CORRAL_MAU_DECLARATION"
-BELOW = "below-700m"
 META_PREFIX = "meta-license:"
-SIDE_FILES = ("NOTICE", "LICENSE", "USE_POLICY.md", "README.md")
-RELATIONS = ("finetune", "quantized", "merge", "adapter")
+BELOW = "below-700m"  # the token for every current Llama policy (700M); policies derive their own
+Relation = Literal["finetune", "quantized", "merge", "adapter"]
+RELATIONS: tuple[str, ...] = ("finetune", "quantized", "merge", "adapter")
+_EXCEEDS = re.compile(r"above|over|exceed|more|greater|>|beyond|high")
+
+
+def _how_to_declare(policy: LicensePolicy) -> str:
+    return (f"pass --mau-declaration {policy.below_threshold} (fewer than {policy.threshold_words}), or "
+            f"--mau-declaration {META_PREFIX}REFERENCE naming the license Meta granted you; "
+            f"or set {ENV_DECLARATION}")
+
+
+class Declaration(BaseModel):
+    """The distributor's statement about the license's section 2 (the MAU threshold)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    kind: Literal["below-threshold", "meta-license"]
+    reference: str | None = None
+    threshold: int = 700_000_000
+
+    @classmethod
+    def parse(cls, text: str, policy: LicensePolicy | None = None) -> Declaration:
+        """`below-700m` or `meta-license:REFERENCE`; LicensePolicyError (exit 5) for anything else."""
+        policy = policy or load_policy()
+        value = text.strip()
+        if value.lower() == policy.below_threshold:
+            return cls(kind="below-threshold", threshold=policy.mau_threshold)
+        if value.lower().startswith(META_PREFIX):
+            ref = value[len(META_PREFIX):].strip()
+            if ref and len(ref) <= 200 and ref.isprintable():
+                return cls(kind="meta-license", reference=ref, threshold=policy.mau_threshold)
+            raise LicensePolicyError(
+                f"declaration {value!r} names no license reference",
+                hint=f"above {policy.threshold_words} the license grants no rights until Meta grants them: "
+                f"declare {META_PREFIX}REFERENCE with the reference of that license")
+        if _EXCEEDS.search(value.lower()):
+            raise LicensePolicyError(
+                f"declaration {value!r} says the {policy.threshold_words} threshold is exceeded without a "
+                f"license from Meta (license section {policy.clause('threshold')})",
+                hint=f"above the threshold you may not use or distribute {policy.family} without Meta's license; "
+                f"once granted, declare {META_PREFIX}REFERENCE")
+        raise LicensePolicyError(f"declaration {value!r} is not one corral understands",
+                                 hint=_how_to_declare(policy))
+
+    @classmethod
+    def resolve(cls, value: str | Declaration | None, policy: LicensePolicy | None = None) -> Declaration:
+        """The given declaration, else $CORRAL_MAU_DECLARATION, else LicensePolicyError saying how to declare."""
+        if isinstance(value, Declaration):
+            return value
+        policy = policy or load_policy()
+        text = (value or "").strip() or os.environ.get(ENV_DECLARATION, "").strip()
+        if not text:
+            raise LicensePolicyError(
+                f"no declaration about the {policy.display_name}'s {policy.threshold_words} threshold "
+                f"(section {policy.clause('threshold')}); corral records it in every output it stamps",
+                hint=_how_to_declare(policy))
+        return cls.parse(text, policy)
+
+    def __str__(self) -> str:
+        if self.kind == "meta-license":
+            return f"{META_PREFIX}{self.reference}"
+        return f"below-{self.threshold // 1_000_000}m"
+
+    def describe(self) -> str:
+        """One sentence for the model card."""
+        millions = self.threshold // 1_000_000
+        if self.kind == "meta-license":
+            return (f"the distributor holds a license from Meta for use above {millions} million monthly active "
+                    f"users (reference: {self.reference})")
+        return (f"the distributor had fewer than {millions} million monthly active users in the calendar month "
+                f"before the version release date")
 
 
 def parse_declaration(value: str | None) -> str:
-    """Validate a section 2 declaration (falling back to $CORRAL_MAU_DECLARATION)."""
-    value = (value or os.environ.get(ENV_DECLARATION) or "").strip()
-    if not value:
-        raise LicensePolicyError(
-            "no declaration about the Llama license's 700M monthly-active-user threshold (section 2)",
-            hint=f"pass --mau-declaration {BELOW} (or {META_PREFIX}REFERENCE if Meta granted you a license), "
-            f"or set {ENV_DECLARATION}",
-        )
-    if value == BELOW:
-        return value
-    if value.startswith(META_PREFIX) and value[len(META_PREFIX):].strip():
-        return value
-    raise LicensePolicyError(
-        f"declaration {value!r} is not accepted",
-        hint=f"use {BELOW}, or {META_PREFIX}REFERENCE naming the license Meta granted you; above the "
-        "threshold the Llama license grants no rights without one",
-    )
+    """The canonical declaration text (falling back to $CORRAL_MAU_DECLARATION); LicensePolicyError otherwise."""
+    return str(Declaration.resolve(value))
 
 
 def fix_name(name: str, policy: LicensePolicy | None = None) -> str:
-    """The compliant form of a model name: it must begin with the policy's prefix ("Llama")."""
+    """The compliant form of a model name: it begins with the policy's prefix ("my-ft" -> "Llama-my-ft")."""
     prefix = (policy or load_policy()).name_prefix
+    name = name.strip()
     if name.startswith(prefix):
         return name
     if name.lower().startswith(prefix.lower()):
@@ -71,144 +119,264 @@ def fix_name(name: str, policy: LicensePolicy | None = None) -> str:
 
 
 def check_name(name: str, policy: LicensePolicy) -> str:
+    """The name unchanged when it complies; LicensePolicyError (exit 5) with the suggestion otherwise."""
     if not name.startswith(policy.name_prefix):
         raise LicensePolicyError(
-            f"model name {name!r} does not begin with {policy.name_prefix!r} (license {policy.clause('name')})",
-            hint=f"use --name {fix_name(name, policy)!r}, or pass --fix-name to apply it",
-        )
+            f"model name {name!r} does not begin with {policy.name_prefix!r}, which the {policy.display_name} "
+            f"requires of a distributed derivative model (section {policy.clause('name')})",
+            hint=f"use --name {fix_name(name, policy)}, or pass --fix-name to apply it")
     return name
 
 
-class Stamp(BaseModel):
-    """What an output declares about its license, name and origin."""
+def _source_date() -> str | None:
+    """SOURCE_DATE_EPOCH as an ISO time, or None: outputs never carry the wall clock, so they are reproducible."""
+    raw = os.environ.get("SOURCE_DATE_EPOCH", "").strip()
+    if not raw:
+        return None
+    if not raw.isdigit():
+        raise UsageError(f"SOURCE_DATE_EPOCH={raw!r} is not a number of seconds",
+                         hint="see https://reproducible-builds.org/specs/source-date-epoch/")
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(int(raw)))
 
-    policy_id: str = "llama4"
+
+def _corral_version() -> str:
+    from toolbox import __version__
+
+    return __version__
+
+
+class Provenance(BaseModel):
+    """Where an output came from: corral's version, source file hashes, the operations applied."""
+
+    model_config = ConfigDict(frozen=True, extra="allow")
+
+    corral_version: str = Field(default_factory=_corral_version)
+    created: str | None = Field(default_factory=_source_date)
+    sources: dict[str, str] = {}  # file name -> "sha256:..." (from a download manifest when there is one)
+    operations: list[dict[str, Any]] = []  # {"op": "convert", **parameters}, in the order applied
+
+    @field_validator("operations")
+    @classmethod
+    def _named(cls, ops: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        for op in ops:
+            if not isinstance(op.get("op"), str):
+                raise ValueError(f"operation {op!r} needs an 'op' name")
+        return ops
+
+
+class Stamp(BaseModel):
+    """What one output declares: policy, name, origin, the section 2 declaration, provenance."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    policy_id: str = DEFAULT_POLICY
     name: str
-    declaration: str
+    declaration: Declaration
     multimodal: bool = False
     base_model: str | None = None
     base_revision: str | None = None
-    relation: str | None = None
-    provenance: dict[str, Any] = {}
+    relation: Relation | None = None
+    tags: tuple[str, ...] = ()
+    provenance: Provenance = Field(default_factory=Provenance)
 
-    @field_validator("relation")
+    @model_validator(mode="before")
     @classmethod
-    def _relation(cls, v: str | None) -> str | None:
-        if v is not None and v not in RELATIONS:
-            raise ValueError(f"base_model_relation must be one of {RELATIONS}")
-        return v
+    def _declaration_text(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("declaration"), str):
+            policy = load_policy(data.get("policy_id") or DEFAULT_POLICY)
+            data = {**data, "declaration": Declaration.parse(data["declaration"], policy)}
+        return data
 
+    @model_validator(mode="after")
+    def _name_complies(self) -> Stamp:
+        if not self.name.strip() or not self.name.isprintable():
+            raise LicensePolicyError(f"model name {self.name!r} is empty or has control characters",
+                                     hint="give a name such as Llama-4-Scout-my-finetune with --name")
+        check_name(self.name, self.policy)
+        return self
+
+    @classmethod
+    def create(cls, name: str, *, declaration: str | Declaration | None = None, fix: bool = False,
+               policy_id: str = DEFAULT_POLICY, provenance: Provenance | dict[str, Any] | None = None,
+               **fields: Any) -> Stamp:
+        """The usual entry point: resolve the declaration (argument, then environment) and check
+        (or, with `fix`, repair) the name; LicensePolicyError (exit 5) when either fails."""
+        policy = load_policy(policy_id)
+        name = fix_name(name, policy) if fix else check_name(name.strip(), policy)
+        prov = provenance if isinstance(provenance, Provenance) else Provenance(**(provenance or {}))
+        return cls(policy_id=policy_id, name=name, declaration=Declaration.resolve(declaration, policy),
+                   provenance=prov, **fields)
+
+    # -- derived ---------------------------------------------------------------------------------
     @property
     def policy(self) -> LicensePolicy:
         return load_policy(self.policy_id)
 
-    @classmethod
-    def create(cls, name: str, *, declaration: str | None = None, fix: bool = False, policy_id: str = "llama4",
-               **fields: Any) -> Stamp:
-        """Validate the name and the declaration; LicensePolicyError (exit 5) when either fails."""
-        policy = load_policy(policy_id)
-        name = fix_name(name, policy) if fix else check_name(name, policy)
-        return cls(policy_id=policy_id, name=name, declaration=parse_declaration(declaration), **fields)
+    @property
+    def model_name(self) -> str:
+        return self.name
 
-    def full_provenance(self) -> dict[str, Any]:
-        from toolbox import __version__
+    @property
+    def base_model_relation(self) -> str | None:
+        return self.relation
 
-        prov: dict[str, Any] = {"corral_version": __version__, **self.provenance}
+    def all_tags(self) -> list[str]:
+        family = self.policy.family.lower().replace(" ", "-")
+        out: list[str] = []
+        for t in ("llama", family, "built-with-llama", "corral", *self.tags):
+            if t not in out:
+                out.append(t)
+        return out
+
+    def provenance_dict(self) -> dict[str, Any]:
+        prov = {k: v for k, v in self.provenance.model_dump(exclude_none=True).items() if v != {} and v != []}
         if self.base_model:
-            prov["base_model"] = {"repo": self.base_model, "revision": self.base_revision}
-        epoch = os.environ.get("SOURCE_DATE_EPOCH")
-        if epoch:  # reproducible builds: only a caller-chosen time goes into outputs
-            prov["created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(int(epoch)))
+            prov["base_model"] = {k: v for k, v in (("repo", self.base_model), ("revision", self.base_revision),
+                                                    ("relation", self.relation)) if v}
         return prov
 
-    # -- per-format views --------------------------------------------------------------------------
+    def provenance_json(self) -> str:
+        return json.dumps(self.provenance_dict(), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+    # -- per-format views ------------------------------------------------------------------------
     def keys(self) -> dict[str, str]:
+        """The namespaced keys, identical in every format (strings only)."""
         p = self.policy
         out = {
-            "corral.license.policy": p.id,
-            "corral.license.name": p.display_name,
-            "corral.license.link": p.license_url,
-            "corral.license.notice": p.notice,
-            "corral.license.attribution": p.attribution,
-            "corral.license.use_policy": p.use_policy_url,
-            "corral.license.mau_declaration": self.declaration,
-            "corral.model.name": self.name,
-            "corral.provenance": json.dumps(self.full_provenance(), sort_keys=True),
+            K.POLICY: p.id,
+            K.LICENSE_NAME: p.display_name,
+            K.LICENSE_LINK: p.license_url,
+            K.NOTICE: p.notice,
+            K.ATTRIBUTION: p.attribution,
+            K.USE_POLICY: p.use_policy_url,
+            K.DECLARATION: str(self.declaration),
+            K.MODEL_NAME: self.name,
+            K.MULTIMODAL: "true" if self.multimodal else "false",
         }
         if self.multimodal and p.multimodal_restriction:
-            out["corral.license.multimodal_restriction"] = p.multimodal_restriction
+            out[K.MULTIMODAL_RESTRICTION] = p.multimodal_restriction
+        for key, value in ((K.BASE_MODEL, self.base_model), (K.BASE_REVISION, self.base_revision),
+                           (K.BASE_RELATION, self.relation)):
+            if value:
+                out[key] = value
+        out[K.PROVENANCE] = self.provenance_json()
         return out
 
     def safetensors_metadata(self) -> dict[str, str]:
+        """Every shard's `__metadata__` (with `format: pt`, which transformers requires)."""
         return {"format": "pt", **self.keys()}
 
     def onnx_props(self) -> dict[str, str]:
         return self.keys()
 
-    def gguf_fields(self) -> dict[str, Any]:
+    def gguf_fields(self) -> dict[str, str | int | list[str]]:
+        """GGUF KV: the standard general.* keys llama.cpp and the Hub read, plus the namespaced keys."""
         p = self.policy
-        out: dict[str, Any] = {"general.name": self.name, "general.license": p.gguf_license,
-                               "general.license.name": p.display_name, "general.license.link": p.license_url,
-                               **self.keys()}
+        out: dict[str, str | int | list[str]] = {
+            K.GENERAL_NAME: self.name,
+            K.GENERAL_LICENSE: p.gguf_license,
+            K.GENERAL_LICENSE_NAME: p.display_name,
+            K.GENERAL_LICENSE_LINK: p.license_url,
+            K.GENERAL_TAGS: self.all_tags(),
+        }
         if self.base_model:
             org, _, repo = self.base_model.rpartition("/")
-            out.update({"general.base_model.count": 1, "general.base_model.0.name": repo or self.base_model,
-                        "general.base_model.0.organization": org,
-                        "general.base_model.0.repo_url": f"https://huggingface.co/{self.base_model}"})
+            out[f"{K.GENERAL_BASE_MODEL_PREFIX}count"] = 1
+            out[f"{K.GENERAL_BASE_MODEL_PREFIX}0.name"] = repo
+            if org:
+                out[f"{K.GENERAL_BASE_MODEL_PREFIX}0.organization"] = org
+            out[f"{K.GENERAL_BASE_MODEL_PREFIX}0.repo_url"] = f"https://huggingface.co/{self.base_model}"
+        out.update(self.keys())
         return out
 
-    def model_card(self) -> str:
-        from huggingface_hub import ModelCard, ModelCardData
-
+    def onnx_doc_string(self) -> str:
         p = self.policy
-        data = ModelCardData(license=p.hub_license, license_name=p.hub_license_name, license_link="LICENSE",
-                             base_model=self.base_model, base_model_relation=self.relation,
-                             tags=["llama", "llama-4", "corral"])
-        lines = [f"# {self.name}", "", f"**{p.attribution}**", "",
-                 f"{self.name} is licensed under the {p.display_name} (see `LICENSE`); use is subject to the "
-                 f"Acceptable Use Policy ({p.use_policy_url}, see `USE_POLICY.md`).", "",
-                 f"Notice: {p.notice}", "",
-                 f"Monthly-active-user declaration (license section 2): `{self.declaration}`."]
-        if self.multimodal and p.multimodal_restriction:
-            lines += ["", f"Multimodal restriction: {p.multimodal_restriction}"]
-        if self.base_model:
-            lines += ["", f"Base model: `{self.base_model}`" + (f" at `{self.base_revision}`" if self.base_revision
-                                                              else "")]
-        lines += ["", "## Provenance", "", "```json", json.dumps(self.full_provenance(), indent=2, sort_keys=True),
-                  "```", ""]
-        return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines)))
+        return f"{self.name}. {p.attribution}. {p.notice} License: {p.license_url} Use policy: {p.use_policy_url}"
+
+    def model_card(self, existing: str | None = None) -> str:
+        """README.md text (huggingface_hub ModelCard), merged into an existing card when given."""
+        from license.card import build_card
+
+        return build_card(self, existing)
+
+
+# -- writing ----------------------------------------------------------------------------------------
+def sidecar_contents(directory: str | Path, stamp: Stamp, *, replace_card: bool = False) -> dict[str, bytes]:
+    """NOTICE, LICENSE, USE_POLICY.md and README.md as they should be in `directory`.
+
+    An existing NOTICE keeps its other notices (ours is appended when absent); an existing
+    README.md keeps its text and front matter, with corral's license section and fields updated
+    (`replace_card` starts it afresh, for a card whose front matter cannot be parsed).
+    """
+    d = Path(directory)
+    p = stamp.policy
+    out: dict[str, bytes] = {}
+    notice = d / "NOTICE"
+    old = notice.read_text(encoding="utf-8", errors="replace") if notice.is_file() else ""
+    if p.notice in (line.strip() for line in old.splitlines()):
+        out["NOTICE"] = old.encode("utf-8")
+    else:
+        out["NOTICE"] = ((old.rstrip("\n") + "\n\n") if old.strip() else "").encode("utf-8") + \
+            (p.notice + "\n").encode("utf-8")
+    for filename in p.texts:
+        out[filename] = p.text_bytes(filename)
+    card = d / "README.md"
+    existing = card.read_text(encoding="utf-8") if card.is_file() and not replace_card else None
+    out["README.md"] = stamp.model_card(existing).encode("utf-8")
+    return out
 
 
 def write_sidecars(directory: str | Path, stamp: Stamp) -> list[Path]:
-    """NOTICE, LICENSE, USE_POLICY.md (verbatim) and README.md (model card) into `directory`."""
+    """Write the sidecar files into `directory` (each atomically); sinks call it before their final rename."""
+    from toolbox.tensors.atomic import atomic_file
+
     d = Path(directory)
-    p = stamp.policy
-    (d / "NOTICE").write_text(p.notice + "\n", encoding="utf-8")
-    for filename in p.texts:
-        (d / filename).write_bytes(p.text_bytes(filename))
-    (d / "README.md").write_text(stamp.model_card(), encoding="utf-8")
-    return [d / n for n in SIDE_FILES]
+    written = []
+    for filename, data in sidecar_contents(d, stamp).items():
+        with atomic_file(d / filename, force=True) as tmp:
+            tmp.write_bytes(data)
+        written.append(d / filename)
+    return written
 
 
 def apply_to_gguf_writer(writer: Any, stamp: Stamp) -> None:
-    """Add the stamp's keys to a gguf-py GGUFWriter (before its header is written)."""
-    for key, value in stamp.gguf_fields().items():
-        if isinstance(value, int):
-            writer.add_uint32(key, value)
+    """Put the stamp into a gguf-py GGUFWriter before its header is written (replacing earlier values)."""
+    import gguf
+
+    if writer.state is not gguf.WriterState.NO_FILE:
+        raise RuntimeError(f"apply_to_gguf_writer() after the GGUF header was written (state {writer.state})")
+    fields = stamp.gguf_fields()
+    for kv in writer.kv_data:
+        old_tags = kv.get(K.GENERAL_TAGS)
+        if old_tags is not None and isinstance(old_tags.value, list):  # keep tags set before (source, converter)
+            fields[K.GENERAL_TAGS] = list(dict.fromkeys([*old_tags.value, *stamp.all_tags()]))
+        for key in list(kv):
+            if K.is_stamp_key(key) or key in fields or key.startswith(K.GENERAL_BASE_MODEL_PREFIX):
+                del kv[key]
+    for key, value in fields.items():
+        if isinstance(value, list):
+            writer.add_key_value(key, value, gguf.GGUFValueType.ARRAY, sub_type=gguf.GGUFValueType.STRING)
+        elif isinstance(value, int):
+            writer.add_key_value(key, value, gguf.GGUFValueType.UINT32)
         else:
-            writer.add_string(key, str(value))
-    writer.add_tags(["llama", "llama-4", "corral"])
+            writer.add_key_value(key, value, gguf.GGUFValueType.STRING)
 
 
 def apply_to_onnx(model: Any, stamp: Stamp) -> None:
-    """Set metadata_props (and producer/doc string) of an onnx ModelProto."""
-    import onnx
-
+    """Stamp an onnx ModelProto: metadata_props (other keys kept), producer and doc string."""
     from toolbox import __version__
 
-    existing = {p.key: p.value for p in model.metadata_props}
-    existing.update(stamp.onnx_props())
-    onnx.helper.set_model_props(model, existing)
+    kept = [(p.key, p.value) for p in model.metadata_props
+            if not K.is_stamp_key(p.key) or p.key == K.ORIGINAL_PRODUCER]
+    previous = model.producer_name
+    del model.metadata_props[:]
+    props = dict(kept)
+    props.update(stamp.onnx_props())
+    if previous and previous != "corral":
+        props[K.ORIGINAL_PRODUCER] = f"{previous} {model.producer_version}".strip()
+    for key, value in props.items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, value
     model.producer_name = "corral"
     model.producer_version = __version__
-    model.doc_string = f"{stamp.name}. {stamp.policy.attribution}. {stamp.policy.notice}"
+    model.doc_string = stamp.onnx_doc_string()

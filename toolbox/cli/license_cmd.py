@@ -1,99 +1,167 @@
-"""`corral license`: audit any artifact, and stamp the obligations onto an existing one."""
+"""`corral license`: audit any artifact against its Llama license, and stamp an existing one.
+
+Thin layers over `license.audit.check_artifact` and `license.retrofit.stamp_artifact`; heavy
+imports (huggingface_hub, gguf, onnx) happen inside the commands, not at start-up.
+"""
 
 from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 from typing import Annotated
 
-from toolbox.cli._typer import typer
-from toolbox.cli.options import FixNameOpt, MauDeclarationOpt
+from rich.console import Console
 
-app = typer.Typer(help="Llama license obligations: audit artifacts, stamp outputs.", no_args_is_help=True)
+from toolbox.cli._typer import typer
+from toolbox.cli.options import FixNameOpt, ForceOpt, MauDeclarationOpt
+
+app = typer.Typer(help="Llama license obligations: audit artifacts, stamp them onto existing ones.",
+                  no_args_is_help=True)
+
+ArtifactArg = Annotated[str, typer.Argument(
+    help="An HF checkpoint directory, a PEFT adapter directory, an ONNX model directory or .onnx file, "
+    "a .gguf file (any part of a split set), or a directory of .gguf files (check: also demo:scout).",
+    metavar="PATH", show_default=False)]
+PolicyOpt = Annotated[str | None, typer.Option(
+    "--policy", help="License policy: llama4 (default for Llama 4 models), llama3_1, llama3_2, llama3_3.",
+    show_default=False)]
 
 CHECK_EPILOG = """\
-Checks: NOTICE (exact sentence), LICENSE and USE_POLICY.md (byte-identical), a model name
-beginning with "Llama", "Built with Llama" in the card, the 700M MAU declaration, in-file
-metadata agreeing with the sidecars, relabelling of a Llama 4 model, the EU clause for
-multimodal models. Exit 0 compliant, 1 findings.
+Checks the obligations of the Llama license that covers the model (recognised from its
+architecture and tensor names, whatever its metadata says): NOTICE with the exact Notice
+sentence, LICENSE and USE_POLICY.md byte-identical to the verbatim texts, a model name that
+begins with "Llama", "Built with Llama" in the model card, a valid declaration about the 700M
+monthly-active-user threshold, in-file metadata that agrees with the sidecar files, no other
+license label, and the EU clause for multimodal models. A lone .gguf/.onnx file is judged on
+its in-file metadata. Exit status: 0 compliant, 1 findings, 3 unreadable input.
 
 Examples:
 
-  corral license check ./Llama-4-Scout-ft
+  corral license check ./Llama-4-Scout-17B-16E-Instruct-ft
 
-  corral license check scout-q8_0.gguf --format sarif > corral.sarif
+  corral license check Llama-4-Scout-ft-Q8_0.gguf
+
+  corral license check ./Llama-4-Scout-ft --format sarif > license.sarif
+
+  corral --json license check ./adapter | jq '.findings[].code'
 """
 
 STAMP_EPILOG = """\
+Rewrites only metadata, in place: every safetensors header, the first file of a GGUF set, the
+.onnx graph (never its external data), plus NOTICE, LICENSE, USE_POLICY.md and the README.md
+model card for directories. All new files are complete before any replaces an original.
+The name defaults to the one the artifact already carries (card, general.name) or its
+directory/file name; it must begin with "Llama" (exit 5 otherwise; --fix-name prefixes it).
+Replacing another license's label or a non-verbatim LICENSE needs --force.
+
 Examples:
 
-  corral license stamp ./my-merge --name Llama-4-Scout-my-merge --mau-declaration below-700m
+  corral license stamp ./my-scout-ft --mau-declaration below-700m --fix-name
 
-  corral license stamp model.gguf --fix-name --mau-declaration meta-license:ACME-2025-001
+  corral license stamp ./Llama-4-Scout-ft --base-model meta-llama/Llama-4-Scout-17B-16E-Instruct \\
+      --relation finetune --mau-declaration below-700m
+
+  CORRAL_MAU_DECLARATION=meta-license:ACME-2025-17 corral license stamp Llama-4-Scout-Q8_0.gguf
+
+  corral license stamp ./onnx-export --name Llama-4-Scout-onnx --mau-declaration below-700m
 """
+
+_STYLE = {"error": "red", "warning": "yellow"}
 
 
 @app.command("check", epilog=CHECK_EPILOG)
 def check(
     ctx: typer.Context,
-    path: Annotated[Path, typer.Argument(help="HF or adapter directory, or a .gguf file.", show_default=False)],
-    fmt: Annotated[str, typer.Option("--format", help="text, json or sarif.")] = "text",
+    path: ArtifactArg,
+    fmt: Annotated[str, typer.Option("--format", help="Output: text, json or sarif (SARIF 2.1.0 for code "
+                                     "scanning).")] = "text",
+    policy: PolicyOpt = None,
 ) -> int:
-    """Audit an artifact against the Llama 4 license obligations."""
+    """Audit an artifact against the obligations of its Llama license."""
     from license.audit import check_artifact
     from toolbox.errors import UsageError
 
     out = ctx.obj
+    fmt = fmt.lower()
     if fmt not in ("text", "json", "sarif"):
-        raise UsageError(f"unknown --format {fmt!r}", hint="text, json or sarif")
-    report = check_artifact(path)
+        raise UsageError(f"--format {fmt!r} is not one of text, json, sarif")
+    if path.startswith("demo:"):
+        from toolbox.demo import resolve_checkpoint
+
+        path = str(resolve_checkpoint(path))
+    report = check_artifact(path, policy_id=policy)
     if fmt == "sarif":
         sys.stdout.write(json.dumps(report.to_sarif(), indent=2) + "\n")
-        return int(report.exit_code)
-    if fmt == "json":
-        out.json_mode = True
-
-    def render(console: object) -> None:
-        for f in report.findings:
-            out.out.print(f"[red]{f.code:32}[/red] [{f.clause}] {f.message}\n{'':33}fix: {f.fix}", highlight=False)
-        if not report.is_llama:
-            out.out.print(f"{report.path}: not recognised as a Llama model; nothing to check")
-        else:
-            verdict = "[green]compliant[/green]" if report.ok else f"[red]{len(report.findings)} finding(s)[/red]"
-            out.out.print(f"{verdict}: {report.path} ({report.format})", highlight=False)
-
-    out.result(report.to_dict(), render)
+    elif fmt == "json" and not out.json_mode:
+        sys.stdout.write(json.dumps(report.to_dict(), indent=2) + "\n")
+    else:
+        out.result(report.to_dict(), lambda console: _render(console, report))
     return int(report.exit_code)
+
+
+def _render(console: Console, report: object) -> None:
+    from license.audit import AuditReport
+
+    assert isinstance(report, AuditReport)
+    for f in report.findings:
+        style = _STYLE[f.severity]
+        console.print(f"[{style}]{f.severity:7}[/{style}] {f.code:22} [dim]§{f.clause}[/dim] {f.path}: {f.message}",
+                      highlight=False)
+        console.print(f"{'':8}[dim]fix:[/dim] {f.fix}", highlight=False)
+    for note in report.notes:
+        console.print(f"[dim]note    {note}[/dim]", highlight=False)
+    if report.policy is None:
+        console.print(f"[green]OK[/green] {report.path}: not a Llama-licensed model", highlight=False)
+        return
+    verdict = "[green]COMPLIANT[/green]" if report.ok else f"[red]{len(report.findings)} FINDINGS[/red]"
+    mm = ", multimodal" if report.multimodal else ""
+    console.print(f"{verdict} {report.path} ({report.kind}{mm}, policy {report.policy})", highlight=False)
 
 
 @app.command("stamp", epilog=STAMP_EPILOG)
 def stamp(
     ctx: typer.Context,
-    path: Annotated[Path, typer.Argument(help="HF or adapter directory, or a .gguf file.", show_default=False)],
-    name: Annotated[str | None, typer.Option("--name", help="Model name (must begin with 'Llama'); default: the "
-                                             "existing one or the directory/file name.")] = None,
+    path: ArtifactArg,
     mau_declaration: MauDeclarationOpt = None,
+    name: Annotated[str | None, typer.Option("--name", help="Model name (must begin with 'Llama'); default: "
+                                             "the artifact's own name.", show_default=False)] = None,
     fix_name: FixNameOpt = False,
-    base_model: Annotated[str | None, typer.Option("--base-model", help="Hub repo id of the base model.")] = None,
-    relation: Annotated[str | None, typer.Option("--relation", help="finetune, quantized, merge or adapter.")]
+    base_model: Annotated[str | None, typer.Option("--base-model", help="Hub repo id of the base model, for the "
+                                                   "model card and GGUF general.base_model.*", show_default=False)]
     = None,
+    base_revision: Annotated[str | None, typer.Option("--base-revision", help="Revision (commit) of the base "
+                                                      "model.", show_default=False)] = None,
+    relation: Annotated[str | None, typer.Option("--relation", help="How it derives from the base model: "
+                                                 "finetune, quantized, merge or adapter.", show_default=False)]
+    = None,
+    policy: PolicyOpt = None,
+    force: ForceOpt = False,
 ) -> None:
-    """Retrofit the license stamp onto an existing artifact, in place and atomically."""
-    from license.retrofit import stamp_artifact
-    from license.stamp import Stamp
-    from toolbox.errors import BadInputError
+    """Stamp the license obligations onto an existing artifact, in place."""
+    from license.retrofit import describe, stamp_artifact
+    from license.stamp import RELATIONS, Stamp
+    from toolbox.errors import UsageError
 
     out = ctx.obj
-    if not path.exists():
-        raise BadInputError(f"{path}: no such file or directory", path=path)
-    multimodal = False
-    cfg = path / "config.json"
-    if cfg.is_file():
-        multimodal = "Llama4ForConditionalGeneration" in (json.loads(cfg.read_text()).get("architectures") or [])
-    stamp_ = Stamp.create(name or path.stem, declaration=mau_declaration, fix=fix_name, base_model=base_model,
-                          relation=relation, multimodal=multimodal,
-                          provenance={"operations": [{"op": "license-stamp"}]})
-    written = stamp_artifact(path, stamp_)
-    out.result({"path": str(path), "name": stamp_.name, "written": [str(p) for p in written]},
-               lambda c: c.print(f"stamped {path} as {stamp_.name} ({len(written)} files)"))
+    if relation is not None and relation not in RELATIONS:
+        raise UsageError(f"--relation {relation!r} is not one of {', '.join(RELATIONS)}")
+    facts = describe(path)
+    policy_id = policy or facts.policy_id or "llama4"
+    s = Stamp.create(
+        name or facts.name, declaration=mau_declaration, fix=fix_name, policy_id=policy_id,
+        base_model=base_model or facts.base_model,
+        base_revision=base_revision or (facts.base_revision if not base_model else None),
+        relation=relation or facts.relation, multimodal=facts.multimodal,
+        provenance={"operations": [{"op": "license.stamp", "policy": policy_id}]})
+    if name is None and not fix_name:
+        out.debug(f"name {s.name!r} taken from the {facts.name_source}")
+    result = stamp_artifact(path, s, force=force)
+    data = {**result.to_dict(), "policy": s.policy_id, "declaration": str(s.declaration), "multimodal": s.multimodal}
+
+    def render(console: Console) -> None:
+        for p in result.written:
+            console.print(f"[green]stamped[/green] {p}", highlight=False)
+        console.print(f"{result.path}: {s.name} under the {s.policy.display_name}; {len(result.written)} files "
+                      f"written, {len(result.unchanged)} already right", highlight=False)
+
+    out.result(data, render)
