@@ -21,7 +21,7 @@ from toolbox.errors import OutputExistsError, UsageError
 from toolbox.progress import NULL_PROGRESS, Progress
 
 DEMO_PREFIX = "demo:"
-DEMO_FORMAT_VERSION = 3  # bump when what a demo contains changes; invalidates the cache
+DEMO_FORMAT_VERSION = 4  # bump when what a demo contains changes; invalidates the cache
 VARIANTS = ("scout", "maverick")
 EOS_IDS = [200001, 200007, 200008]
 
