@@ -82,7 +82,11 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=HERE / "work")
     ap.add_argument("--skip-llama-cpp", action="store_true")
     ap.add_argument("--write", action="store_true")
+    ap.add_argument("--maverick", action="store_true", help="also the Maverick-shaped layer (~34 GB of disk)")
     a = ap.parse_args()
+    if a.maverick:
+        maverick(a.work, a.write)
+        return
     src = a.work / "scout-1layer"
     if not (src / "config.json").exists():
         make_checkpoint(src, "scout", shards=4, sparse=False, layers=1)
@@ -129,6 +133,40 @@ def main() -> None:
     print(text)
     if a.write:
         write_section('## HF -> GGUF (issue 4)', text)
+
+
+def maverick(work: Path, write: bool) -> None:
+    """One Maverick-shaped MoE layer (128 experts: a 20 GiB gate_up_proj) to q8_0: peak RSS and time.
+
+    Neither a `cp` of the source nor llama.cpp's converter fits beside it on a 64 GB disk / 24 GiB
+    machine (the converter needs ~2x the f32 size of the fused tensor, ~80 GB), so this run reports
+    corral alone; its throughput compares with the Scout run above.
+    """
+    src = work / "maverick-1layer"
+    if not (src / "config.json").exists():
+        make_checkpoint(src, "maverick", shards=8, sparse=False, layers=2)  # layer 1 MoE, as step 2 implies
+    size = sum(p.stat().st_size for p in src.glob("*.safetensors"))
+    out = work / "out"
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    subprocess.run(["sync"], check=True)
+    target = out / "maverick-q8_0.gguf"
+    wall, rss = run_timed([sys.executable, "-m", "toolbox.cli.main", "--quiet", "convert", str(src), "--to", "gguf",
+                           "--outtype", "q8_0", "-o", str(target)])
+    written = target.stat().st_size
+    target.unlink()
+    text = (f"## HF -> GGUF, Maverick-shaped layer (issue 4) — {time.strftime('%Y-%m-%d')}, {platform.machine()}, "
+            f"{os.cpu_count()} cores\n\nCommand: `python bench/bench_gguf.py --maverick --write`. Source: one "
+            f"real-shaped Maverick MoE layer (128 experts, gate_up_proj 20 GiB) after a dense layer, with the "
+            f"real embedding and lm_head, {size / 2**30:.2f} GiB of bf16 in 8 shards.\n\n"
+            "| run | wall | max RSS | read rate |\n|---|---|---|---|\n"
+            f"| corral convert --outtype q8_0 ({written / 2**30:.2f} GiB written) | {wall:.1f} s | {rss:.2f} GiB | "
+            f"{size / 2**30 / wall:.2f} GiB/s |\n\nNot run beside it: `cp` of the source and llama.cpp's converter "
+            "(the disk holds one copy of the source, and the converter needs ~2x the f32 size of the fused "
+            "expert tensor, ~80 GB of RAM).\n")
+    print(text)
+    if write:
+        write_section("## HF -> GGUF, Maverick-shaped layer (issue 4)", text)
 
 
 if __name__ == "__main__":

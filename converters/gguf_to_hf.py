@@ -4,13 +4,15 @@ Experts are re-fused (gate/up) and transposed back, the router and norms are cas
 from F32, `rope_freqs` is dropped, names and config are restored. Config items GGUF cannot
 hold come from the config corral stored in the file (`corral.hf_config`) or, for files
 written by other tools, from llama.cpp's own defaults. Without the vision tower (which GGUF
-keeps in a separate mmproj file) the result is a text-only `Llama4ForCausalLM`.
+keeps in a separate mmproj file) the result is a text-only `Llama4ForCausalLM`; given the
+mmproj (`mmproj=`, read by converters/gguf_mmproj_to_hf.py) it is the full `Llama4ForConditionalGeneration`.
 F32/F16/BF16 round trips are bit-exact.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -86,8 +88,10 @@ def hf_config_for(g: GGUFFile) -> dict[str, Any]:
 
 def convert_gguf_to_hf(src: str | Path, out: str | Path, *, dtype: str = "auto", name: str | None = None,
                        mau_declaration: str | None = None, fix_name: bool = False, force: bool = False,
-                       progress: Progress = NULL_PROGRESS) -> HFResult:
-    """Convert a llama4 GGUF (or split set) back to an HF checkpoint directory, license-stamped."""
+                       mmproj: str | Path | None = None, progress: Progress = NULL_PROGRESS) -> HFResult:
+    """Convert a llama4 GGUF (or split set) back to an HF checkpoint directory, license-stamped.
+
+    With `mmproj` (the vision tower's mmproj GGUF) the output is the full Llama4ForConditionalGeneration."""
     import torch
 
     from license.stamp import Stamp, write_sidecars
@@ -101,19 +105,25 @@ def convert_gguf_to_hf(src: str | Path, out: str | Path, *, dtype: str = "auto",
     if dtype not in OUT_DTYPES:
         raise UsageError(f"unknown --dtype {dtype!r}", hint="choose auto, bf16, f16 or f32")
     config = hf_config_for(g)
+    vision = None
+    if mmproj is not None:
+        from converters.gguf_mmproj_to_hf import MmprojFile
+
+        vision = MmprojFile(mmproj)
+        stored = g.get(PROVENANCE_KEY)
+        config = vision.full_config(config, json.loads(stored) if stored else None)
     ckpt = from_config(config)
+    sources = {"source": Path(src).name, **({"mmproj": Path(mmproj).name} if mmproj is not None else {})}
     stamp = Stamp.create(name or g.get("general.name") or f"Llama-4-{Path(src).stem}", declaration=mau_declaration,
-                         fix=fix_name, provenance={"operations": [{"op": "convert", "to": "hf", "from": "gguf"}],
-                                                   "source": Path(src).name})
+                         fix=fix_name, multimodal=vision is not None,
+                         provenance={"operations": [{"op": "convert", "to": "hf", "from": "gguf"}], **sources})
     types = {g.type_name(n) for n in g.tensors if n.endswith(("_exps.weight", "attn_q.weight"))}
     st_dtype = OUT_DTYPES[dtype] or next((t for t in ("F32", "BF16", "F16") if types == {t}), "BF16")
     config["dtype"] = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}[st_dtype]
     torch_dtype = getattr(torch, {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}[st_dtype])
     inventory = ckpt.expected_tensors()
-    p = ckpt.text_prefix
-    # HF name -> how to make it
-    global_map = {f"{p}{s}": gguf_name(k) for s, k in GLOBAL_TENSORS.items()}
-    global_map[ckpt.lm_head_name] = gguf_name("OUTPUT")
+    global_map = global_names(ckpt)  # HF name -> GGUF name outside the blocks
+    vision_map = vision.gguf_names(list(inventory)) if vision is not None else {}
     with atomic_directory(out, force=force) as staging:
         writer = SafetensorsWriter(staging, metadata=stamp.safetensors_metadata())
         for name, shape in inventory.items():
@@ -121,7 +131,11 @@ def convert_gguf_to_hf(src: str | Path, out: str | Path, *, dtype: str = "auto",
         writer.begin()
         with progress.task("writing (tensors)", total=len(inventory)) as task:
             for name, shape in inventory.items():
-                _write_one(g, writer, name, shape, global_map, torch_dtype)
+                if name in vision_map:
+                    assert vision is not None
+                    writer.write(name, vision.load(vision_map[name]).reshape(shape).to(torch_dtype).contiguous())
+                else:
+                    _write_one(g, writer, name, shape, global_map, torch_dtype)
                 task.advance()
         writer.finish()
         (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
@@ -134,22 +148,46 @@ def convert_gguf_to_hf(src: str | Path, out: str | Path, *, dtype: str = "auto",
 
 def _write_one(g: GGUFFile, writer: Any, name: str, shape: tuple[int, ...], global_map: dict[str, str],
                dtype: Any) -> None:
+    for _, tensor in hf_slices(g, name, shape, global_map):
+        writer.write(name, tensor.to(dtype).contiguous())
+
+
+def global_names(ckpt: Any) -> dict[str, str]:
+    """HF name -> GGUF name for the tensors outside the blocks (embeddings, final norm, output)."""
+    p = ckpt.text_prefix
+    names = {f"{p}{s}": gguf_name(k) for s, k in GLOBAL_TENSORS.items()}
+    names[ckpt.lm_head_name] = gguf_name("OUTPUT")
+    return names
+
+
+def gguf_sources(name: str, global_map: dict[str, str]) -> list[str]:
+    """The GGUF tensor(s) the HF tensor `name` is rebuilt from (gate and up for fused experts)."""
     if name in global_map:
-        writer.write(name, g.load(global_map[name]).to(dtype))
-        return
+        return [global_map[name]]
     block, _, suffix = name.partition(".layers.")[2].partition(".")
     bid = int(block)
     if suffix in BLOCK_TENSORS:
-        writer.write(name, g.load(gguf_name(BLOCK_TENSORS[suffix], bid)).to(dtype))
-    elif suffix == "feed_forward.experts.gate_up_proj":
-        gate, up = gguf_name("FFN_GATE_EXP", bid), gguf_name("FFN_UP_EXP", bid)
-        for e in range(shape[0]):  # [I, H] each -> [H, 2I]
-            import torch
+        return [gguf_name(BLOCK_TENSORS[suffix], bid)]
+    if suffix == "feed_forward.experts.gate_up_proj":
+        return [gguf_name("FFN_GATE_EXP", bid), gguf_name("FFN_UP_EXP", bid)]
+    if suffix == "feed_forward.experts.down_proj":
+        return [gguf_name("FFN_DOWN_EXP", bid)]
+    raise UnsupportedModelError(f"no GGUF tensor holds {name}")
 
-            writer.write(name, torch.cat([g.load(gate, e).T, g.load(up, e).T], dim=1).to(dtype).contiguous())
-    elif suffix == "feed_forward.experts.down_proj":
-        down = gguf_name("FFN_DOWN_EXP", bid)
+
+def hf_slices(g: GGUFFile, name: str, shape: tuple[int, ...], global_map: dict[str, str]
+              ) -> Iterator[tuple[int | None, Any]]:
+    """The HF tensor `name` rebuilt from the GGUF, dequantized: whole (index None) or, for routed
+    experts, one expert at a time (index e), so memory stays at one expert slice."""
+    import torch
+
+    sources = gguf_sources(name, global_map)
+    if name.endswith("feed_forward.experts.gate_up_proj"):
+        gate, up = sources
+        for e in range(shape[0]):  # [I, H] each -> [H, 2I]
+            yield e, torch.cat([g.load(gate, e).T, g.load(up, e).T], dim=1)
+    elif name.endswith("feed_forward.experts.down_proj"):
         for e in range(shape[0]):  # [H, I] -> [I, H]
-            writer.write(name, g.load(down, e).T.to(dtype).contiguous())
+            yield e, g.load(sources[0], e).T
     else:
-        raise UnsupportedModelError(f"{g.path}: no GGUF tensor for {name}", path=g.path)
+        yield None, g.load(sources[0])

@@ -23,6 +23,7 @@ from toolbox.errors import BadInputError, UnsupportedModelError, UsageError
 from toolbox.progress import NULL_PROGRESS, Progress
 from toolbox.tensors.atomic import PARTIAL_MARK, check_output_path
 from toolbox.tensors.source import TensorSource
+from toolbox.tensors.transpose import transpose2d
 
 ROW_CHUNK_BYTES = 64 * 1024**2
 PROVENANCE_KEY = "corral.hf_config"  # the source config.json, so GGUF -> HF can restore what GGUF cannot hold
@@ -122,13 +123,50 @@ def _expert_pieces(source: TensorSource, name: str, which: str, width: int) -> C
         for e in range(experts):
             t = source.load_slice(name, e)  # gate_up: [H, 2I]; down: [I, H]
             if which == "gate":
-                yield t[:, :width].T.contiguous()
+                yield transpose2d(t[:, :width])
             elif which == "up":
-                yield t[:, width:].T.contiguous()
+                yield transpose2d(t[:, width:])
             else:
-                yield t.T.contiguous()
+                yield transpose2d(t)
 
     return gen
+
+
+def _gate_up_pairs(source: TensorSource, name: str, width: int) -> Callable[[], Iterator[Any]]:
+    """(gate [I, H], up [I, H]) per expert from one read of the fused gate_up [H, 2I] slice."""
+    experts = source.infos()[name].shape[0]
+
+    def gen() -> Iterator[Any]:
+        for e in range(experts):
+            t = source.load_slice(name, e)
+            yield transpose2d(t[:, :width]), transpose2d(t[:, width:])
+
+    return gen
+
+
+def prior_stamp(source: TensorSource) -> dict[str, Any]:
+    """What a corral-made source's stamp says about its origin: base model, relation, the operations
+    that made it, source hashes (empty for checkpoints corral did not write)."""
+    from license import keys as K
+
+    meta = getattr(getattr(source, "inner", source), "metadata", None) or {}
+    if K.PROVENANCE not in meta:
+        return {}
+    try:
+        prov = json.loads(meta[K.PROVENANCE])
+    except ValueError:
+        return {}
+    ops = prov.get("operations") if isinstance(prov, dict) else None
+    return {"base_model": meta.get(K.BASE_MODEL), "base_revision": meta.get(K.BASE_REVISION),
+            "relation": meta.get(K.BASE_RELATION), "operations": ops if isinstance(ops, list) else [],
+            "sources": prov.get("sources") if isinstance(prov.get("sources"), dict) else {}}
+
+
+def read_once(source: TensorSource) -> None:
+    """Tell a safetensors source (through a CanonicalView) that each byte will be read once."""
+    inner = getattr(source, "inner", source)
+    if hasattr(inner, "drop_after_read"):
+        inner.drop_after_read = True
 
 
 def _rope_freqs(ckpt: Llama4Checkpoint) -> Any | None:
@@ -249,9 +287,11 @@ def default_name(ckpt: Llama4Checkpoint, outtype: str) -> str:
 def convert_hf_to_gguf(src: str | Path, out: str | Path, *, outtype: str = "auto", split_max_size: int = 0,
                        name: str | None = None, mau_declaration: str | None = None, fix_name: bool = False,
                        base_model: str | None = None, allow_lossy_config: bool = False, force: bool = False,
-                       progress: Progress = NULL_PROGRESS) -> GGUFResult:
+                       multimodal: bool = False, progress: Progress = NULL_PROGRESS) -> GGUFResult:
     """Convert an HF Llama 4 checkpoint to a GGUF file (or split set) for llama.cpp.
 
+    `multimodal` marks the stamp as part of a multimodal model (set when its mmproj file ships
+    beside it, so that the pair carries the same obligations, the EU clause included).
     The license stamp goes into the file: a name beginning with "Llama" and a declaration
     about the 700M MAU threshold are required (LicensePolicyError, exit 5, otherwise).
     """
@@ -259,12 +299,14 @@ def convert_hf_to_gguf(src: str | Path, out: str | Path, *, outtype: str = "auto
 
     from converters.gguf_vocab import add_vocab
     from license.stamp import Stamp, apply_to_gguf_writer
+    from toolbox.hub_manifest import source_origin
     from toolbox.tensors.source import open_source
 
     if outtype.lower() in LLAMA_CPP_OUTTYPES:
         return _via_llama_cpp(src, Path(out), outtype.lower(), split_max_size=split_max_size, name=name,
                               mau_declaration=mau_declaration, fix_name=fix_name, base_model=base_model,
-                              allow_lossy_config=allow_lossy_config, force=force, progress=progress)
+                              allow_lossy_config=allow_lossy_config, force=force, multimodal=multimodal,
+                              progress=progress)
     ckpt = load_checkpoint(src)
     assert ckpt.path is not None
     warnings: list[str] = []
@@ -281,9 +323,16 @@ def convert_hf_to_gguf(src: str | Path, out: str | Path, *, outtype: str = "auto
     check_output_path(out, force=force)
     source = open_source(ckpt.path)
     gg_type = resolve_outtype(outtype, source)
+    origin = source_origin(ckpt.path)  # a `corral download` directory names its repo, commit and hashes
+    prior = prior_stamp(source)  # a source corral made (a merge, a prune) keeps its history and relation
     stamp = Stamp.create(name or default_name(ckpt, gg_type.lower()), declaration=mau_declaration, fix=fix_name,
-                         base_model=base_model, relation=None if gg_type in FLOAT_TYPES else "quantized",
-                         provenance={"operations": [{"op": "convert", "to": "gguf", "outtype": gg_type}],
+                         base_model=base_model or origin.get("base_model") or prior.get("base_model"),
+                         base_revision=origin.get("base_revision") or prior.get("base_revision"),
+                         relation=prior.get("relation") or (None if gg_type in FLOAT_TYPES else "quantized"),
+                         multimodal=multimodal,
+                         provenance={"operations": [*prior.get("operations", []),
+                                                    {"op": "convert", "to": "gguf", "outtype": gg_type}],
+                                     "sources": origin.get("sources") or prior.get("sources", {}),
                                      "source": str(src) if str(src).startswith("demo:") else Path(src).name})
     plan = plan_text(ckpt, source, gg_type)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}{PARTIAL_MARK}", dir=out.parent))
@@ -298,12 +347,28 @@ def convert_hf_to_gguf(src: str | Path, out: str | Path, *, outtype: str = "auto
         for p in plan:
             writer.add_tensor_info(p.name, p.shape, np.dtype(np.float32), p.nbytes, raw_dtype=getattr(
                 gguf.GGMLQuantizationType, p.qtype))
-        from converters.gguf_stream import begin_data, write_tensor_pieces
+        from converters.gguf_stream import begin_data, prefetch, write_expert_pair, write_tensor_pieces
 
         begin_data(writer)
         total = sum(p.nbytes for p in plan)
+        read_once(source)  # every byte is read exactly once below: keep it out of the page cache
         with progress.task(f"writing {out.name} (bytes)", total=total) as task:
-            for p in plan:
+            i = 0
+            while i < len(plan):
+                p = plan[i]
+                nxt = plan[i + 1] if i + 1 < len(plan) else None
+                if nxt is not None and p.name.endswith("ffn_gate_exps.weight") and \
+                        nxt.name.endswith("ffn_up_exps.weight") and p.source == nxt.source:
+
+                    def pairs(gate: Planned = p, up: Planned = nxt) -> Iterator[Any]:
+                        for g, u in _gate_up_pairs(source, gate.source, gate.shape[1])():
+                            data = (encode(g, gate.qtype), encode(u, up.qtype))
+                            task.advance(data[0].nbytes + data[1].nbytes)
+                            yield data
+
+                    if write_expert_pair(writer, (p.name, nxt.name), prefetch(pairs())) is not None:
+                        i += 2
+                        continue
 
                 def pieces(p: Planned = p) -> Iterator[Any]:
                     for t in p.pieces():
@@ -311,7 +376,8 @@ def convert_hf_to_gguf(src: str | Path, out: str | Path, *, outtype: str = "auto
                         task.advance(data.nbytes)
                         yield data
 
-                write_tensor_pieces(writer, p.name, pieces())
+                write_tensor_pieces(writer, p.name, prefetch(pieces()))  # read+encode overlap the write
+                i += 1
         writer.close()
         produced = sorted(staging.iterdir())
         for f in produced:

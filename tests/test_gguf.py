@@ -17,6 +17,7 @@ from converters.gguf_to_hf import convert_gguf_to_hf
 from converters.hf_to_gguf import convert_hf_to_gguf
 from toolbox.cli.main import main
 from toolbox.errors import BadInputError, CorruptFileError, UnsupportedModelError
+from toolbox.tensors.gguf_file import GGUFFile
 from toolbox.verify import verify_checkpoint
 
 DECL = "below-700m"
@@ -109,6 +110,14 @@ def test_gguf_layout_as_llama_cpp_expects(gguf_files) -> None:
     assert types["blk.0.ffn_gate_exps.weight"] == "Q8_0" and "rope_freqs.weight" in types
     assert shapes["blk.0.ffn_gate_exps.weight"] == (64, 32, 16)  # ggml order: n_embd, n_ff_exp, n_expert
     assert shapes["blk.0.ffn_down_exps.weight"] == (32, 64, 16)
+    # corral's own header parser (50x faster than GGUFReader on a 202k vocabulary) reads the same
+    g = GGUFFile(gguf_files[("scout", "q8_0")])
+    assert g.fields == fields and list(g.tensors) == [t.name for t in r.tensors]
+    for t in r.tensors:
+        u = g.tensors[t.name]
+        assert (u.tensor_type, u.shape.tolist(), u.data_offset, u.n_bytes) == (t.tensor_type, t.shape.tolist(),
+                                                                               t.data_offset, t.n_bytes)
+        assert u.data.dtype == t.data.dtype and np.array_equal(np.asarray(u.data), np.asarray(t.data))
 
 
 @pytest.mark.parametrize("outtype", ["f32", "bf16"])
@@ -209,3 +218,70 @@ def test_k_quant_through_llama_cpp_quantizer(maverick_dir: Path, tmp_path: Path)
     ids = AutoTokenizer.from_pretrained(maverick_dir)(TEXTS[1]).input_ids
     got = _cpp_logits(_llama(out), ids)
     assert np.corrcoef(got.ravel(), _hf_logits(maverick_dir, ids).ravel())[0, 1] > 0.95
+    # every tensor llama.cpp quantized stays within its type's tolerance. (The demo's rows of 32/64
+    # are shorter than a K-quant block of 256, so llama.cpp falls back to Q5_0/Q8_0 here.)
+    report = verify_checkpoint(out, against=maverick_dir)
+    assert [f for f in report.findings if f.severity != "info"] == []
+    types = {s["gguf_type"] for s in report.tensor_stats.values()}
+    assert "Q5_0" in types and all(s["rel_rms_error"] > 0 for s in report.tensor_stats.values()
+                                   if s["gguf_type"] not in ("F32", "BF16", "F16"))
+
+
+@pytest.mark.parametrize("outtype", ["f32", "bf16", "q8_0"])
+def test_verify_against_its_source_passes(outtype: str, gguf_files, scout_dir: Path) -> None:
+    report = verify_checkpoint(gguf_files[("scout", outtype)], against=scout_dir)
+    assert [f for f in report.findings if f.severity != "info"] == [], report.findings
+    stats = report.tensor_stats
+    assert report.checked["against"]["tensors_compared"] == len(stats) > 20
+    if outtype in ("f32", "bf16"):  # the demo is bf16: both store it losslessly
+        assert all(s["rel_rms_error"] == 0 and s["max_abs_error"] == 0 for s in stats.values())
+    else:  # quantized matrices differ a little, within Q8_0's tolerance; norms and router stay exact F32
+        errors = [s["rel_rms_error"] for s in stats.values() if s["gguf_type"] == "Q8_0"]
+        assert errors and 0 < max(errors) <= 0.012
+        assert all(s["rel_rms_error"] == 0 for s in stats.values() if s["gguf_type"] == "F32")
+
+
+def test_verify_against_finds_the_changed_expert(gguf_files, scout_copy: Path, capsys) -> None:
+    """One expert of one layer altered in the reference: named in an error, exit 1, for bf16 and q8_0."""
+    from safetensors.torch import save_file
+
+    index = json.loads((scout_copy / "model.safetensors.index.json").read_text())["weight_map"]
+    name = next(n for n in index if n.endswith("layers.1.feed_forward.experts.gate_up_proj"))
+    shard = scout_copy / index[name]
+    tensors = load_file(shard)
+    tensors[name][3] = (tensors[name][3].float() * 1.2).to(tensors[name].dtype)  # expert 3 only
+    from safetensors import safe_open
+
+    with safe_open(shard, "pt") as f:
+        meta = f.metadata()
+    save_file(tensors, shard, metadata=meta)
+    for outtype in ("bf16", "q8_0"):
+        report = verify_checkpoint(gguf_files[("scout", outtype)], against=scout_copy)
+        bad = [f for f in report.findings if f.severity == "error"]
+        assert [(f.code, f.tensor) for f in bad] == [("against.mismatch", name)], bad
+    assert main(["--json", "verify", str(gguf_files[("scout", "q8_0")]), "--against", str(scout_copy)]) == 1
+    doc = json.loads(capsys.readouterr().out)
+    assert [f["tensor"] for f in doc["findings"] if f["code"] == "against.mismatch"] == [name]
+    # --against is for GGUF files: on an HF directory it is a usage error
+    assert main(["verify", str(scout_copy), "--against", str(scout_copy)]) == 2
+
+
+def test_one_pass_gate_up_writes_the_same_bytes(gguf_files, scout_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    """gate and up experts written from one read (positioned writes) == written one tensor after the other."""
+    import converters.gguf_stream as stream
+
+    calls = []
+    real = stream.write_expert_pair
+
+    def spy(*args, **kwargs):
+        calls.append(args[1])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(stream, "write_expert_pair", spy)
+    paired = tmp_path / "paired.gguf"
+    convert_hf_to_gguf(scout_dir, paired, outtype="q8_0", mau_declaration=DECL)
+    assert len(calls) == 4  # every MoE layer of demo:scout went through the one-pass path
+    monkeypatch.setattr(stream, "write_expert_pair", lambda *a, **k: None)  # force the two-pass fallback
+    sequential = tmp_path / "sequential.gguf"
+    convert_hf_to_gguf(scout_dir, sequential, outtype="q8_0", mau_declaration=DECL)
+    assert paired.read_bytes() == sequential.read_bytes() == gguf_files[("scout", "q8_0")].read_bytes()

@@ -211,3 +211,47 @@ def test_parse_size() -> None:
     assert parse_size("2GiB") == 2 * 1024**3
     assert parse_size("500MB") == 500 * 10**6
     assert parse_size("123") == 123
+
+
+def test_blocked_transpose_equals_torch() -> None:
+    import torch
+
+    from toolbox.tensors.transpose import transpose2d
+
+    for rows, cols in ((5, 3), (700, 1030), (1024, 512)):
+        x = torch.randn(rows, 2 * cols).to(torch.bfloat16)
+        for view in (x[:, :cols], x[:, cols:], x):  # strided halves, as gate/up are cut from gate_up
+            assert torch.equal(transpose2d(view), view.T.contiguous())
+
+
+def test_prefetch_keeps_order_raises_and_stops() -> None:
+    import threading
+
+    from converters.gguf_stream import prefetch
+
+    assert list(prefetch(iter(range(50)), depth=2)) == list(range(50))
+
+    def failing():
+        yield 1
+        raise ValueError("boom")
+
+    got = []
+    with pytest.raises(ValueError, match="boom"):
+        for item in prefetch(failing()):
+            got.append(item)
+    assert got == [1]
+    produced = []
+
+    def endless():
+        i = 0
+        while True:
+            produced.append(i)
+            yield i
+            i += 1
+
+    for item in prefetch(endless(), depth=2):
+        if item == 3:
+            break
+    n = len(produced)
+    assert n <= 3 + 2 + 2  # the producer ran at most the queue depth ahead, then stopped
+    assert not any(t.name == "corral-prefetch" for t in threading.enumerate())

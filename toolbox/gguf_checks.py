@@ -36,6 +36,10 @@ def inspect_gguf(path: str | Path) -> dict[str, Any]:
                        "nope": list(t.nope_layers)},
             "experts": {"count": t.experts, "top_k": t.top_k, "width": t.expert_width, "dense_width": t.dense_width},
         })
+    elif g.architecture == "clip":  # an mmproj (vision tower + projector for llama.cpp's multimodal runtime)
+        from converters.gguf_mmproj_to_hf import mmproj_summary
+
+        info["mmproj"] = mmproj_summary(g.path)
     tokens = g.get("tokenizer.ggml.tokens") or []
     info["tokenizer"] = {"model": g.get("tokenizer.ggml.model"), "pre": g.get("tokenizer.ggml.pre"),
                          "vocab_size": len(tokens), "bos_id": g.get("tokenizer.ggml.bos_token_id"),
@@ -55,6 +59,11 @@ def verify_gguf(path: str | Path, report: Any) -> None:
         g = GGUFFile(path)
     except CorralError as exc:
         report.add("gguf.corrupt", "fatal", exc.message, path=exc.path)
+        return
+    if g.architecture == "clip":
+        from converters.gguf_mmproj_to_hf import verify_mmproj
+
+        verify_mmproj(g.path, report)
         return
     if g.architecture != "llama4":
         report.add("gguf.architecture", "fatal", f"{g.path}: architecture {g.architecture!r} is not llama4",

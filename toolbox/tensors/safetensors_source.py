@@ -87,6 +87,9 @@ class SafetensorsSource(TensorSource):
                     )
         self._infos = {n: TensorInfo(n, e.shape, e.dtype) for n, (_h, e) in self._entries.items()}
         self._fds: dict[Path, int] = {}
+        # set by a caller that reads each byte once (a conversion): read ranges are dropped from the page
+        # cache, so a checkpoint larger than memory streams through without evicting everything else
+        self.drop_after_read = False
 
     def infos(self) -> dict[str, TensorInfo]:
         return self._infos
@@ -121,6 +124,8 @@ class SafetensorsSource(TensorSource):
             if n == 0:
                 raise CorruptFileError(f"{header.path}: unexpected end of file reading {name!r}", path=header.path)
             done += n
+        if self.drop_after_read and hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(fd, pos, len(view), os.POSIX_FADV_DONTNEED)
         return out
 
     def load(self, name: str) -> torch.Tensor:
