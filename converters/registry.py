@@ -10,6 +10,8 @@ FORMATS = ("hf", "gguf", "onnx")
 PAIRS = {
     ("hf", "gguf"): "converters.hf_to_gguf:convert_hf_to_gguf",
     ("gguf", "hf"): "converters.gguf_to_hf:convert_gguf_to_hf",
+    ("hf", "onnx"): "converters.onnx_export:convert_hf_to_onnx",
+    ("onnx", "hf"): "converters.onnx_to_hf:convert_onnx_to_hf",
 }
 
 

@@ -24,6 +24,10 @@ def inspect_checkpoint(path: str | Path, *, progress: Progress = NULL_PROGRESS) 
         from toolbox.gguf_checks import inspect_gguf
 
         return inspect_gguf(path)
+    from toolbox.onnx_checks import inspect_onnx, is_onnx
+
+    if is_onnx(path):
+        return inspect_onnx(path)
     root = resolve_checkpoint(path, progress=progress)
     ckpt = load_checkpoint(root)
     raw = SafetensorsSource(root)

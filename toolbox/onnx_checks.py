@@ -1,0 +1,203 @@
+"""inspect and verify for ONNX exports (a directory with model.onnx, or the .onnx file itself).
+
+Only the graph is read (weights stay in the external-data file): I/O signature, opset, stamp,
+initializer inventory against config.json. `run_against_transformers` additionally decodes a few
+tokens greedily in onnxruntime and in transformers (loading the model: small models only).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from toolbox.errors import BadInputError, CorralError
+
+_ONNX_TYPES = {1: "F32", 10: "F16", 16: "BF16", 7: "I64", 6: "I32"}
+LICENSE_FILES = ("LICENSE", "NOTICE", "USE_POLICY.md", "README.md")
+
+
+def is_onnx(path: str | Path) -> bool:
+    p = Path(path)
+    return (p.suffix == ".onnx" and p.is_file()) or (p.is_dir() and (p / "model.onnx").is_file())
+
+
+def _model_file(path: str | Path) -> Path:
+    p = Path(path)
+    return p / "model.onnx" if p.is_dir() else p
+
+
+def _signature(values: Any) -> dict[str, dict[str, Any]]:
+    out = {}
+    for v in values:
+        tt = v.type.tensor_type
+        out[v.name] = {"dtype": _ONNX_TYPES.get(tt.elem_type, str(tt.elem_type)),
+                       "shape": [d.dim_param or d.dim_value for d in tt.shape.dim]}
+    return out
+
+
+def _data_files(model: Any, root: Path) -> dict[str, Path]:
+    from toolbox.tensors.atomic import safe_join
+
+    files = {}
+    for t in model.graph.initializer:
+        for e in t.external_data:
+            if e.key == "location" and e.value not in files:
+                files[e.value] = safe_join(root, e.value)
+    return files
+
+
+def inspect_onnx(path: str | Path) -> dict[str, Any]:
+    """A JSON-ready summary with the same keys as an HF inspect (so the same renderer shows it) + `onnx`."""
+    from license import keys as K
+    from license.artifact import load_onnx
+    from toolbox.checkpoint import from_config, read_config
+    from toolbox.tokenizer_files import load_tokenizer_files
+
+    file = _model_file(path)
+    if not file.is_file():
+        raise BadInputError(f"{file}: no such ONNX model", path=file)
+    model = load_onnx(file)
+    root = file.parent
+    ckpt = from_config(read_config(root), root)
+    t = ckpt.text
+    counts = ckpt.parameter_counts()
+    files = _data_files(model, root)
+    props = {p.key: p.value for p in model.metadata_props}
+    inputs, outputs = _signature(model.graph.input), _signature(model.graph.output)
+    info: dict[str, Any] = {
+        "path": str(file),
+        "format": "onnx",
+        "architecture": f"{ckpt.architecture} as ONNX (opset "
+                        f"{next((o.version for o in model.opset_import if o.domain in ('', 'ai.onnx')), '?')})",
+        "variant": ckpt.variant,
+        "shaped_like": ckpt.family,
+        "multimodal": False,
+        "parameters": {**counts, "stored": sum(_numel(i.dims) for i in model.graph.initializer)},
+        "layers": {"count": t.layers, "moe": list(t.moe_layers), "dense": list(t.dense_layers),
+                   "nope": list(t.nope_layers),
+                   "chunked_attention": [i for i, r in enumerate(t.rope_layers) if r] if t.chunk_size else []},
+        "attention": {"heads": t.heads, "kv_heads": t.kv_heads, "head_dim": t.head_dim, "qk_norm": t.qk_norm,
+                      "chunk_size": t.chunk_size, "rope": t.rope_type},
+        "experts": {"count": t.experts, "top_k": t.top_k, "width": t.expert_width, "dense_width": t.dense_width},
+        "hidden_size": t.hidden,
+        "vocab_size": t.vocab,
+        "dtypes": dict(Counter(_ONNX_TYPES.get(i.data_type, str(i.data_type)) for i in model.graph.initializer)),
+        "layout": "fused",
+        "fp8": False,
+        "shards": {"count": len(files), "bytes": sum(f.stat().st_size for f in files.values() if f.is_file()),
+                   "graph_bytes": file.stat().st_size},
+        "license_files": {name: (root / name).is_file() for name in LICENSE_FILES},
+        "onnx": {"producer": f"{model.producer_name} {model.producer_version}".strip(),
+                 "opsets": {o.domain or "ai.onnx": o.version for o in model.opset_import},
+                 "kv_cache": any(n.startswith("past_key_values.") for n in inputs),
+                 "inputs": inputs, "outputs": outputs, "initializers": len(model.graph.initializer),
+                 "data_files": sorted(files), "moe": props.get("corral.onnx.moe"),
+                 "license_policy": props.get(K.POLICY), "model_name": props.get(K.MODEL_NAME),
+                 "corral_tensor_map": "corral.onnx.tensor_map" in props},
+    }
+    try:
+        tok = load_tokenizer_files(root)
+        info["tokenizer"] = {"vocab_size": tok.vocab_size, "bos": tok.special_token("bos_token"),
+                             "eos": tok.special_token("eos_token"), "pad": tok.special_token("pad_token"),
+                             "chat_template": tok.chat_template is not None}
+    except CorralError as exc:
+        info["tokenizer"] = {"error": exc.message}
+    return info
+
+
+def _numel(dims: Any) -> int:
+    n = 1
+    for d in dims:
+        n *= int(d)
+    return n
+
+
+def verify_onnx(path: str | Path, report: Any) -> None:
+    """onnx.checker by path (external data included), I/O signature, initializers against config.json."""
+    import onnx
+
+    from converters.onnx_model import io_names
+    from license.artifact import load_onnx
+    from toolbox.checkpoint import from_config, read_config
+
+    file = _model_file(path)
+    root = file.parent
+    try:
+        model = load_onnx(file)
+        files = _data_files(model, root)
+    except CorralError as exc:
+        report.add("onnx.corrupt", "fatal", exc.message, path=str(file))
+        return
+    missing = [str(f) for f in files.values() if not f.is_file()]
+    if missing:
+        report.add("onnx.external-data", "fatal", f"external-data file missing: {missing[0]}", path=missing[0])
+        return
+    try:
+        onnx.checker.check_model(str(file))
+    except Exception as exc:  # onnx.checker.ValidationError and I/O errors
+        report.add("onnx.checker", "error", f"onnx.checker: {str(exc).splitlines()[0][:300]}", path=str(file))
+    try:
+        ckpt = from_config(read_config(root), root)
+    except CorralError as exc:
+        report.add("config.invalid", "fatal", exc.message, path=str(root / "config.json"))
+        return
+    kv = any(i.name.startswith("past_key_values.") for i in model.graph.input)
+    want_in, want_out = io_names(ckpt.text.layers, kv)
+    got_in, got_out = [i.name for i in model.graph.input], [o.name for o in model.graph.output]
+    if got_in != want_in or got_out != want_out:
+        report.add("onnx.signature", "error", f"I/O names {got_in[:4]}... -> {got_out[:3]}... differ from the "
+                   "decoder convention (input_ids, attention_mask, position_ids, past_key_values.N.key/value -> "
+                   "logits, present.N.key/value)", path=str(file))
+    expected = ckpt.expected_tensors()
+    inits = {t.name: tuple(int(d) for d in t.dims) for t in model.graph.initializer}
+    for name in expected.keys() - inits.keys():
+        report.add("tensor.missing", "error", f"missing initializer {name} {list(expected[name])}", tensor=name)
+    for name in expected.keys() & inits.keys():
+        if inits[name] != expected[name]:
+            report.add("tensor.shape", "error", f"{name} has shape {list(inits[name])}, config.json implies "
+                       f"{list(expected[name])}", tensor=name)
+    sizes = {f: f.stat().st_size for f in files.values()}
+    for t in model.graph.initializer:
+        ext = {e.key: e.value for e in t.external_data}
+        if "location" in ext and int(ext.get("offset", 0)) + int(ext.get("length", 0)) > sizes[files[ext["location"]]]:
+            report.add("onnx.truncated", "fatal", f"{ext['location']} ends before {t.name}", tensor=t.name)
+            break
+    props = {p.key: p.value for p in model.metadata_props}
+    if "corral.license.policy" not in props:
+        report.add("license.unstamped", "warning", "no license stamp in metadata_props "
+                   "(`corral license stamp` adds one)", path=str(file))
+    if not (root / "tokenizer.json").is_file():
+        report.add("tokenizer.missing", "warning", "no tokenizer.json beside the model", path=str(root))
+    report.checked.update({"format": "onnx", "tensors": len(inits), "shards": len(files), "kv_cache": kv})
+
+
+def run_against_transformers(path: str | Path, *, steps: int = 4, prompt: str = "Hello Llama 4!"
+                             ) -> dict[str, Any]:
+    """Greedy-decode `steps` tokens in onnxruntime (with the KV cache) and in transformers on the same weights
+    (recovered bit-exact from the export); loads the model in RAM, so meant for small models and CI."""
+    import tempfile
+
+    import numpy as np
+    import torch
+    from transformers import AutoTokenizer, Llama4ForCausalLM
+
+    from converters.onnx_runtime import OnnxDecoder
+    from converters.onnx_to_hf import convert_onnx_to_hf
+
+    file = _model_file(path)
+    tok = AutoTokenizer.from_pretrained(file.parent)
+    ids = np.array([tok(prompt).input_ids], dtype=np.int64)
+    got, _ = OnnxDecoder(file).greedy(ids, np.ones_like(ids), steps)
+    with tempfile.TemporaryDirectory() as tmp:
+        hf = Path(tmp) / "hf"
+        convert_onnx_to_hf(file, hf, name="Llama-4-verify-run", mau_declaration="below-700m")
+        model = Llama4ForCausalLM.from_pretrained(hf, dtype=torch.float32).eval()
+        seq = torch.tensor(ids)
+        with torch.no_grad():  # plain greedy argmax (generate() would apply the generation config's rules)
+            for _ in range(steps):
+                seq = torch.cat([seq, model(seq).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    want = seq[0, ids.shape[1]:].tolist()
+    return {"prompt": prompt, "onnxruntime": got[0].tolist(), "transformers": want, "match": got[0].tolist() == want,
+            "text": tok.decode(got[0].tolist())}
+
