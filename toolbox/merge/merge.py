@@ -1,0 +1,432 @@
+"""Streaming LoRA merge: the base is read once, one row block or one expert slice at a time.
+
+Each piece is widened to float32, every adapter's delta for it is computed from the low-rank
+factors and added (weighted), and the sum is stored in the output dtype. Memory is bounded by
+one expert slice plus a few 16 MiB row blocks and the adapters' factors, whatever the model size.
+The report gives each merged tensor's delta norm and the share of the delta's energy that
+rounding to the output dtype lost (small deltas vanish in bf16, FIELD_NOTES section 5).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from toolbox.errors import UsageError
+from toolbox.merge.adapter import Adapter, load_adapter
+from toolbox.merge.plan import Contribution, MergePlan, build_plan
+from toolbox.progress import NULL_PROGRESS, Progress
+
+if TYPE_CHECKING:
+    import torch
+
+    from toolbox.tensors.source import TensorInfo, TensorSource
+
+ROW_BLOCK_BYTES = 16 * 1024**2  # float32 bytes of one row block being merged (of a 2-D tensor or an expert slice)
+COPY_BLOCK_BYTES = 64 * 1024**2  # float32-equivalent bytes of one row block of an untouched tensor
+LOST_WARN = 0.10  # warn when rounding loses more than this share of a tensor's delta energy
+OUT_DTYPES = {"auto": None, "bf16": "BF16", "f16": "F16", "f32": "F32"}
+FLOAT_ST = ("BF16", "F16", "F32")
+COPIED_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                "chat_template.jinja", "chat_template.json", "tokenizer.model", "preprocessor_config.json",
+                "processor_config.json")
+
+
+@dataclass
+class TensorReport:
+    name: str
+    adapters: list[int]
+    kinds: list[str]
+    delta_norm: float
+    lost_share: float  # ||stored delta - intended delta||^2 / ||intended delta||^2
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "adapters": self.adapters, "kinds": self.kinds,
+                "delta_norm": self.delta_norm, "lost_share": self.lost_share}
+
+
+@dataclass
+class MergeResult:
+    path: Path
+    tensors: int
+    dtype: str
+    adapters: list[dict[str, Any]]
+    merged: list[TensorReport] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    name: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"path": str(self.path), "name": self.name, "tensors": self.tensors, "dtype": self.dtype,
+                "adapters": self.adapters, "merged": [t.to_dict() for t in self.merged], "warnings": self.warnings}
+
+
+def _torch_dtype(st: str) -> torch.dtype:
+    import torch
+
+    return {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}[st]
+
+
+class _Stats:
+    def __init__(self) -> None:
+        self.delta = 0.0
+        self.err = 0.0
+
+    def store(self, delta: torch.Tensor, result: torch.Tensor | None, w: torch.Tensor,
+              dtype: torch.dtype) -> torch.Tensor:
+        """`result` (else w + delta, added into `delta` in place) cast to `dtype`, with ||delta||^2 and
+        ||stored - (w + delta)||^2 accumulated (BLAS dot products of the float32 pieces)."""
+        import torch
+
+        d = delta.reshape(-1)
+        self.delta += float(torch.dot(d, d))
+        if result is None:
+            result = delta.add_(w)  # delta is a fresh tensor; its norm is taken
+        stored = result.to(dtype)
+        if stored is not result:
+            e = torch.sub(stored, result).reshape(-1)  # one pass: bf16 - f32 promotes to f32
+            self.err += float(torch.dot(e, e))
+        return stored
+
+
+class _Factors:
+    """The adapter factors of the tensor being merged, loaded once per tensor and dropped after it."""
+
+    def __init__(self, adapters: list[Adapter]) -> None:
+        self.adapters = adapters
+        self.cache: dict[tuple[int, str], torch.Tensor] = {}
+        self.per_expert: dict[tuple[int, int], torch.Tensor] = {}
+
+    def memo(self, key: tuple[int, int], make: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """A per-expert value (DoRA part, replacement slice), kept until `forget()` at the end of the expert."""
+        if key not in self.per_expert:
+            self.per_expert[key] = make()
+        return self.per_expert[key]
+
+    def forget(self) -> None:
+        self.per_expert.clear()
+
+    def get(self, c: Contribution, key: str | None) -> torch.Tensor:
+        assert key is not None
+        k = (c.adapter, key)
+        if k not in self.cache:
+            self.cache[k] = self.adapters[c.adapter].load(key)
+        return self.cache[k]
+
+
+def _absolute(c: Contribution, w: torch.Tensor, rows: slice, f: _Factors) -> torch.Tensor | None:
+    """The merged rows for a contribution that defines the result rather than a delta (replacement, DoRA)."""
+    import torch
+
+    if c.kind == "replace":
+        return f.adapters[c.adapter].load_rows(c.key, rows.start, rows.stop) if w.dim() else f.get(c, c.key)
+    if c.kind == "linear" and c.m_key is not None:
+        delta = (f.get(c, c.b_key)[rows] @ f.get(c, c.a_key)).mul_(c.scale)
+        merged = w + delta
+        norm = torch.linalg.norm(merged, dim=1)
+        return (f.get(c, c.m_key)[rows] / norm).view(-1, 1) * merged
+    return None
+
+
+def _delta_2d(c: Contribution, w: torch.Tensor, rows: slice, f: _Factors) -> torch.Tensor:
+    if c.kind == "linear" and c.m_key is None:
+        return (f.get(c, c.b_key)[rows] @ f.get(c, c.a_key)).mul_(c.scale)
+    if c.kind == "embedding":
+        return (f.get(c, c.b_key) @ f.get(c, c.a_key)[:, rows]).T * c.scale
+    absolute = _absolute(c, w, rows, f)
+    assert absolute is not None, c.kind
+    return absolute - w
+
+
+def _delta_expert(c: Contribution, w: torch.Tensor, e: int, rows: slice, slab: torch.Tensor,
+                  f: _Factors) -> torch.Tensor | None:
+    """This contribution's delta to rows `rows` (w) of expert e's slice `slab` ([in, out] as stored), or None."""
+    import torch
+
+    if c.kind == "experts":
+        r, n = c.rank, c.experts
+        a = f.get(c, c.a_key)[e * r:(e + 1) * r]
+        b = f.get(c, c.b_key)[:, e::n]
+        if c.layout == "current":  # delta[e] = B_e @ A_e, rows of the stored slice are rows of B_e
+            return (b[rows] @ a).mul_(c.scale)
+        return (b @ a[:, rows]).T * c.scale  # legacy: delta[e] = (B_e @ A_e).T
+    if c.kind == "expert_part":
+        if c.expert != e:
+            return None
+        half = slab.shape[1] // 2
+        cols = {"gate": slice(0, half), "up": slice(half, None), "down": slice(None)}[c.part or "down"]
+        if c.m_key is not None:  # DoRA needs whole rows of the [out, in] weight: the expert's full part, once
+            d = f.memo((id(c), e), lambda: _dora_part(c, slab[:, cols].float().T, f))[:, rows]
+        else:
+            d = (f.get(c, c.b_key) @ f.get(c, c.a_key)[:, rows]).mul_(c.scale)  # [out, rows of in]
+        full = torch.zeros(w.shape, dtype=torch.float32)
+        full[:, cols] = d.T
+        return full
+    if c.kind == "replace":
+        return f.memo((id(c), e), lambda: f.adapters[c.adapter].load_rows(c.key, e, e + 1)[0])[rows] - w
+    raise AssertionError(c.kind)
+
+
+def _dora_part(c: Contribution, part: torch.Tensor, f: _Factors) -> torch.Tensor:
+    import torch
+
+    merged = part + (f.get(c, c.b_key) @ f.get(c, c.a_key)) * c.scale
+    return (f.get(c, c.m_key) / torch.linalg.norm(merged, dim=1)).view(-1, 1) * merged - part
+
+
+def _combine(contribs: list[Contribution], w: torch.Tensor, deltas: list[torch.Tensor]) -> torch.Tensor:
+    import torch
+
+    total = None
+    for c, d in zip(contribs, deltas, strict=True):
+        d = d if c.weight == 1.0 else d * c.weight
+        total = d if total is None else total + d
+    return total if total is not None else w.new_zeros(w.shape, dtype=torch.float32)
+
+
+def _merge_tensor(source: TensorSource, writer: Any, info: TensorInfo, out_st: str, contribs: list[Contribution],
+                  f: _Factors) -> _Stats:
+    """Write one output tensor, merged piece by piece; return its delta statistics."""
+    dt = _torch_dtype(out_st)
+    stats = _Stats()
+    name = info.name
+    if len(info.shape) == 3:  # one expert slice at a time, merged in row blocks of it
+        from toolbox.tensors.sink import tensor_bytes
+
+        step = _rows_per_block(info.shape[2])
+        for e in range(info.shape[0]):
+            slab = source.load_slice(name, e)
+            for r0 in range(0, info.shape[1], step):
+                rows = slice(r0, min(r0 + step, info.shape[1]))
+                w = slab[rows]  # the base dtype: adding it into a float32 delta widens it exactly, in one pass
+                pieces = [(c, _delta_expert(c, w, e, rows, slab, f)) for c in contribs]
+                live = [(c, d) for c, d in pieces if d is not None]
+                delta = _combine([c for c, _ in live], w, [d for _, d in live])
+                writer.write_bytes(name, tensor_bytes(stats.store(delta, None, w, dt)))
+                del w, delta, pieces, live
+            del slab  # before the next expert's slice is read: one slice in memory, not two
+            f.forget()
+        return stats
+    if len(info.shape) < 2:
+        w = source.load(name).float()
+        rows = slice(0, info.shape[0] if info.shape else 1)
+        sole = _sole_absolute(contribs, w, rows, f)
+        delta = sole - w if sole is not None else _combine(contribs, w, [_delta_2d_1d(c, w, f) for c in contribs])
+        writer.write(name, stats.store(delta, sole, w, dt))
+        return stats
+    step = _rows_per_block(math.prod(info.shape[1:]))
+    for r0 in range(0, info.shape[0], step):
+        rows = slice(r0, min(r0 + step, info.shape[0]))
+        w = source.load_slice(name, rows).float()
+        sole = _sole_absolute(contribs, w, rows, f)
+        delta = sole - w if sole is not None else _combine(contribs, w, [_delta_2d(c, w, rows, f) for c in contribs])
+        writer.write(name, stats.store(delta, sole, w, dt))
+    return stats
+
+
+def _rows_per_block(row_numel: int) -> int:
+    return max(1, ROW_BLOCK_BYTES // max(4 * row_numel, 1))
+
+
+def _delta_2d_1d(c: Contribution, w: torch.Tensor, f: _Factors) -> torch.Tensor:
+    if c.kind != "replace":
+        raise AssertionError(c.kind)
+    return f.get(c, c.key) - w
+
+
+def _sole_absolute(contribs: list[Contribution], w: torch.Tensor, rows: slice, f: _Factors) -> torch.Tensor | None:
+    """A single unweighted replacement or DoRA contribution is written as PEFT computes it, not as base + delta."""
+    if len(contribs) != 1 or contribs[0].weight != 1.0:
+        return None
+    c = contribs[0]
+    if c.kind == "replace" and w.dim() < 2:
+        return f.get(c, c.key)
+    return _absolute(c, w, rows, f)
+
+
+def _copy_tensor(source: TensorSource, writer: Any, info: TensorInfo, out_st: str) -> None:
+    """Stream an untouched tensor through, converting only when the output dtype differs."""
+    dt = _torch_dtype(out_st) if out_st in FLOAT_ST else None
+    name = info.name
+    if len(info.shape) == 3:
+        for e in range(info.shape[0]):
+            t = source.load_slice(name, e)
+            writer.write(name, t.to(dt) if dt is not None and t.dtype != dt else t)
+            del t
+        return
+    if len(info.shape) < 2:
+        t = source.load(name)
+        writer.write(name, t.to(dt) if dt is not None and t.dtype != dt else t)
+        return
+    step = max(1, COPY_BLOCK_BYTES // max(4 * math.prod(info.shape[1:]), 1))
+    for r0 in range(0, info.shape[0], step):
+        t = source.load_slice(name, slice(r0, min(r0 + step, info.shape[0])))
+        writer.write(name, t.to(dt) if dt is not None and t.dtype != dt else t)
+
+
+def _out_dtype(info_dtype: str, requested: str | None) -> str:
+    return requested if requested and info_dtype in FLOAT_ST else info_dtype
+
+
+def _output_config(config: dict[str, Any], requested: str | None) -> dict[str, Any]:
+    cfg = json.loads(json.dumps(config))
+    cfg.pop("quantization_config", None)  # FP8 bases are dequantized on read; the output is plain floats
+    if requested:
+        name = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}[requested]
+        for part in (cfg, cfg.get("text_config"), cfg.get("vision_config")):
+            if isinstance(part, dict) and ("dtype" in part or part is cfg):
+                part["dtype"] = name
+                part.pop("torch_dtype", None)
+    return cfg
+
+
+def _default_name(base: str | Path, family: str) -> str:
+    text = str(base)
+    if text.startswith("demo:"):
+        return f"Llama-4-{text[5:].capitalize()}-demo-merged"
+    stem = Path(text).name or "Llama-4"
+    return f"{stem if stem.lower().startswith('llama') else 'Llama-4-' + stem}-merged"
+
+
+def merge_adapters(base: str | Path, adapters: list[str | Path | Adapter], out: str | Path, *,
+                   weights: list[float] | None = None, dtype: str | None = None, name: str | None = None,
+                   mau_declaration: str | None = None, fix_name: bool = False, force: bool = False,
+                   base_model: str | None = None, progress: Progress = NULL_PROGRESS) -> MergeResult:
+    """Merge LoRA adapters into an HF Llama 4 checkpoint (any layout corral reads), streamed and stamped.
+
+    `weights` scale each adapter's delta (default 1 each); `dtype` is auto/bf16/f16/f32 (auto keeps
+    the base's). `base_model` is the base's Hub repo id for the model card (else taken from a
+    `corral download` manifest or the adapter config). Every adapter key must land on a base
+    tensor; the output directory appears only once complete.
+    """
+    from license.stamp import Stamp, write_sidecars
+    from toolbox.checkpoint import load_checkpoint
+    from toolbox.demo import resolve_checkpoint
+    from toolbox.tensors.atomic import atomic_directory, check_output_path
+    from toolbox.tensors.sink import SafetensorsWriter
+    from toolbox.tensors.source import open_source
+
+    if not adapters:
+        raise UsageError("no adapter to merge", hint="pass one or more PEFT adapter directories")
+    weights = [1.0] * len(adapters) if weights is None or len(weights) == 0 else [float(w) for w in weights]
+    if len(weights) != len(adapters):
+        raise UsageError(f"{len(weights)} weights for {len(adapters)} adapters",
+                         hint="give --weight once per adapter, in the same order, or not at all")
+    if any(not math.isfinite(w) for w in weights):
+        raise UsageError("adapter weights must be finite numbers")
+    key = (dtype or "auto").lower()
+    if key not in OUT_DTYPES:
+        raise UsageError(f"unknown --dtype {dtype!r}", hint="choose auto, bf16, f16 or f32")
+    requested = OUT_DTYPES[key]
+    out = Path(out).absolute()
+    check_output_path(out, force=force)
+    base_dir = resolve_checkpoint(base)
+    ckpt = load_checkpoint(base_dir)
+    loaded = [_open_adapter(a, progress) for a in adapters]
+    seen: set[str] = set()
+    for i, a in enumerate(loaded):  # labels key the provenance: unique, even for two directories named alike
+        a.label = a.label or f"adapter{i}"
+        if a.label in seen:
+            a.label = f"{a.label}#{i}"
+        seen.add(a.label)
+    source = open_source(base_dir)
+    try:
+        infos = source.infos()
+        plan = build_plan(loaded, weights, infos, ckpt.family)
+        stamp, described = _stamp(Stamp, base, base_dir, ckpt, loaded, weights, plan, name, mau_declaration,
+                                  fix_name, key, base_model)
+        result = MergeResult(out, len(infos), requested or "auto", described, name=stamp.name)
+        with atomic_directory(out, force=force) as staging:
+            writer = SafetensorsWriter(staging, metadata=stamp.safetensors_metadata())
+            for info in infos.values():
+                writer.add(info.name, info.shape, _out_dtype(info.dtype, requested))
+            writer.begin()
+            total = sum(i.nbytes for i in infos.values())
+            with progress.task("merging (bytes)", total=total) as task:
+                for info in infos.values():
+                    out_st = _out_dtype(info.dtype, requested)
+                    contribs = plan.by_base.get(info.name)
+                    if contribs:
+                        stats = _merge_tensor(source, writer, info, out_st, contribs, _Factors(loaded))
+                        lost = stats.err / stats.delta if stats.delta > 0 else 0.0
+                        result.merged.append(TensorReport(info.name, [c.adapter for c in contribs],
+                                                          [c.kind for c in contribs], math.sqrt(stats.delta), lost))
+                    else:
+                        _copy_tensor(source, writer, info, out_st)
+                    task.advance(info.nbytes)
+            writer.finish()
+            lossy = sorted((t for t in result.merged if t.lost_share > LOST_WARN), key=lambda t: -t.lost_share)
+            if lossy:
+                result.warnings.append(
+                    f"{len(lossy)} of {len(result.merged)} merged tensors lose more than {LOST_WARN:.0%} of their "
+                    f"delta's energy to rounding (worst: {lossy[0].name}, {lossy[0].lost_share:.0%}); "
+                    "--dtype f32 keeps it")
+            config = _output_config(ckpt.config, requested)
+            (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+            for filename in COPIED_FILES:
+                if (base_dir / filename).is_file():
+                    shutil.copyfile(base_dir / filename, staging / filename)
+            write_sidecars(staging, stamp)
+    finally:
+        source.close()
+        for a in loaded:
+            a.close()
+    return result
+
+
+def _open_adapter(spec: str | Path | Adapter, progress: Progress) -> Adapter:
+    """An Adapter from a directory, or from a Hub repo id (fetched through corral's downloader)."""
+    from toolbox.merge.fetch import fetch_adapter, is_repo_id
+
+    if isinstance(spec, Adapter):
+        return spec
+    if is_repo_id(spec):
+        directory, origin = fetch_adapter(str(spec), progress=progress)
+        adapter = load_adapter(directory)
+        adapter.label, adapter.origin = str(spec), origin
+        return adapter
+    return load_adapter(spec)
+
+
+def _stamp(stamp_cls: Any, base: str | Path, base_dir: Path, ckpt: Any, loaded: list[Adapter], weights: list[float],
+           plan: MergePlan, name: str | None, mau_declaration: str | None, fix_name: bool,
+           dtype: str, base_model: str | None) -> tuple[Any, list[dict[str, Any]]]:
+    """The license stamp: relation finetune (one adapter) or merge (several), adapters with hashes in provenance."""
+    origin: dict[str, Any] = {}
+    try:
+        from toolbox.hub_manifest import source_origin
+
+        origin = source_origin(base_dir)
+    except ImportError:  # the downloader is optional for a merge
+        origin = {}
+    described = []
+    sources = dict(origin.get("sources", {}))
+    for i, (a, w) in enumerate(zip(loaded, weights, strict=True)):
+        d = a.describe()
+        d["weight"] = w
+        d["expert_layout"] = plan.layouts.get(i)
+        d["tensors"] = sum(1 for cs in plan.by_base.values() for c in cs if c.adapter == i)
+        described.append(d)
+        for filename, digest in a.sha256.items():
+            sources[f"{a.label}/{filename}"] = f"sha256:{digest}"
+    op = {"op": "merge", "method": "lora", "dtype": dtype,
+          "adapters": [{"name": d["label"], "weight": d["weight"], "sha256": d["sha256"]["adapter_model.safetensors"],
+                        "peft_version": d["peft_version"], "expert_layout": d["expert_layout"],
+                        **({"origin": d["origin"]} if d["origin"] else {})} for d in described]}
+    base_model = base_model or origin.get("base_model") or next(
+        (a.base_model_name for a in loaded if a.base_model_name and _looks_like_repo(a.base_model_name)), None)
+    stamp = stamp_cls.create(name or _default_name(base, ckpt.family), declaration=mau_declaration, fix=fix_name,
+                             base_model=base_model, base_revision=origin.get("base_revision"),
+                             relation="finetune" if len(loaded) == 1 else "merge", multimodal=ckpt.multimodal,
+                             provenance={"operations": [op], "sources": sources,
+                                         "source": str(base) if str(base).startswith("demo:") else Path(base).name})
+    return stamp, described
+
+
+def _looks_like_repo(text: str) -> bool:
+    parts = text.split("/")
+    return len(parts) == 2 and all(parts) and not text.startswith((".", "~")) and not Path(text).exists()
