@@ -1,0 +1,230 @@
+"""`corral experts`: router statistics, expert pruning, dense extraction and comparison."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+from toolbox.cli._typer import typer
+from toolbox.cli.options import FixNameOpt, ForceOpt, MauDeclarationOpt, OutputDirOpt
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+app = typer.Typer(help="Expert surgery on Llama 4 MoE checkpoints: statistics, pruning, dense extraction.",
+                  no_args_is_help=True)
+
+EPILOG = """\
+Calibration data: a .txt file, a .jsonl file with a "text" field per line, or a chat .jsonl
+with "messages" [{role, content}, ...] per line (rendered with the model's chat template).
+The forward pass runs one decoder layer at a time, so memory is one layer plus activations.
+
+Examples:
+
+  corral experts stats demo:scout --calibration notes.txt --max-tokens 512
+
+  corral experts stats demo:maverick --calibration chats.jsonl --csv > maverick-stats.csv
+
+  corral experts prune demo:scout -o ./scout-8e --keep 0-7 --mau-declaration below-700m
+
+  corral experts prune demo:scout -o ./scout-8e --drop "0:1,2,3,4,5,6,7,8;1:0-7;2:8-15;3:0-3,12-15"
+
+  corral experts prune ./Llama-4-Scout-17B-16E-Instruct -o ./scout-12e --keep-count 12 --criterion reap \\
+      --calibration code.jsonl --mau-declaration below-700m
+
+  corral experts extract demo:maverick -o ./maverick-dense --dense auto --calibration notes.txt
+
+  corral experts compare demo:scout ./scout-8e --calibration heldout.txt
+
+Expert lists: "0,2,5-7" for every MoE layer, or "LAYER:LIST;LAYER:LIST" naming each MoE layer.
+The same number of experts must remain in every MoE layer, and at least num_experts_per_tok.
+Outputs carry the Llama 4 license stamp; the operation, criterion and kept experts are in the provenance.
+"""
+
+CalibrationOpt = Annotated[Path | None, typer.Option("--calibration", help="Calibration text (.txt, .jsonl).",
+                                                     show_default=False)]
+MaxTokensOpt = Annotated[int, typer.Option("--max-tokens", help="Use at most this many calibration tokens.")]
+SeqLenOpt = Annotated[int, typer.Option("--seq-len", help="Tokens per calibration sequence.")]
+NameOpt = Annotated[str | None, typer.Option("--name", help="Model name written into the output "
+                                             "(must begin with 'Llama').", show_default=False)]
+BaseModelOpt = Annotated[str | None, typer.Option("--base-model", help="Hub repo id of the source model, for the "
+                                                  "model card.", show_default=False)]
+DtypeOpt = Annotated[str, typer.Option("--dtype", help="Compute dtype of the layer-streamed forward pass: float32, "
+                                         "bfloat16 (half the memory per layer) or float16.")]
+StatsOpt = Annotated[Path | None, typer.Option("--stats", help="Statistics saved by 'corral --json experts stats' "
+                                               "(instead of measuring them now).", show_default=False)]
+
+
+@app.command("stats", epilog=EPILOG)
+def stats(
+    ctx: typer.Context,
+    src: Annotated[str, typer.Argument(help="HF checkpoint directory or demo:scout|demo:maverick.", metavar="SRC",
+                                       show_default=False)],
+    calibration: CalibrationOpt = None,
+    max_tokens: MaxTokensOpt = 2048,
+    seq_len: SeqLenOpt = 512,
+    dtype: DtypeOpt = "float32",
+    json_out: Annotated[bool, typer.Option("--json", help="One JSON document on stdout.")] = False,
+    csv_out: Annotated[bool, typer.Option("--csv", help="CSV on stdout, one row per layer and expert.")] = False,
+) -> None:
+    """Per-layer, per-expert router statistics: frequency, router score, REAP saliency, output norm."""
+    import sys
+
+    from toolbox.errors import UsageError
+    from toolbox.experts.stats import router_stats, stats_csv
+
+    out = ctx.obj
+    if json_out and csv_out:
+        raise UsageError("--json and --csv exclude each other")
+    if calibration is None:
+        raise UsageError("statistics need calibration data", hint="pass --calibration FILE (.txt or .jsonl)")
+    out.json_mode = out.json_mode or json_out
+    result = router_stats(src, calibration, max_tokens=max_tokens, seq_len=seq_len, dtype=dtype,
+                          progress=out.progress())
+    if csv_out:
+        sys.stdout.write(stats_csv(result))
+        return
+
+    def render(c: Console) -> None:
+        from rich.table import Table
+
+        c.print(f"{result.tokens} calibration tokens, {result.experts} experts, top-{result.top_k}")
+        for layer, rows in result.layers.items():
+            table = Table(title=f"MoE layer {layer}")
+            for col in ("expert", "freq", "mean prob", "mean score", "out norm", "REAP", "EAN"):
+                table.add_column(col, justify="right")
+            for e in rows:
+                table.add_row(str(e.expert), f"{e.frequency:.4f}", f"{e.mean_prob:.4f}", f"{e.mean_score:.4f}",
+                              f"{e.mean_output_norm:.4g}", f"{e.reap:.4g}", f"{e.ean:.4g}")
+            c.print(table)
+    out.result(result.to_dict(), render)
+
+
+@app.command("prune", epilog=EPILOG)
+def prune(
+    ctx: typer.Context,
+    src: Annotated[str, typer.Argument(help="HF checkpoint directory or demo:scout|demo:maverick.", metavar="SRC",
+                                       show_default=False)],
+    output: OutputDirOpt,
+    keep: Annotated[str | None, typer.Option("--keep", help="Experts to keep (see below).", show_default=False)]
+    = None,
+    drop: Annotated[str | None, typer.Option("--drop", help="Experts to drop (see below).", show_default=False)]
+    = None,
+    keep_count: Annotated[int | None, typer.Option("--keep-count", help="Keep this many experts per MoE layer, "
+                                                   "chosen by --criterion.", show_default=False)] = None,
+    criterion: Annotated[str, typer.Option("--criterion", help="frequency, reap, ean, or random (with --seed).")]
+    = "reap",
+    seed: Annotated[int, typer.Option("--seed", help="Seed of --criterion random.")] = 0,
+    calibration: CalibrationOpt = None,
+    stats_file: StatsOpt = None,
+    max_tokens: MaxTokensOpt = 2048,
+    name: NameOpt = None,
+    base_model: BaseModelOpt = None,
+    mau_declaration: MauDeclarationOpt = None,
+    fix_name: FixNameOpt = False,
+    force: ForceOpt = False,
+) -> None:
+    """Remove routed experts: the same number kept in every MoE layer, router rows sliced in step."""
+    from toolbox.errors import UsageError
+    from toolbox.experts.prune import prune_by_criterion, prune_experts
+    from toolbox.experts.selection import parse_spec
+    from toolbox.experts.stats import load_stats
+
+    out = ctx.obj
+    given = [x for x in (keep, drop, keep_count) if x is not None]
+    if len(given) != 1:
+        raise UsageError("give exactly one of --keep, --drop or --keep-count")
+    common = {"name": name, "mau_declaration": mau_declaration, "fix_name": fix_name, "force": force,
+              "base_model": base_model, "progress": out.progress()}
+    if keep_count is not None:
+        if criterion != "random" and calibration is None and stats_file is None:
+            raise UsageError(f"--criterion {criterion} needs --calibration DATA (or --stats FILE)")
+        result = prune_by_criterion(src, output, count=keep_count, criterion=criterion, calibration=calibration,
+                                    stats=load_stats(stats_file) if stats_file else None, seed=seed,
+                                    max_tokens=max_tokens, **common)
+    else:
+        result = prune_experts(src, output, keep=parse_spec(keep) if keep is not None else None,
+                               drop=parse_spec(drop) if drop is not None else None, **common)
+    data = {"source": src, "path": str(result.path), "name": result.name, "experts_before": result.experts_before,
+            "experts_after": result.experts_after, "criterion": result.criterion, "bytes": result.bytes,
+            "kept": {str(k): v for k, v in result.kept.items()}}
+    out.result(data, lambda c: c.print(f"wrote {result.path} ({result.experts_before} -> {result.experts_after} "
+                                       f"experts per MoE layer, {result.bytes / 2**20:.1f} MiB)"))
+
+
+@app.command("extract", epilog=EPILOG)
+def extract(
+    ctx: typer.Context,
+    src: Annotated[str, typer.Argument(help="HF checkpoint directory or demo:scout|demo:maverick.", metavar="SRC",
+                                       show_default=False)],
+    output: OutputDirOpt,
+    dense: Annotated[str, typer.Option("--dense", help="Routed expert folded with the shared expert: a number, "
+                                       "'LAYER:E;LAYER:E', or auto (each layer's most used).", show_default=False)],
+    calibration: CalibrationOpt = None,
+    stats_file: StatsOpt = None,
+    max_tokens: MaxTokensOpt = 2048,
+    name: NameOpt = None,
+    base_model: BaseModelOpt = None,
+    mau_declaration: MauDeclarationOpt = None,
+    fix_name: FixNameOpt = False,
+    force: ForceOpt = False,
+) -> None:
+    """A dense model: each MoE layer becomes shared expert + one routed expert as one MLP."""
+    from toolbox.errors import UsageError
+    from toolbox.experts.extract import extract_dense
+    from toolbox.experts.selection import parse_ids, parse_spec
+    from toolbox.experts.stats import load_stats, router_stats
+
+    out = ctx.obj
+    extra = {}
+    if dense.strip().lower() == "auto":
+        if stats_file is not None:
+            st = load_stats(stats_file)
+        elif calibration is not None:
+            st = router_stats(src, calibration, max_tokens=max_tokens, progress=out.progress())
+        else:
+            raise UsageError("--dense auto needs --calibration DATA (or --stats FILE)")
+        expert: int | dict[int, int] = st.most_used()
+        extra = {"choice": "auto (most used)", "calibration_tokens": st.tokens}
+    elif ":" in dense:
+        per = parse_spec(dense)
+        assert isinstance(per, dict)
+        if any(len(v) != 1 for v in per.values()):
+            raise UsageError("--dense LAYER:E names one expert per layer")
+        expert = {k: v[0] for k, v in per.items()}
+    else:
+        ids = parse_ids(dense)
+        if len(ids) != 1:
+            raise UsageError(f"--dense {dense!r}: give one expert number, a per-layer list, or auto")
+        expert = ids[0]
+    result = extract_dense(src, output, expert=expert, name=name, mau_declaration=mau_declaration, fix_name=fix_name,
+                           force=force, base_model=base_model, extra_provenance=extra, progress=out.progress())
+    data = {"source": src, "path": str(result.path), "name": result.name, "bytes": result.bytes,
+            "experts": {str(k): v for k, v in result.experts.items()}}
+    out.result(data, lambda c: c.print(f"wrote dense model {result.path} ({result.bytes / 2**20:.1f} MiB; experts "
+                                       f"{', '.join(f'{k}:{v}' for k, v in result.experts.items())})"))
+
+
+@app.command("compare", epilog=EPILOG)
+def compare(
+    ctx: typer.Context,
+    original: Annotated[str, typer.Argument(help="The original checkpoint.", metavar="ORIGINAL", show_default=False)],
+    other: Annotated[str, typer.Argument(help="The pruned or extracted checkpoint.", metavar="OTHER",
+                                         show_default=False)],
+    calibration: CalibrationOpt = None,
+    max_tokens: MaxTokensOpt = 2048,
+    seq_len: SeqLenOpt = 512,
+    dtype: DtypeOpt = "float32",
+) -> None:
+    """Next-token KL divergence, top-1 agreement and perplexity of OTHER against ORIGINAL."""
+    from toolbox.errors import UsageError
+    from toolbox.experts.compare import compare_models
+
+    out = ctx.obj
+    if calibration is None:
+        raise UsageError("comparison needs held-out text", hint="pass --calibration FILE (.txt or .jsonl)")
+    r = compare_models(original, other, calibration, max_tokens=max_tokens, seq_len=seq_len, dtype=dtype,
+                       progress=out.progress())
+    out.result(r.to_dict(), lambda c: c.print(
+        f"{r.tokens} positions: KL {r.kl:.5f} nats/token, top-1 agreement {r.top1_agreement:.2%}, "
+        f"perplexity {r.perplexity_original:.2f} (original) vs {r.perplexity_other:.2f}"))

@@ -1,0 +1,119 @@
+"""Dense extraction: each MoE layer's shared expert and one routed expert folded into one MLP of
+width 2x the expert width, so the result is a dense Llama 4 text stack transformers loads.
+
+It equals the MoE with the router forced to that expert at score 1 (FIELD_NOTES section 1),
+because SiLU(gate) * up is computed per hidden unit and the down projection sums over them:
+stacking the two MLPs' units side by side adds their outputs."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from toolbox.errors import UnsupportedModelError, UsageError
+from toolbox.experts.output import Planned, copy_tensor, make_stamp, text_config, write_checkpoint
+from toolbox.progress import NULL_PROGRESS, Progress
+
+_FF = re.compile(r"\.layers\.(\d+)\.feed_forward\.(.+)$")
+
+
+@dataclass
+class ExtractResult:
+    path: Path
+    experts: dict[int, int]
+    bytes: int
+    name: str
+
+
+def resolve_experts(expert: int | Mapping[int, int], moe_layers: tuple[int, ...], n_experts: int) -> dict[int, int]:
+    """One expert for every MoE layer, or {layer: expert} covering each MoE layer exactly."""
+    if isinstance(expert, Mapping):
+        chosen = {int(k): int(v) for k, v in expert.items()}
+        if set(chosen) != set(moe_layers):
+            raise UsageError(f"experts given for layers {sorted(chosen)}, the MoE layers are {list(moe_layers)}",
+                             hint="give every MoE layer exactly once, or one expert for all")
+    else:
+        chosen = {layer: int(expert) for layer in moe_layers}
+    bad = sorted({e for e in chosen.values() if not 0 <= e < n_experts})
+    if bad:
+        raise UsageError(f"expert(s) {bad} do not exist (the model has {n_experts}: 0-{n_experts - 1})")
+    return chosen
+
+
+def dense_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The config of the dense result: no MoE layer, every feed-forward of width intermediate_size_mlp."""
+    cfg = json.loads(json.dumps(config))
+    tc = text_config(cfg)
+    tc["moe_layers"] = []
+    tc["interleave_moe_layer_step"] = 0
+    tc["intermediate_size_mlp"] = 2 * int(tc["intermediate_size"])  # explicit: transformers' default is 16384
+    return cfg
+
+
+def extract_dense(src: str | Path, out: str | Path, *, expert: int | Mapping[int, int], name: str | None = None,
+                  mau_declaration: str | None = None, fix_name: bool = False, force: bool = False,
+                  base_model: str | None = None, extra_provenance: dict[str, Any] | None = None,
+                  progress: Progress = NULL_PROGRESS) -> ExtractResult:
+    """Write a dense model: in each MoE layer, [shared expert | routed `expert`] as one MLP."""
+    from toolbox.checkpoint import load_checkpoint
+    from toolbox.demo import resolve_checkpoint
+    from toolbox.tensors.atomic import check_output_path
+    from toolbox.tensors.source import open_source
+
+    out = Path(out).absolute()
+    check_output_path(out, force=force)
+    src_dir = resolve_checkpoint(src)
+    ckpt = load_checkpoint(src_dir)
+    t = ckpt.text
+    if not t.moe_layers:
+        raise UsageError("this model has no MoE layer: it is dense already")
+    if t.dense_width != 2 * t.expert_width:
+        raise UnsupportedModelError(f"intermediate_size_mlp {t.dense_width} is not twice the expert width "
+                                    f"{t.expert_width}: a folded layer would not match the dense layers")
+    chosen = resolve_experts(expert, t.moe_layers, t.experts)
+    op = {"op": "extract-dense", "experts": {str(k): v for k, v in sorted(chosen.items())},
+          **(extra_provenance or {})}
+    stamp = make_stamp(src, src_dir, ckpt, op, name=name, suffix="dense", mau_declaration=mau_declaration,
+                       fix_name=fix_name, base_model=base_model)
+    source = open_source(src_dir)
+    try:
+        infos = source.infos()
+        plan: list[Planned] = []
+        for info in infos.values():
+            m = _FF.search(info.name)
+            if m is None or int(m[1]) not in chosen:
+                plan.append((info.name, info.shape, info.dtype, copy_tensor(source, info)))
+                continue
+            if m[2] != "router.weight":  # one folded MLP per layer, planned where the router was
+                continue
+            base = info.name.removesuffix("router.weight")
+            e, dtype = chosen[int(m[1])], infos[f"{base}experts.gate_up_proj"].dtype
+            for proj, shape in (("gate_proj", (2 * t.expert_width, t.hidden)), ("up_proj", (2 * t.expert_width,
+                                                                                           t.hidden)),
+                                ("down_proj", (t.hidden, 2 * t.expert_width))):
+                plan.append((f"{base}{proj}.weight", shape, dtype, _folded(source, base, proj, e, t.expert_width)))
+        written = write_checkpoint(out, src_dir, plan, dense_config(ckpt.config), stamp, force=force,
+                                   label="extracting", progress=progress)
+    finally:
+        source.close()
+    return ExtractResult(out, chosen, written, stamp.name)
+
+
+def _folded(source: Any, base: str, proj: str, e: int, width: int) -> Any:
+    """Writer callback: shared expert's rows (or columns, for down) then the routed expert's."""
+    import torch
+
+    def emit(writer: Any) -> None:
+        shared = source.load(f"{base}shared_expert.{proj}.weight")
+        if proj == "down_proj":  # [H, I] | down[e].T [H, I] -> [H, 2I]
+            routed = source.load_slice(f"{base}experts.down_proj", e).T
+            writer.write(f"{base}{proj}.weight", torch.cat([shared, routed.to(shared.dtype)], dim=1).contiguous())
+            return
+        gate_up = source.load_slice(f"{base}experts.gate_up_proj", e)  # [H, 2I]
+        part = gate_up[:, :width] if proj == "gate_proj" else gate_up[:, width:]
+        writer.write(f"{base}{proj}.weight", torch.cat([shared, part.T.to(shared.dtype)], dim=0).contiguous())
+    return emit

@@ -1,0 +1,127 @@
+"""Expert pruning: keep the same chosen experts' slices of the router and both expert tensors
+in every MoE layer; with sigmoid-of-top-k routing the result is exactly the original with the
+dropped experts' router logits at -inf (FIELD_NOTES section 1)."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from toolbox.experts.output import Planned, copy_tensor, make_stamp, text_config, write_checkpoint
+from toolbox.experts.selection import KeepSpec, resolve_keep
+from toolbox.progress import NULL_PROGRESS, Progress
+
+_MOE = re.compile(r"\.layers\.(\d+)\.feed_forward\.(experts\.gate_up_proj|experts\.down_proj|router\.weight)$")
+
+
+@dataclass
+class PruneResult:
+    path: Path
+    kept: dict[int, list[int]]
+    experts_before: int
+    experts_after: int
+    bytes: int
+    name: str
+    criterion: str | None = None
+    scores: dict[int, list[float]] = field(default_factory=dict)
+
+
+def prune_experts(src: str | Path, out: str | Path, *, keep: KeepSpec | None = None, drop: KeepSpec | None = None,
+                  criterion: str | None = None, name: str | None = None, mau_declaration: str | None = None,
+                  fix_name: bool = False, force: bool = False, base_model: str | None = None,
+                  extra_provenance: dict[str, Any] | None = None,
+                  progress: Progress = NULL_PROGRESS) -> PruneResult:
+    """Write a copy of `src` keeping, in every MoE layer, the experts in `keep` (or all but `drop`).
+
+    `keep`/`drop` is one list for every MoE layer or {layer: list}; the same count must remain in
+    every layer and at least num_experts_per_tok. Streams one expert slice at a time."""
+    from toolbox.checkpoint import load_checkpoint
+    from toolbox.demo import resolve_checkpoint
+    from toolbox.tensors.atomic import check_output_path
+    from toolbox.tensors.source import open_source
+
+    out = Path(out).absolute()
+    check_output_path(out, force=force)
+    src_dir = resolve_checkpoint(src)
+    ckpt = load_checkpoint(src_dir)
+    t = ckpt.text
+    kept = resolve_keep(keep=keep, drop=drop, experts=t.experts, top_k=t.top_k, moe_layers=t.moe_layers)
+    n_kept = len(next(iter(kept.values())))
+    op: dict[str, Any] = {"op": "prune-experts", "criterion": criterion or ("keep" if keep is not None else "drop"),
+                          "experts_before": t.experts, "experts_after": n_kept,
+                          "kept": {str(k): v for k, v in sorted(kept.items())}, **(extra_provenance or {})}
+    stamp = make_stamp(src, src_dir, ckpt, op, name=name, suffix=f"{n_kept}E-pruned", mau_declaration=mau_declaration,
+                       fix_name=fix_name, base_model=base_model)
+    config = json.loads(json.dumps(ckpt.config))
+    text_config(config)["num_local_experts"] = n_kept
+    source = open_source(src_dir)
+    try:
+        plan: list[Planned] = []
+        for info in source.infos().values():
+            m = _MOE.search(info.name)
+            if m is None:
+                plan.append((info.name, info.shape, info.dtype, copy_tensor(source, info)))
+                continue
+            ids = kept[int(m[1])]
+            plan.append((info.name, (len(ids), *info.shape[1:]), info.dtype, _sliced(source, info.name, ids,
+                                                                                      m[2] == "router.weight")))
+        written = write_checkpoint(out, src_dir, plan, config, stamp, force=force, label="pruning",
+                                   progress=progress)
+    finally:
+        source.close()
+    return PruneResult(out, kept, t.experts, n_kept, written, stamp.name, criterion)
+
+
+def _sliced(source: Any, name: str, ids: list[int], whole: bool) -> Any:
+    def emit(writer: Any) -> None:
+        if whole:  # the router is [E, H]: small, read at once
+            writer.write(name, source.load(name)[ids].contiguous())
+        else:
+            for e in ids:
+                writer.write(name, source.load_slice(name, e))
+    return emit
+
+
+def choose_keep(count: int, criterion: str, *, moe_layers: tuple[int, ...], experts: int,
+                stats: Any = None, seed: int = 0) -> dict[int, list[int]]:
+    """{layer: kept} by a criterion: the `count` best by frequency/reap/ean, or a seeded random set."""
+    import random
+
+    from toolbox.errors import UsageError
+    from toolbox.experts.stats import CRITERIA
+
+    if criterion == "random":
+        rng = random.Random(seed)
+        return {layer: sorted(rng.sample(range(experts), count)) for layer in moe_layers}
+    if criterion not in CRITERIA:
+        raise UsageError(f"unknown criterion {criterion!r}", hint=f"choose {', '.join(CRITERIA)} or random")
+    if not 0 < count <= experts:
+        raise UsageError(f"--keep-count {count} is not between 1 and {experts}")
+    if stats is None or set(stats.layers) != set(moe_layers) or stats.experts != experts:
+        raise UsageError("the statistics do not describe this model's MoE layers and experts")
+    return stats.keep_top(count, criterion)
+
+
+def prune_by_criterion(src: str | Path, out: str | Path, *, count: int, criterion: str,
+                       calibration: str | Path | None = None, stats: Any = None, seed: int = 0,
+                       max_tokens: int = 2048, progress: Progress = NULL_PROGRESS, **kwargs: Any) -> PruneResult:
+    """Keep `count` experts per MoE layer chosen by `criterion` from statistics (given, or measured
+    on `calibration` now), then `prune_experts`."""
+    from toolbox.checkpoint import load_checkpoint
+    from toolbox.experts.stats import router_stats
+
+    t = load_checkpoint(src).text
+    if criterion != "random" and stats is None:
+        stats = router_stats(src, calibration, max_tokens=max_tokens, progress=progress)
+    keep = choose_keep(count, criterion, moe_layers=t.moe_layers, experts=t.experts, stats=stats, seed=seed)
+    extra: dict[str, Any] = {"seed": seed} if criterion == "random" else {"calibration_tokens": stats.tokens}
+    if criterion != "random" and calibration is not None:
+        extra["calibration"] = Path(calibration).name
+    result = prune_experts(src, out, keep=keep, criterion=criterion, extra_provenance=extra, progress=progress,
+                           **kwargs)
+    if stats is not None and criterion != "random":
+        result.scores = {k: [e.score(criterion) for e in v] for k, v in stats.layers.items()}
+    return result
