@@ -1,0 +1,1 @@
+"""Built-in corral recipes (YAML), listed by `corral recipe list`."""

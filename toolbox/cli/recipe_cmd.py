@@ -1,0 +1,167 @@
+"""`corral recipe`: run, validate, list, show and describe (JSON Schema) recipe pipelines."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+from rich.console import Console
+
+from toolbox.cli._typer import typer
+from toolbox.cli.options import MauDeclarationOpt
+
+app = typer.Typer(help="Declarative, reproducible pipelines for CI: source -> merge/prune/convert -> gates -> "
+                  "outputs.", no_args_is_help=True)
+
+RecipeArg = Annotated[str, typer.Argument(help="A recipe file (.yaml) or the name of a built-in recipe.",
+                                          metavar="RECIPE", show_default=False)]
+
+RUN_EPILOG = """\
+Each step is keyed by its operation, parameters and the content of its inputs; built steps are
+kept in the recipe cache ($CORRAL_CACHE_DIR/recipes, or --cache-dir), so a re-run does no work
+and a changed quant list builds only the new quantizations (in CI, persist the cache directory).
+Outputs are published into --output (default ./RECIPE-NAME) as read-only hard links to the cache,
+with corral-recipe.json listing every file's sha256. --lock FILE pins the Hub commit and input
+hashes on the first run and, on later runs, refuses changed inputs and checks that rebuilt
+outputs are byte-identical. Exit status: 0 ok, 1 a gate (verify, license-check) failed, 2 usage,
+3 invalid recipe or input, 4 Hub access, 5 license policy.
+
+Examples:
+
+  corral recipe run scout-gguf --set source=demo:scout --mau-declaration below-700m
+
+  corral recipe run ./my-recipe.yaml --dry-run
+
+  corral recipe run ./my-recipe.yaml --lock my-recipe.lock --accept-license -o ./artifacts
+
+  corral recipe run scout-gguf --set 'steps.gguf.matrix.quant=[q8_0, q5_k_m, q4_k_m]'
+"""
+
+OTHER_EPILOG = """\
+Examples:
+
+  corral recipe list
+
+  corral recipe show scout-gguf > my-recipe.yaml
+
+  corral recipe validate my-recipe.yaml --set source=demo:scout
+
+  corral recipe schema > corral-recipe.schema.json
+"""
+
+
+@app.command("run", epilog=RUN_EPILOG)
+def run(
+    ctx: typer.Context,
+    recipe: RecipeArg,
+    output: Annotated[Path | None, typer.Option("--output", "-o", show_default=False,
+                                                help="Where outputs are published (default: ./RECIPE-NAME).")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", metavar="KEY=VALUE", show_default=False,
+                                                   help="Override a recipe field (repeatable): source=demo:scout, "
+                                                   "steps.ID.with.outtype=q8_0, steps.ID.matrix.quant=[a, b].")
+                    ] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan (steps, cached or to build, "
+                                          "outputs, estimated disk use); build nothing.")] = False,
+    lock: Annotated[Path | None, typer.Option("--lock", metavar="FILE", show_default=False,
+                                              help="Lock file: written on first use, enforced afterwards.")] = None,
+    jobs: Annotated[int | None, typer.Option("--jobs", "-j", min=1, show_default=False,
+                                             help="Independent steps run in parallel (default: from cores and "
+                                             "memory).")] = None,
+    cache_dir: Annotated[Path | None, typer.Option("--cache-dir", show_default=False,
+                                                   help="Step cache (default: $CORRAL_CACHE_DIR/recipes).")] = None,
+    accept_license: Annotated[bool, typer.Option("--accept-license", help="Accept the Llama license of a Hub "
+                                                 "source (as corral download --accept-license).")] = False,
+    mau_declaration: MauDeclarationOpt = None,
+) -> int:
+    """Run a recipe: build what is not cached, check the gates, publish the outputs."""
+    from toolbox.recipe import load_recipe, run_recipe
+
+    out = ctx.obj
+    loaded = load_recipe(recipe, set_ or [])
+    result = run_recipe(loaded, output, cache_dir=cache_dir, dry_run=dry_run, lock=lock, jobs=jobs,
+                        accept_license=accept_license, mau_declaration=mau_declaration, progress=out.progress())
+
+    def render(console: Console) -> None:
+        from toolbox.hub import human_size
+
+        head = "plan" if result.dry_run else "ran"
+        console.print(f"[bold]{head}[/bold] {result.name} ({result.recipe}) -> {result.output_dir}", highlight=False)
+        style = {"cached": "dim", "built": "green", "planned": "cyan", "failed": "red", "skipped": "yellow"}
+        for inst in result.instances:
+            st = style.get(inst.status, "")
+            extra = f" -> {inst.output}" if inst.output else ""
+            size = f" ~{human_size(inst.estimate)}" if result.dry_run and inst.status == "planned" and inst.estimate \
+                else ""
+            took = f" {inst.seconds:.1f}s" if inst.status == "built" else ""
+            console.print(f"  [{st}]{inst.status:8}[/{st}] {inst.label} ({inst.step.uses}){extra}{size}{took}",
+                          highlight=False)
+        if result.dry_run:
+            total = sum(i.estimate for i in result.instances if i.status == "planned")
+            console.print(f"{sum(1 for i in result.instances if i.status == 'planned')} steps to build, estimated "
+                          f"disk use {human_size(total)} (upper bound) in {result.cache_dir}", highlight=False)
+        else:
+            console.print(f"[green]OK[/green] built {result.work_done}, cached "
+                          f"{sum(1 for i in result.instances if i.status == 'cached')}; "
+                          f"{len(result.published)} outputs in {result.output_dir}", highlight=False)
+
+    out.result(result.to_dict(), render)
+    return 0
+
+
+@app.command("validate", epilog=OTHER_EPILOG)
+def validate(
+    ctx: typer.Context,
+    recipe: RecipeArg,
+    set_: Annotated[list[str] | None, typer.Option("--set", metavar="KEY=VALUE", show_default=False,
+                                                   help="Apply overrides before validating (repeatable).")] = None,
+) -> int:
+    """Check a recipe against the schema; errors point at the YAML line and field."""
+    from toolbox.recipe import load_recipe
+    from toolbox.recipe.run import expand
+
+    loaded = load_recipe(recipe, set_ or [])
+    steps = expand(loaded)
+    ctx.obj.result({"recipe": loaded.recipe.name, "file": str(loaded.path), "valid": True,
+                    "steps": [i.label for i in steps]},
+                   lambda c: c.print(f"[green]valid[/green] {loaded.path}: {loaded.recipe.name}, "
+                                     f"{len(loaded.recipe.steps)} steps ({len(steps)} with the matrix)",
+                                     highlight=False))
+    return 0
+
+
+@app.command("list", epilog=OTHER_EPILOG)
+def list_(ctx: typer.Context) -> int:
+    """The built-in recipes."""
+    from toolbox.recipe import builtin_recipes, load_recipe
+
+    items = []
+    for name, path in builtin_recipes().items():
+        r = load_recipe(path).recipe
+        items.append({"name": name, "description": r.description, "source": r.source, "path": str(path)})
+
+    def render(console: Console) -> None:
+        for it in items:
+            console.print(f"[bold]{it['name']:22}[/bold] {it['description']}", highlight=False)
+
+    ctx.obj.result({"recipes": items}, render)
+    return 0
+
+
+@app.command("show", epilog=OTHER_EPILOG)
+def show(recipe: RecipeArg) -> int:
+    """Print a recipe's YAML (a starting point for your own)."""
+    from toolbox.recipe.load import find_recipe
+
+    sys.stdout.write(find_recipe(recipe).read_text(encoding="utf-8"))
+    return 0
+
+
+@app.command("schema", epilog=OTHER_EPILOG)
+def schema() -> int:
+    """Print the JSON Schema of recipe files (for editors and linters)."""
+    from toolbox.recipe import json_schema
+
+    sys.stdout.write(json.dumps(json_schema(), indent=2) + "\n")
+    return 0

@@ -1,0 +1,532 @@
+"""Running a recipe: expand the matrix, key every step by its inputs, build what is not cached (in
+parallel where independent), check the gates, publish the outputs, keep the lock.
+
+Every step instance's key is a hash of the operation, its parameters, the keys of what it reads
+(the source's content or Hub commit, adapter and calibration file contents), the license
+declarations and corral's version. A built instance lives in `<cache>/objects/<key>/`, so a
+re-run skips it, and a CI job that only adds a quant type builds only that one. Outputs are
+hard links to the cache objects (read-only) where the filesystem allows, copies otherwise.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import shutil
+import threading
+import time
+import uuid
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from toolbox.errors import BadInputError, UsageError
+from toolbox.progress import NULL_PROGRESS, Progress
+from toolbox.recipe.hashing import HashCache, digest_of
+from toolbox.recipe.load import LoadedRecipe
+from toolbox.recipe.ops import GATES_OPS, OpContext, run_op
+
+LOCK_VERSION = 1
+RECORD_NAME = "corral-recipe.json"
+# bits per weight of each GGUF outtype, for the dry run's disk estimate (bf16 source = 16)
+_BITS = {"f32": 32, "f16": 16, "bf16": 16, "auto": 16, "q8_0": 8.5, "q6_k": 6.6, "q5_k_m": 5.7, "q5_k_s": 5.5,
+         "q5_0": 5.5, "q5_1": 6, "q4_k_m": 4.9, "q4_k_s": 4.6, "q4_0": 4.5, "q4_1": 5, "iq4_xs": 4.3, "iq4_nl": 4.5,
+         "mxfp4": 4.3, "q3_k_m": 3.9, "q3_k_s": 3.5, "q3_k_l": 4.3, "iq3_m": 3.7, "iq3_xxs": 3.1, "q2_k": 2.6,
+         "iq2_m": 2.7, "tq2_0": 2.1, "tq1_0": 1.7}
+
+
+class ReproducibilityError(BadInputError):
+    """A step rebuilt under a lock produced different bytes than the lock records."""
+
+
+@dataclass
+class Instance:
+    """One step with one combination of matrix values."""
+
+    step: Any
+    values: dict[str, Any]
+    parent: Instance | None
+    params: dict[str, Any]
+    output: str | None
+    key: str = ""
+    status: str = "pending"  # cached | built | failed | skipped | planned
+    artifact: Path | None = None
+    files: dict[str, str] = field(default_factory=dict)  # artifact file (relative) -> sha256
+    seconds: float = 0.0
+    error: str | None = None
+    estimate: int = 0
+
+    @property
+    def label(self) -> str:
+        if not self.values:
+            return self.step.id
+        return f"{self.step.id}[{','.join(f'{k}={v}' for k, v in self.values.items())}]"
+
+    @property
+    def gate(self) -> bool:
+        return self.step.uses in GATES_OPS
+
+    def to_dict(self, output_dir: Path) -> dict[str, Any]:
+        return {"step": self.step.id, "uses": self.step.uses, "matrix": self.values, "label": self.label,
+                "key": self.key, "status": self.status, "seconds": round(self.seconds, 3),
+                "output": str(output_dir / self.output) if self.output else None,
+                "files": self.files, "error": self.error, "estimated_bytes": self.estimate}
+
+
+@dataclass
+class RecipeResult:
+    name: str
+    recipe: Path
+    output_dir: Path
+    cache_dir: Path
+    source: dict[str, Any]
+    instances: list[Instance]
+    dry_run: bool
+    lock: Path | None
+    published: list[dict[str, Any]]
+
+    @property
+    def ok(self) -> bool:
+        return all(i.status in ("cached", "built", "planned") for i in self.instances)
+
+    @property
+    def work_done(self) -> int:
+        return sum(1 for i in self.instances if i.status == "built")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"recipe": self.name, "file": str(self.recipe), "ok": self.ok, "dry_run": self.dry_run,
+                "output_dir": str(self.output_dir), "cache_dir": str(self.cache_dir), "source": self.source,
+                "built": self.work_done, "cached": sum(1 for i in self.instances if i.status == "cached"),
+                "estimated_bytes": sum(i.estimate for i in self.instances if i.status == "planned"),
+                "steps": [i.to_dict(self.output_dir) for i in self.instances], "published": self.published,
+                "lock": str(self.lock) if self.lock else None}
+
+
+# -- expansion -----------------------------------------------------------------------------------
+def _render(value: Any, values: dict[str, Any]) -> Any:
+    if isinstance(value, str):
+        for k, v in values.items():
+            value = value.replace("{" + k + "}", str(v))
+        return value
+    if isinstance(value, list):
+        return [_render(v, values) for v in value]
+    if isinstance(value, dict):
+        return {k: _render(v, values) for k, v in value.items()}
+    return value
+
+
+def expand(loaded: LoadedRecipe) -> list[Instance]:
+    """Step instances in dependency order; a step reading from a fanned-out step fans out with it."""
+    by_step: dict[str, list[Instance | None]] = {"source": [None]}
+    out: list[Instance] = []
+    for step in loaded.recipe.steps:
+        params = step.with_.model_dump(mode="json")
+        keys = list(step.matrix)
+        combos = [dict(zip(keys, c, strict=True)) for c in itertools.product(*(step.matrix[k] for k in keys))]
+        made: list[Instance | None] = []
+        for parent in by_step[step.from_]:
+            for combo in combos or [{}]:
+                values = {**(parent.values if parent else {}), **combo}
+                inst = Instance(step, values, parent, _render(params, values),
+                                _render(step.output, values) if step.output else None)
+                made.append(inst)
+                out.append(inst)
+        by_step[step.id] = made
+    return out
+
+
+def _against(inst: Instance, instances: list[Instance]) -> Instance | str | None:
+    """The instance a verify step compares with: an ancestor of that step, else the one whose values match."""
+    target = inst.params.get("against")
+    if not target:
+        return "none"
+    if target == "source":
+        return None
+    node = inst.parent
+    while node is not None:
+        if node.step.id == target:
+            return node
+        node = node.parent
+    cands = [i for i in instances if i.step.id == target
+             and all(inst.values.get(k) == v for k, v in i.values.items() if k in inst.values)]
+    if len(cands) != 1:
+        raise UsageError(f"step {inst.step.id}: against {target!r} is ambiguous for {inst.label}")
+    return cands[0]
+
+
+# -- the source ----------------------------------------------------------------------------------
+@dataclass
+class Source:
+    spec: str
+    path: Path | None
+    key: str
+    info: dict[str, Any]
+    size: int
+
+
+def resolve_source(loaded: LoadedRecipe, cache: Path, hashes: HashCache, *, dry_run: bool, lock: dict[str, Any] | None,
+                   accept_license: bool, progress: Progress) -> Source:
+    r = loaded.recipe
+    spec = r.source
+    if spec.startswith("demo:"):
+        from toolbox.demo import DEMO_FORMAT_VERSION, resolve_checkpoint
+
+        path = resolve_checkpoint(spec, progress=progress)
+        info = {"kind": "demo", "spec": spec, "format_version": DEMO_FORMAT_VERSION}
+        return Source(spec, path, digest_of(info), info, _weights_size(path))
+    local = Path(spec).expanduser()
+    if not local.is_absolute():
+        local = (loaded.path.parent / local) if (loaded.path.parent / local).exists() else local
+    if local.exists():
+        files = hashes.files(local)
+        info = {"kind": "path", "spec": spec, "sha256": digest_of(files)}
+        if lock and lock.get("source", {}).get("sha256") not in (None, info["sha256"]):
+            raise BadInputError(f"source {spec} changed since the lock was written (content hash differs)",
+                                hint="restore the locked input, or delete the lock file to re-lock")
+        return Source(spec, local.absolute(), info["sha256"], info, _weights_size(local))
+    if "/" not in spec or spec.startswith((".", "/")):
+        raise BadInputError(f"source {spec!r} is neither a path that exists, a demo:* name nor a Hub repo id")
+    from toolbox.hub import download
+
+    revision = (lock or {}).get("source", {}).get("commit") or r.revision
+    target = cache / "hub" / spec.replace("/", "--")
+    res = download(spec, target, revision=revision, include=r.include or None, dry_run=dry_run,
+                   accept_license=accept_license, progress=progress)
+    info = {"kind": "hub", "spec": spec, "revision": r.revision or "main", "commit": res.commit,
+            "include": r.include}
+    return Source(spec, None if dry_run else target, digest_of(info), info, res.bytes_total)
+
+
+def _weights_size(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+# -- keys and estimates --------------------------------------------------------------------------
+def _key(inst: Instance, source: Source, against: Instance | str | None, loaded: LoadedRecipe, hashes: HashCache,
+         inputs: dict[str, str], license_spec: dict[str, Any]) -> str:
+    from toolbox import __version__
+
+    params = dict(inst.params)
+    for name in ("calibration",):
+        if params.get(name):
+            params[name] = _input_hash(loaded, params[name], hashes, inputs)
+    if "adapters" in params:
+        params["adapters"] = [{**a, "path": _input_hash(loaded, a["path"], hashes, inputs)} for a in params["adapters"]]
+    return digest_of({
+        "uses": inst.step.uses, "params": params, "input": inst.parent.key if inst.parent else source.key,
+        "against": None if against == "none" else (against.key if isinstance(against, Instance) else source.key),
+        "license": license_spec, "corral": __version__,
+        "source_date_epoch": os.environ.get("SOURCE_DATE_EPOCH"),
+    })
+
+
+def _input_path(loaded: LoadedRecipe, spec: str) -> Path:
+    p = Path(spec).expanduser()
+    if not p.is_absolute() and (loaded.path.parent / p).exists():
+        p = loaded.path.parent / p
+    if not p.exists():
+        raise BadInputError(f"recipe input {spec} does not exist", path=p,
+                            hint="paths in a recipe are relative to the recipe file or the working directory")
+    return p.absolute()
+
+
+def _input_hash(loaded: LoadedRecipe, spec: str, hashes: HashCache, inputs: dict[str, str]) -> str:
+    if spec not in inputs:
+        inputs[spec] = hashes.tree(_input_path(loaded, spec))
+    return inputs[spec]
+
+
+def _estimate(inst: Instance, parent_size: int) -> int:
+    if inst.gate:
+        return 0
+    p = inst.params
+    if inst.step.uses == "convert":
+        if p["to"] == "gguf":
+            return int(parent_size * _BITS.get(str(p.get("outtype", "auto")).lower(), 16) / 16)
+        return parent_size * (2 if p.get("dtype") in ("f32", "fp32") or (p["to"] == "onnx" and p.get("dtype")
+                                                                          in (None, "auto")) else 1)
+    return parent_size  # merge, prune, extract: at most the input's size
+
+
+# -- the run -------------------------------------------------------------------------------------
+def run_recipe(loaded: LoadedRecipe, output_dir: str | Path | None = None, *, cache_dir: str | Path | None = None,
+               dry_run: bool = False, lock: str | Path | None = None, jobs: int | None = None,
+               accept_license: bool = False, mau_declaration: str | None = None,
+               progress: Progress = NULL_PROGRESS) -> RecipeResult:
+    """Run (or with `dry_run`, plan) a recipe. Raises GateFailed (exit 1) when a gate finds problems,
+    the step's own CorralError when a step fails, ReproducibilityError when a lock is not met."""
+    from toolbox.demo import cache_dir as default_cache
+
+    r = loaded.recipe
+    out_dir = Path(output_dir) if output_dir else Path(r.name)
+    cache = Path(cache_dir) if cache_dir else default_cache() / "recipes"
+    hashes = HashCache(cache / "hashes.json")
+    lock_path = Path(lock) if lock else None
+    lock_doc = _read_lock(lock_path) if lock_path and lock_path.is_file() else None
+    source = resolve_source(loaded, cache, hashes, dry_run=dry_run, lock=lock_doc, accept_license=accept_license,
+                            progress=progress)
+    instances = expand(loaded)
+    # the declaration the outputs will carry: --mau-declaration / CORRAL_MAU_DECLARATION, else the recipe's
+    ctx_common = {"mau_declaration": mau_declaration or r.license.mau_declaration, "fix_name": r.license.fix_name}
+    inputs: dict[str, str] = {}
+    against_of: dict[int, Instance | str | None] = {}
+    sizes: dict[int, int] = {}
+    for inst in instances:
+        against_of[id(inst)] = _against(inst, instances)
+        inst.key = _key(inst, source, against_of[id(inst)], loaded, hashes, inputs, ctx_common)
+        parent_size = sizes[id(inst.parent)] if inst.parent else source.size
+        sizes[id(inst)] = _estimate(inst, parent_size) if not inst.gate else parent_size
+        inst.estimate = 0 if inst.gate else sizes[id(inst)]
+    for inst in instances:  # ops get absolute paths (recipe paths are relative to the recipe file)
+        if inst.params.get("calibration"):
+            inst.params["calibration"] = str(_input_path(loaded, inst.params["calibration"]))
+        if "adapters" in inst.params:
+            inst.params["adapters"] = [{**a, "path": str(_input_path(loaded, a["path"]))}
+                                       for a in inst.params["adapters"]]
+    if lock_doc:
+        for spec, digest in inputs.items():
+            locked = lock_doc.get("inputs", {}).get(spec)
+            if locked is not None and locked != digest:
+                raise BadInputError(f"recipe input {spec} changed since the lock was written",
+                                    hint="restore the locked input, or delete the lock file to re-lock")
+    objects = cache / "objects"
+    for inst in instances:
+        done = _done(objects, inst)
+        if done is not None:
+            inst.status, inst.artifact, inst.files = "cached", done[0], done[1]
+        elif dry_run:
+            inst.status = "planned"
+    hashes.save()
+    result = RecipeResult(r.name, loaded.path, out_dir, cache, source.info, instances, dry_run, lock_path, [])
+    if dry_run:
+        return result
+    assert source.path is not None
+    _execute(instances, source, against_of, objects, ctx_common, jobs, progress)
+    failed = next((i for i in instances if i.status == "failed"), None)
+    if failed is not None:
+        raise failed.exc  # type: ignore[attr-defined]
+    if lock_doc:
+        _check_lock(lock_doc, instances)
+    result.published = _publish(instances, out_dir, r.name, loaded, source)
+    if lock_path is not None:
+        _write_lock(lock_path, loaded, source, inputs, instances, lock_doc)
+    return result
+
+
+def _execute(instances: list[Instance], source: Source, against_of: dict[int, Any], objects: Path,
+             ctx_common: dict[str, Any], jobs: int | None, progress: Progress) -> None:
+    todo = [i for i in instances if i.status == "pending"]
+    if not todo:
+        return
+    jobs = jobs or default_jobs()
+    lock = threading.Lock()
+
+    def resolve(target: Instance | None) -> Path:
+        return source.path if target is None else target.artifact  # type: ignore[return-value]
+
+    def build(inst: Instance) -> None:
+        src = resolve(inst.parent)
+        t0 = time.perf_counter()
+        against = against_of[id(inst)]
+        ctx = OpContext(progress=progress, resolve=lambda _target: resolve(against), **ctx_common)
+        if inst.gate:
+            run_op(inst.step.uses, inst.params, src, objects, ctx)
+            _mark_gate(objects, inst)
+        else:
+            staging = objects / f".{inst.key}.{uuid.uuid4().hex[:8]}.partial"
+            staging.mkdir(parents=True)
+            try:
+                artifact = run_op(inst.step.uses, inst.params, src, staging, ctx)
+                assert artifact is not None
+                hasher = HashCache(staging / ".unused")
+                files = hasher.files(artifact) if artifact.is_dir() else {
+                    p.name: hasher.file(p) for p in artifact_parts(artifact)}
+                _freeze(staging)
+                (staging / "corral-object.json").write_text(json.dumps(
+                    {"artifact": artifact.relative_to(staging).as_posix(), "files": files, "label": inst.label},
+                    indent=1, sort_keys=True))
+                final = objects / inst.key
+                if final.exists():  # a concurrent run built it first
+                    shutil.rmtree(staging, ignore_errors=True)
+                else:
+                    os.replace(staging, final)
+            except BaseException:
+                shutil.rmtree(staging, ignore_errors=True)
+                raise
+            done = _done(objects, inst)
+            assert done is not None
+            inst.artifact, inst.files = done
+        inst.seconds = time.perf_counter() - t0
+
+    pending = list(todo)
+    running: dict[Future[None], Instance] = {}
+    stop = False
+    with ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="corral-recipe") as pool:
+        while pending or running:
+            if not stop:
+                for inst in list(pending):
+                    parent_ready = inst.parent is None or inst.parent.status in ("cached", "built")
+                    ag = against_of[id(inst)]
+                    against_ready = not isinstance(ag, Instance) or ag.status in ("cached", "built")
+                    if parent_ready and against_ready and len(running) < jobs:
+                        pending.remove(inst)
+                        inst.status = "running"
+                        running[pool.submit(build, inst)] = inst
+            if not running:
+                break
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for fut in done:
+                inst = running.pop(fut)
+                exc = fut.exception()
+                with lock:
+                    if exc is None:
+                        inst.status = "built"
+                    else:
+                        inst.status, inst.error = "failed", str(exc)
+                        inst.exc = exc  # type: ignore[attr-defined]
+                        stop = True
+    for inst in pending:
+        inst.status = "skipped"
+
+
+def default_jobs() -> int:
+    """Parallel steps: one per 2 cores and per 4 GiB of available memory (each step peaks near 1-2 GiB)."""
+    cores = os.cpu_count() or 1
+    try:
+        with open("/proc/meminfo") as f:
+            avail = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable")) * 1024
+    except (OSError, StopIteration, ValueError):
+        avail = 8 << 30
+    return max(1, min(4, cores // 2 or 1, avail // (4 << 30)))
+
+
+def _freeze(root: Path) -> None:
+    """Cached objects are read-only: outputs are hard links to them."""
+    for p in root.rglob("*"):
+        if p.is_file():
+            p.chmod(0o444)
+
+
+def _done(objects: Path, inst: Instance) -> tuple[Path, dict[str, str]] | None:
+    if inst.gate:
+        return (objects, {}) if (objects / "gates" / inst.key).is_file() else None
+    record = objects / inst.key / "corral-object.json"
+    try:
+        data = json.loads(record.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return objects / inst.key / data["artifact"], data["files"]
+
+
+def _mark_gate(objects: Path, inst: Instance) -> None:
+    (objects / "gates").mkdir(parents=True, exist_ok=True)
+    (objects / "gates" / inst.key).write_text(inst.label + "\n")
+
+
+# -- publishing ----------------------------------------------------------------------------------
+def artifact_parts(artifact: Path) -> list[Path]:
+    """A file artifact and, for the first file of a split GGUF set, the other parts."""
+    from toolbox.tensors.gguf_file import split_parts
+
+    return split_parts(artifact) if artifact.suffix == ".gguf" else [artifact]
+
+
+def _published_name(part: Path, first: Path, target: Path) -> Path:
+    """`X.gguf` for a single file; `X-0000i-of-0000N.gguf` for the parts of a split set."""
+    from toolbox.tensors.gguf_file import SPLIT_RE
+
+    m = SPLIT_RE.match(part.name)
+    if m is None or SPLIT_RE.match(first.name) is None:
+        return target
+    return target.with_name(f"{target.name.removesuffix('.gguf')}-{m['i']}-of-{m['n']}.gguf")
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _publish(instances: list[Instance], out_dir: Path, name: str, loaded: LoadedRecipe,
+             source: Source) -> list[dict[str, Any]]:
+    """Put each output in place atomically (hard links to the cache objects); record the run."""
+    from toolbox.tensors.atomic import atomic_file, safe_join
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    published = []
+    for inst in instances:
+        if not inst.output or inst.artifact is None:
+            continue
+        target = safe_join(out_dir, inst.output)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        art = inst.artifact
+        pairs = [(art, target)] if art.is_dir() else [(p, _published_name(p, art, target)) for p in
+                                                      artifact_parts(art)]
+        same = all(dst.exists() and src.is_file() and dst.is_file() and os.path.samefile(src, dst)
+                   for src, dst in pairs)
+        if not same:
+            for src, dst in sorted(pairs, key=lambda pair: pair[0] == art):  # the first part lands last
+                staging = dst.parent / f".{dst.name}.{uuid.uuid4().hex[:8]}.partial"
+                if src.is_dir():
+                    shutil.copytree(src, staging, copy_function=_link_or_copy)
+                else:
+                    _link_or_copy(src, staging)
+                if dst.is_dir() and not dst.is_symlink():
+                    old = dst.parent / f".{dst.name}.{uuid.uuid4().hex[:8]}.old"
+                    os.replace(dst, old)
+                    os.replace(staging, dst)
+                    shutil.rmtree(old, ignore_errors=True)
+                else:
+                    os.replace(staging, dst)
+        published.append({"step": inst.label, "path": str(dict(pairs)[art]), "files": inst.files,
+                          "status": "unchanged" if same else "written"})
+    record = {"recipe": name, "recipe_sha256": loaded.digest, "source": source.info,
+              "outputs": [{"step": p["step"], "path": os.path.relpath(p["path"], out_dir), "files": p["files"]}
+                          for p in published]}
+    with atomic_file(out_dir / RECORD_NAME, force=True) as tmp:
+        tmp.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return published
+
+
+# -- lock ----------------------------------------------------------------------------------------
+def _read_lock(path: Path) -> dict[str, Any]:
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise BadInputError(f"{path}: unreadable lock file ({exc})", path=path) from None
+    if not isinstance(doc, dict) or doc.get("corral_lock") != LOCK_VERSION:
+        raise BadInputError(f"{path}: not a corral recipe lock (version {LOCK_VERSION})", path=path)
+    return doc
+
+
+def _check_lock(lock_doc: dict[str, Any], instances: list[Instance]) -> None:
+    locked = lock_doc.get("steps", {})
+    for inst in instances:
+        entry = locked.get(inst.label)
+        if entry and entry.get("key") == inst.key and not inst.gate and entry.get("files") != inst.files:
+            diff = sorted(k for k in set(entry["files"]) | set(inst.files)
+                          if entry["files"].get(k) != inst.files.get(k))
+            raise ReproducibilityError(f"{inst.label}: rebuilt output differs from the lock ({', '.join(diff[:3])})",
+                                       hint="the step is not deterministic on this machine; report it")
+
+
+def _write_lock(path: Path, loaded: LoadedRecipe, source: Source, inputs: dict[str, str], instances: list[Instance],
+                old: dict[str, Any] | None) -> None:
+    from toolbox import __version__
+    from toolbox.tensors.atomic import atomic_file
+
+    steps = dict((old or {}).get("steps", {}))
+    for inst in instances:
+        if not inst.gate:
+            steps[inst.label] = {"key": inst.key, "files": inst.files}
+    doc = {"corral_lock": LOCK_VERSION, "recipe": loaded.recipe.name, "recipe_sha256": loaded.digest,
+           "corral_version": __version__, "source": source.info, "inputs": {**(old or {}).get("inputs", {}), **inputs},
+           "steps": dict(sorted(steps.items()))}
+    with atomic_file(path, force=True) as tmp:
+        tmp.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+

@@ -1,0 +1,225 @@
+"""The recipe file format (`corral: 1`), as pydantic models; `corral recipe schema` exports it.
+
+A recipe names one source checkpoint and a list of steps. Each step `uses` one operation, reads
+the output of the source or of an earlier step (`from`), takes the operation's parameters under
+`with`, may fan out over a `matrix` of values (`{name}` placeholders in `with` strings and in
+`output`), and may publish its result under `output` in the output directory. `verify` and
+`license-check` steps are gates: a finding fails the run.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+SCHEMA_VERSION = 1
+STEP_ID = r"^[a-z][a-z0-9_-]{0,62}$"
+_PLACEHOLDER = re.compile(r"\{([a-z_][a-z0-9_]*)\}")
+
+
+class FieldError(ValueError):
+    """A validation error that knows which field (below the model that raised it) is wrong."""
+
+    def __init__(self, message: str, *loc: str | int) -> None:
+        super().__init__(message)
+        self.loc = loc
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True)
+
+
+class LicenseSpec(_Strict):
+    """The declarations every output is stamped with (see `corral license --help`)."""
+
+    mau_declaration: str | None = Field(None, description="below-700m or meta-license:REFERENCE; default: "
+                                        "$CORRAL_MAU_DECLARATION")
+    fix_name: bool = Field(False, description="Prefix output names with 'Llama-4-' where needed")
+
+
+class Adapter(_Strict):
+    path: str = Field(description="PEFT adapter directory")
+    weight: float = 1.0
+
+
+class ConvertWith(_Strict):
+    to: Literal["gguf", "hf", "onnx"]
+    outtype: str = Field("auto", description="GGUF tensor type (q8_0, q4_k_m, bf16, ...)")
+    dtype: str = Field("auto", description="HF/ONNX dtype")
+    split_max_size: str | None = None
+    name: str | None = Field(None, description="Model name (must begin with 'Llama')")
+    allow_lossy_config: bool = False
+
+
+class MergeWith(_Strict):
+    adapters: list[Adapter] = Field(min_length=1)
+    dtype: str | None = None
+    name: str | None = None
+
+
+class PruneWith(_Strict):
+    keep: list[int] | dict[int, list[int]] | None = Field(None, description="experts to keep in every MoE layer, "
+                                                          "or {layer: [experts]}")
+    drop: list[int] | dict[int, list[int]] | None = None
+    keep_count: int | None = Field(None, ge=1)
+    criterion: Literal["frequency", "reap", "ean"] | None = None
+    calibration: str | None = None
+    name: str | None = None
+
+    @model_validator(mode="after")
+    def _one_selection(self) -> PruneWith:
+        given = [k for k in ("keep", "drop", "keep_count") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of keep, drop, keep_count")
+        if self.keep_count is not None and (self.criterion is None or self.calibration is None):
+            raise ValueError("keep_count needs criterion and calibration")
+        return self
+
+
+class ExtractWith(_Strict):
+    expert: int | Literal["auto"]
+    calibration: str | None = None
+    name: str | None = None
+
+
+class VerifyWith(_Strict):
+    deep: bool = False
+    against: str | None = Field(None, description="'source' or a step id: compare tensors with that checkpoint")
+
+
+class LicenseCheckWith(_Strict):
+    pass
+
+
+class _Step(_Strict):
+    id: Annotated[str, Field(pattern=STEP_ID)]
+    from_: str = Field("source", alias="from", description="'source' or the id of an earlier step")
+    matrix: dict[Annotated[str, Field(pattern=r"^[a-z_][a-z0-9_]*$")], list[str | int | float]] = {}
+    output: str | None = Field(None, description="Publish the result under this name in the output directory")
+
+    @field_validator("matrix")
+    @classmethod
+    def _non_empty(cls, v: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        for key, values in v.items():
+            if not values:
+                raise ValueError(f"matrix.{key} is empty")
+            if len(set(map(str, values))) != len(values):
+                raise ValueError(f"matrix.{key} repeats a value")
+        return v
+
+    @model_validator(mode="after")
+    def _placeholders(self) -> _Step:
+        known = set(self.matrix)
+        for text in [self.output or "", *_strings(getattr(self, "with_", None))]:
+            unknown = set(_PLACEHOLDER.findall(text)) - known
+            if unknown:
+                raise FieldError(f"placeholder {{{sorted(unknown)[0]}}} is not a matrix key of this step",
+                                 "output" if text == self.output else "with")
+        if len(self.matrix) and self.output and not set(self.matrix) <= set(_PLACEHOLDER.findall(self.output)):
+            raise FieldError("with a matrix, output must name every matrix key (e.g. {outtype}) so that "
+                             "fanned-out outputs do not collide", "output")
+        if self.output is not None and (self.output.startswith(("/", "~")) or ".." in self.output.split("/")):
+            raise FieldError("output must be a relative name inside the output directory", "output")
+        return self
+
+
+def _strings(model: BaseModel | None) -> list[str]:
+    if model is None:
+        return []
+    out: list[str] = []
+    for value in model.model_dump().values():
+        if isinstance(value, str):
+            out.append(value)
+        elif isinstance(value, list):
+            out.extend(str(v.get("path", "")) if isinstance(v, dict) else str(v) for v in value)
+    return out
+
+
+class ConvertStep(_Step):
+    uses: Literal["convert"]
+    with_: ConvertWith = Field(alias="with")
+
+
+class MergeStep(_Step):
+    uses: Literal["merge"]
+    with_: MergeWith = Field(alias="with")
+
+
+class PruneStep(_Step):
+    uses: Literal["prune"]
+    with_: PruneWith = Field(alias="with")
+
+
+class ExtractStep(_Step):
+    uses: Literal["extract"]
+    with_: ExtractWith = Field(alias="with")
+
+
+class VerifyStep(_Step):
+    uses: Literal["verify"]
+    with_: VerifyWith = Field(VerifyWith(), alias="with")
+
+
+class LicenseCheckStep(_Step):
+    uses: Literal["license-check"]
+    with_: LicenseCheckWith = Field(LicenseCheckWith(), alias="with")
+
+
+Step = Annotated[ConvertStep | MergeStep | PruneStep | ExtractStep | VerifyStep | LicenseCheckStep,
+                 Field(discriminator="uses")]
+GATES = ("verify", "license-check")
+
+
+class Recipe(_Strict):
+    """A reproducible pipeline: source -> steps -> published outputs, with gates."""
+
+    corral: Literal[1] = Field(description="Recipe format version")
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")]
+    description: str = ""
+    source: str = Field(description="Hub repo id, local path, or demo:scout / demo:maverick")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of a Hub source")
+    include: list[str] = Field([], description="Hub source: only files matching these globs")
+    license: LicenseSpec = LicenseSpec()
+    steps: list[Step] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _graph(self) -> Recipe:
+        seen: dict[str, Any] = {}
+        for i, step in enumerate(self.steps):
+            if step.id in seen or step.id == "source":
+                raise FieldError(f"step id {step.id!r} is used twice" if step.id in seen else "'source' is reserved",
+                                 "steps", i, "id")
+            if step.from_ != "source" and step.from_ not in seen:
+                raise FieldError(f"step {step.id!r} reads from {step.from_!r}, which is not an earlier step",
+                                 "steps", i, "from")
+            if step.from_ != "source" and seen[step.from_].uses in GATES:
+                raise FieldError(f"step {step.id!r} reads from gate {step.from_!r}, which produces nothing",
+                                 "steps", i, "from")
+            if step.uses in GATES and step.output:
+                raise FieldError(f"gate {step.id!r} produces nothing to publish: remove output", "steps", i, "output")
+            against = getattr(step.with_, "against", None)
+            if against is not None and against != "source" and against not in seen:
+                raise FieldError(f"step {step.id!r}: against {against!r} is not 'source' or an earlier step",
+                                 "steps", i, "with", "against")
+            seen[step.id] = step
+        outputs: dict[str, int] = {}
+        for i, step in enumerate(self.steps):
+            if step.output and not step.matrix:
+                if step.output in outputs:
+                    raise FieldError(f"steps {outputs[step.output]} and {i} publish the same output name",
+                                     "steps", i, "output")
+                outputs[step.output] = i
+        return self
+
+    def step(self, step_id: str) -> Any:
+        return next(s for s in self.steps if s.id == step_id)
+
+
+def json_schema() -> dict[str, Any]:
+    """The JSON Schema of recipe files, for editors (yaml-language-server) and CI linters."""
+    schema = Recipe.model_json_schema(by_alias=True)
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "corral recipe"
+    return schema
