@@ -23,6 +23,11 @@ _EXPORTS = {
     "create_demo": "toolbox.demo",
     "inspect_checkpoint": "toolbox.inspect",
     "verify_checkpoint": "toolbox.verify",
+    "merge_adapters": "toolbox.merge.merge",
+    "download": "toolbox.hub",
+    "read_manifest": "toolbox.hub_manifest",
+    "convert_hf_to_gguf": "converters.hf_to_gguf",
+    "convert_gguf_to_hf": "converters.gguf_to_hf",
 }
 
 __all__ = ["__version__", *_EXPORTS]

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from toolbox.checkpoint import Llama4Checkpoint, from_config, read_config
-from toolbox.errors import CorralError, CorruptFileError, ExitCode
+from toolbox.errors import CorralError, CorruptFileError, ExitCode, UsageError
 from toolbox.progress import NULL_PROGRESS, Progress
 from toolbox.tensors.safetensors_format import FLOAT_DTYPES, SafetensorsHeader, read_header
 from toolbox.tensors.sink import INDEX_NAME
@@ -67,20 +67,52 @@ class VerifyReport:
         }
 
 
-def verify_checkpoint(path: str | Path, *, deep: bool = False, progress: Progress = NULL_PROGRESS) -> VerifyReport:
-    """Check an HF Llama 4 checkpoint directory; never raises for problems in the files."""
+def verify_checkpoint(path: str | Path, *, deep: bool = False, against: str | Path | None = None,
+                      run: bool = False, progress: Progress = NULL_PROGRESS) -> VerifyReport:
+    """Check an HF Llama 4 checkpoint directory, a GGUF file or an ONNX export; never raises for
+    problems in the files.
+
+    `against` (GGUF only): the HF checkpoint the GGUF was made from, compared tensor by tensor.
+    `run` (ONNX only): greedy-decode a few tokens in onnxruntime and in transformers and compare.
+    """
     from toolbox.demo import resolve_checkpoint
 
     root = resolve_checkpoint(path, progress=progress)
     report = VerifyReport(path=str(root))
-    if root.suffix == ".gguf" and root.is_file():
+    is_gguf = root.suffix == ".gguf" and root.is_file()
+    if against is not None and not is_gguf:
+        raise UsageError("--against compares a GGUF file with the HF checkpoint it was made from",
+                         hint="give a .gguf file as PATH, e.g. corral verify model.gguf --against ./hf-dir")
+    if is_gguf:
         from toolbox.gguf_checks import verify_gguf
 
         verify_gguf(root, report)
+        if against is not None and not any(f.severity == "fatal" for f in report.findings):
+            from toolbox.verify_against import verify_against
+
+            verify_against(root, against, report, progress)
         return report
     if not root.exists():
         report.add("input.missing", "fatal", f"{root}: no such file or directory", path=str(root))
         return report
+    from toolbox.onnx_checks import is_onnx, verify_onnx
+
+    if is_onnx(root):
+        verify_onnx(root, report)
+        if run and not any(f.severity in ("fatal", "error") for f in report.findings):
+            from toolbox.onnx_checks import run_against_transformers
+
+            result = run_against_transformers(root)
+            report.checked["run"] = result
+            if result["match"]:
+                n = len(result["onnxruntime"])
+                report.add("onnx.run", "info", f"onnxruntime and transformers decode the same {n} tokens greedily")
+            else:
+                report.add("onnx.run-mismatch", "error", f"greedy decode differs: onnxruntime {result['onnxruntime']}, "
+                           f"transformers {result['transformers']}")
+        return report
+    if run:
+        raise UsageError("--run decodes with onnxruntime: give a corral ONNX export directory or .onnx file")
     ckpt = _check_config(root, report)
     headers = _check_shards(root, report)
     if ckpt is not None and headers is not None:

@@ -5,7 +5,17 @@ from __future__ import annotations
 from typing import Annotated
 
 from toolbox import __version__
-from toolbox.cli import convert_cmd, demo_cmd, inspect_cmd, license_cmd, verify_cmd
+from toolbox.cli import (
+    convert_cmd,
+    demo_cmd,
+    download_cmd,
+    experts_cmd,
+    inspect_cmd,
+    license_cmd,
+    merge_cmd,
+    recipe_cmd,
+    verify_cmd,
+)
 from toolbox.cli._typer import typer
 from toolbox.cli.output import Output
 
@@ -65,5 +75,9 @@ def _global(
 app.command("inspect", epilog=inspect_cmd.EPILOG)(inspect_cmd.inspect)
 app.command("verify", epilog=verify_cmd.EPILOG)(verify_cmd.verify)
 app.command("convert", epilog=convert_cmd.EPILOG)(convert_cmd.convert)
+app.command("merge", epilog=merge_cmd.EPILOG)(merge_cmd.merge)
+app.command("download", epilog=download_cmd.EPILOG)(download_cmd.download)
 app.add_typer(demo_cmd.app, name="demo")
+app.add_typer(experts_cmd.app, name="experts")
 app.add_typer(license_cmd.app, name="license")
+app.add_typer(recipe_cmd.app, name="recipe")

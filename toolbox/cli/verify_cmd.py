@@ -19,6 +19,10 @@ Examples:
 
   corral verify ./Llama-4-Scout-17B-16E-Instruct --deep
 
+  corral verify scout-q8_0.gguf --against ./Llama-4-Scout-17B-16E-Instruct
+
+  corral verify ./scout-onnx --run
+
   corral --json verify ./merged | jq '.findings[] | select(.severity != "info")'
 """
 
@@ -30,6 +34,12 @@ def verify(
     path: CheckpointArg,
     deep: Annotated[bool, typer.Option("--deep", help="Read every byte: NaN/Inf counts and per-tensor statistics.")]
     = False,
+    against: Annotated[str | None, typer.Option("--against", metavar="HF_DIR", show_default=False,
+                                                help="GGUF only: compare every tensor with this HF checkpoint "
+                                                "(dequantized; bit-exact for lossless types, a tolerance per "
+                                                "quant type otherwise).")] = None,
+    run: Annotated[bool, typer.Option("--run", help="ONNX only: greedy-decode a few tokens in onnxruntime and "
+                                      "in transformers (weights recovered from the export) and compare.")] = False,
 ) -> int:
     """Check that every tensor the config implies is present with the right shape and dtype,
     that index and shard headers agree, that the config is consistent and that the tokenizer
@@ -37,7 +47,7 @@ def verify(
     from toolbox.verify import verify_checkpoint
 
     out = ctx.obj
-    report = verify_checkpoint(path, deep=deep, progress=out.progress())
+    report = verify_checkpoint(path, deep=deep, against=against, run=run, progress=out.progress())
 
     def render(console: Console) -> None:
         for f in report.findings:
