@@ -56,6 +56,27 @@ def shuffle_factor(vc: dict[str, Any]) -> int:
     return factor if factor > 0 and abs(factor * ratio - 1) < 1e-6 else 0
 
 
+def preflight(src: str | Path, outtype: str, *, allow_lossy_config: bool = False
+              ) -> tuple[Llama4Checkpoint, str, list[str]]:
+    """Everything that can refuse an mmproj conversion, checked before any work (so that a text GGUF and
+    its mmproj are written as a pair or not at all): outtype, a vision tower, a config llama.cpp can run."""
+    key = outtype.lower()
+    if key not in MMPROJ_OUTTYPES:
+        raise UsageError(f"unknown mmproj outtype {outtype!r}", hint=f"choose from {', '.join(MMPROJ_OUTTYPES)}")
+    ckpt = load_checkpoint(src)
+    assert ckpt.path is not None
+    vision_config(ckpt)
+    warnings: list[str] = []
+    problems = llama_cpp_vision_problems(ckpt)
+    if problems:
+        msg = f"{ckpt.path}: llama.cpp's llama4 vision graph cannot represent this config: {'; '.join(problems)}"
+        if not allow_lossy_config:
+            raise UnsupportedModelError(msg, hint="pass --allow-lossy-config to convert anyway (llama.cpp will "
+                                        "compute different image embeddings from transformers)", path=ckpt.path)
+        warnings.append(msg)
+    return ckpt, key, warnings
+
+
 def llama_cpp_vision_problems(ckpt: Llama4Checkpoint) -> list[str]:
     """What llama.cpp's llama4 vision graph cannot represent (it would compute something else)."""
     vc = vision_config(ckpt)
@@ -181,20 +202,7 @@ def convert_hf_to_mmproj(src: str | Path, out: str | Path, *, outtype: str = "f1
     from toolbox.tensors.atomic import atomic_file, check_output_path
     from toolbox.tensors.source import open_source
 
-    key = outtype.lower()
-    if key not in MMPROJ_OUTTYPES:
-        raise UsageError(f"unknown mmproj outtype {outtype!r}", hint=f"choose from {', '.join(MMPROJ_OUTTYPES)}")
-    ckpt = load_checkpoint(src)
-    assert ckpt.path is not None
-    vision_config(ckpt)
-    warnings: list[str] = []
-    problems = llama_cpp_vision_problems(ckpt)
-    if problems:
-        msg = f"{ckpt.path}: llama.cpp's llama4 vision graph cannot represent this config: {'; '.join(problems)}"
-        if not allow_lossy_config:
-            raise UnsupportedModelError(msg, hint="pass --allow-lossy-config to convert anyway (llama.cpp will "
-                                        "compute different image embeddings from transformers)", path=ckpt.path)
-        warnings.append(msg)
+    ckpt, key, warnings = preflight(src, outtype, allow_lossy_config=allow_lossy_config)
     out = Path(out).absolute()
     if out.suffix != ".gguf":
         raise UsageError(f"output {out} must end in .gguf")

@@ -320,3 +320,15 @@ def test_cli_writes_the_pair_and_merges_it_back(scout_dir: Path, tmp_path: Path,
     assert main(["convert", str(scout_dir), "--to", "gguf", "-o", str(again), "--mmproj", "auto",
                  "--mau-declaration", DECL]) == 2
     assert not again.exists()
+
+
+def test_cli_pair_is_refused_before_the_text_file_is_written(scout_copy: Path, tmp_path: Path) -> None:
+    """A vision config llama.cpp cannot run stops `--mmproj auto` before either file exists."""
+    cfg = json.loads((scout_copy / "config.json").read_text())
+    cfg["vision_config"]["rope_theta"] = 20000.0
+    cfg["vision_config"].setdefault("rope_parameters", {})["rope_theta"] = 20000.0
+    (scout_copy / "config.json").write_text(json.dumps(cfg))
+    out = tmp_path / "pair.gguf"
+    assert main(["convert", str(scout_copy), "--to", "gguf", "-o", str(out), "--mmproj", "auto",
+                 "--mau-declaration", DECL]) == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["scout"]  # no text GGUF, no mmproj, no staging

@@ -129,6 +129,11 @@ def test_canonical_view_dequantizes_fp8_per_row(tmp_path: Path) -> None:
     expected = (q.float() * scale).to(torch.bfloat16)
     assert torch.equal(view.load("l.weight"), expected)
     assert (view.load("l.weight").float() - w).abs().max() < 0.1 * w.abs().max()
+    # slices read only their rows of the FP8 weight (never the whole tensor) and equal the whole-tensor path
+    inner_load = view.inner.load
+    view.inner.load = lambda n: (_ for _ in ()).throw(AssertionError(n)) if n == "l.weight" else inner_load(n)
+    for index in (0, 5, slice(1, 4), slice(0, 6)):
+        assert torch.equal(view.load_slice("l.weight", index), expected[index])
 
 
 @pytest.mark.parametrize(

@@ -101,12 +101,13 @@ def convert(
                              hint="the mmproj file is written beside the output as OUT.mmproj.gguf")
         mm_path = None
         if want_mmproj == "auto":
-            from converters.gguf_mmproj import mmproj_path_for
+            from converters.gguf_mmproj import mmproj_outtype_for, mmproj_path_for, preflight
             from toolbox.tensors.atomic import check_output_path
 
             mm_path = mmproj_path_for(output)
             check_output_path(Path(output).absolute(), force=force)  # both refused before any work
             check_output_path(mm_path.absolute(), force=force)
+            preflight(src, mmproj_outtype or mmproj_outtype_for(outtype), allow_lossy_config=allow_lossy_config)
         result = convert_hf_to_gguf(src, output, outtype=outtype, split_max_size=max_size, name=name,
                                     mau_declaration=mau_declaration, fix_name=fix_name, base_model=base_model,
                                     allow_lossy_config=allow_lossy_config, force=force,

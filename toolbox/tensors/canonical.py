@@ -125,8 +125,23 @@ class CanonicalView(TensorSource):
                 return self._expert(name, index % n if index < 0 else index)
             return torch.stack([self._expert(name, e) for e in range(*index.indices(n))])
         if name in self._scales:
-            return self._raw(name)[index]
+            scale = self._row_scale(name)
+            if scale is None:  # a layout other than per-row or per-tensor: dequantize whole, then slice
+                return self._raw(name)[index]
+            t = self.inner.load_slice(name, index)  # only the requested rows are read
+            s = scale if scale.numel() == 1 else scale[index]
+            return (t.float() * s.reshape(s.shape + (1,) * (t.dim() - s.dim()))).to(torch.bfloat16)
         return self.inner.load_slice(name, index)
+
+    def _row_scale(self, name: str) -> torch.Tensor | None:
+        """The FP8 scale of `name` as a per-row vector (or a one-element tensor), else None."""
+        scale = self.inner.load(self._scales[name]).float()
+        rows = self.inner.infos()[name].shape[0] if self.inner.infos()[name].shape else 1
+        if scale.numel() == 1:
+            return scale.reshape(1)
+        if scale.shape[0] == rows and scale.numel() == rows:
+            return scale.reshape(rows)
+        return None
 
     def close(self) -> None:
         self.inner.close()
