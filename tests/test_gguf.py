@@ -285,3 +285,29 @@ def test_one_pass_gate_up_writes_the_same_bytes(gguf_files, scout_dir: Path, tmp
     sequential = tmp_path / "sequential.gguf"
     convert_hf_to_gguf(scout_dir, sequential, outtype="q8_0", mau_declaration=DECL)
     assert paired.read_bytes() == sequential.read_bytes() == gguf_files[("scout", "q8_0")].read_bytes()
+
+
+@pytest.fixture(scope="module")
+def wide_scout(tmp_path_factory) -> Path:
+    """demo:scout with rows of 256 (hidden and expert width), so that K-quant blocks fit and are really used."""
+    from toolbox.demo import create_demo
+
+    return create_demo(tmp_path_factory.mktemp("wide") / "scout-256", "scout", text_overrides={
+        "hidden_size": 256, "intermediate_size": 256, "intermediate_size_mlp": 512, "head_dim": 64})
+
+
+def test_k_quants_at_real_block_size(wide_scout: Path, tmp_path: Path) -> None:
+    """q4_k_m through llama.cpp's quantizer on rows of 256: K-quant types are used, every tensor stays within
+    its tolerance against the source, and llama.cpp's logits follow transformers'."""
+    out = tmp_path / "k.gguf"
+    convert_hf_to_gguf(wide_scout, out, outtype="q4_k_m", mau_declaration=DECL)
+    report = verify_checkpoint(out, against=wide_scout)
+    assert [f for f in report.findings if f.severity != "info"] == [], report.findings
+    types = {s["gguf_type"] for s in report.tensor_stats.values()}
+    assert {"Q4_K", "Q6_K"} <= types, types
+    worst = {t: max(s["rel_rms_error"] for s in report.tensor_stats.values() if s["gguf_type"] == t)
+             for t in ("Q4_K", "Q6_K")}
+    assert 0 < worst["Q6_K"] < worst["Q4_K"]  # more bits, less error
+    ids = AutoTokenizer.from_pretrained(wide_scout)(TEXTS[0]).input_ids
+    got = _cpp_logits(_llama(out), ids)
+    assert np.corrcoef(got.ravel(), _hf_logits(wide_scout, ids).ravel())[0, 1] > 0.9

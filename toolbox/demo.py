@@ -35,8 +35,8 @@ def cache_dir() -> Path:
     return Path(base) / "corral"
 
 
-def demo_config(variant: str) -> dict[str, Any]:
-    """The transformers config (as a dict) of a demo checkpoint."""
+def demo_config(variant: str, text_overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The transformers config (as a dict) of a demo checkpoint (`text_overrides`: e.g. a wider model)."""
     if variant not in VARIANTS:
         raise UsageError(f"unknown demo variant {variant!r}", hint=f"use one of: {', '.join(VARIANTS)}")
     from transformers import Llama4Config
@@ -66,6 +66,7 @@ def demo_config(variant: str) -> dict[str, Any]:
         "eos_token_id": EOS_IDS,
         "pad_token_id": 200018,
         "dtype": "bfloat16",
+        **(text_overrides or {}),
     }
     vision = {
         "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 128,
@@ -113,7 +114,7 @@ def _license_files(directory: Path) -> None:
 
 
 def create_demo(out: str | Path, variant: str = "scout", *, force: bool = False, seed: int = 0,
-                progress: Progress = NULL_PROGRESS) -> Path:
+                text_overrides: dict[str, Any] | None = None, progress: Progress = NULL_PROGRESS) -> Path:
     """Write a demo checkpoint (config, safetensors, tokenizer, generation config) to `out`."""
     import torch
 
@@ -122,7 +123,7 @@ def create_demo(out: str | Path, variant: str = "scout", *, force: bool = False,
     from toolbox.tensors.sink import SafetensorsWriter
     from toolbox.tokenizer import save_llama4_tokenizer
 
-    config = demo_config(variant)
+    config = demo_config(variant, text_overrides)
     ckpt = from_config(config)
     inventory = ckpt.expected_tensors()
     out = Path(out)
