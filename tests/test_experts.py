@@ -12,6 +12,7 @@ from experts_ref import decoder_layers, drop_bias, force_bias, load_reference, l
 
 from license.audit import check_artifact
 from toolbox.cli.main import main
+from toolbox.tensors.safetensors_source import SafetensorsSource
 
 SEQS = [[200000, 791, 4996, 14198, 39935, 35308, 927, 279, 16053, 5679, 13, 578, 11], [200000, *range(500, 540)]]
 SCOUT_DROP = "0:1,2,3,4,5,6,7,8;1:0-7;2:8-15;3:0-3,12-15"
@@ -197,10 +198,23 @@ def test_prune_and_extract_read_expert_tensors_one_slice_at_a_time(maverick_dir:
         slices.append((name, index))
         return real_slice(self, name, index)
 
+    from toolbox.tensors.sink import SafetensorsWriter
+
+    copies: list[tuple[str, int]] = []
+    real_copy = SafetensorsWriter.copy_range
+
+    def copy_range(self: SafetensorsWriter, name: str, path: Path, offset: int, length: int) -> None:
+        copies.append((name, length))
+        return real_copy(self, name, path, offset, length)
+
     monkeypatch.setattr(CanonicalView, "load", load)
     monkeypatch.setattr(CanonicalView, "load_slice", load_slice)
+    monkeypatch.setattr(SafetensorsWriter, "copy_range", copy_range)
     prune_experts(maverick_dir, tmp_path / "p", keep=[5, 9], mau_declaration="below-700m")
-    assert all(isinstance(i, int) for _, i in slices) and {i for _, i in slices} == {5, 9} and len(slices) == 8
-    slices.clear()
+    # the kept experts' bytes are copied file to file in the kernel, one expert row per call: never in memory
+    expert_copies = [c for c in copies if c[0].endswith(("experts.gate_up_proj", "experts.down_proj"))]
+    assert slices == [] and len(expert_copies) == 8  # 2 experts x 2 tensors x 2 MoE layers
+    src = SafetensorsSource(maverick_dir)
+    assert all(n == src.infos()[name].nbytes // src.infos()[name].shape[0] for name, n in expert_copies)
     extract_dense(maverick_dir, tmp_path / "d", expert=7, mau_declaration="below-700m")
     assert {i for _, i in slices} == {7}

@@ -83,10 +83,25 @@ def write_checkpoint(out: Path, src_dir: Path, plan: list[Planned], config: dict
     return total
 
 
+def raw_file_source(source: TensorSource, name: str) -> Any:
+    """The safetensors file reader holding `name` byte for byte as the output wants it (same name, same
+    dtype: not a fused per-expert layout or dequantized FP8), or None."""
+    inner = getattr(source, "inner", source)
+    if not hasattr(inner, "byte_range") or name not in inner.infos():
+        return None
+    if inner.infos()[name].dtype != source.infos()[name].dtype:
+        return None
+    return inner
+
+
 def copy_tensor(source: TensorSource, info: TensorInfo) -> Callable[[Any], None]:
-    """A writer callback copying one tensor as it is (expert tensors one slice at a time)."""
+    """A writer callback copying one tensor as it is: in the kernel when the bytes are stored as they will be
+    written, else one expert slice at a time through memory."""
     def emit(writer: Any) -> None:
-        if len(info.shape) == 3 and info.name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+        raw = raw_file_source(source, info.name)
+        if raw is not None and hasattr(writer, "copy_range"):
+            writer.copy_range(info.name, *raw.byte_range(info.name))
+        elif len(info.shape) == 3 and info.name.endswith(("experts.gate_up_proj", "experts.down_proj")):
             for e in range(info.shape[0]):
                 writer.write(info.name, source.load_slice(info.name, e))
         else:

@@ -80,8 +80,14 @@ def _sliced(source: Any, name: str, ids: list[int], whole: bool) -> Any:
         if whole:  # the router is [E, H]: small, read at once
             writer.write(name, source.load(name)[ids].contiguous())
         else:
-            for e in ids:
-                writer.write(name, source.load_slice(name, e))
+            from toolbox.experts.output import raw_file_source
+
+            raw = raw_file_source(source, name)
+            for e in ids:  # each kept expert is one contiguous row of the stored tensor: copied in the kernel
+                if raw is not None:
+                    writer.copy_range(name, *raw.byte_range(name, e))
+                else:
+                    writer.write(name, source.load_slice(name, e))
     return emit
 
 

@@ -128,6 +128,14 @@ class SafetensorsSource(TensorSource):
             os.posix_fadvise(fd, pos, len(view), os.POSIX_FADV_DONTNEED)
         return out
 
+    def byte_range(self, name: str, index: int | None = None) -> tuple[Path, int, int]:
+        """(file, offset, length) of a tensor's bytes, or of its dim-0 row `index` (for in-kernel copies)."""
+        header, entry = self.entry(name)
+        if index is None:
+            return header.path, entry.begin, entry.nbytes
+        row = entry.nbytes // entry.shape[0]
+        return header.path, entry.begin + index * row, row
+
     def load(self, name: str) -> torch.Tensor:
         import torch
 

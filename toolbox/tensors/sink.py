@@ -150,6 +150,36 @@ class SafetensorsWriter:
             self._cursor += 1
             self._written = 0
 
+    def copy_range(self, name: str, src_path: str | Path, offset: int, length: int) -> None:
+        """Write `length` bytes of the current tensor straight from another file, inside the kernel
+        (copy_file_range: no trip through user space; a reflink on filesystems that support it)."""
+        import os
+
+        self._expect(_State.WRITING, "write")
+        p = self._current(name)
+        if self._shard_open != p.shard:
+            self._open_shard(p.shard)
+        assert self._file is not None
+        if self._written + length > p.nbytes:
+            raise ValueError(f"{name}: {self._written + length} bytes written, declared {p.nbytes}")
+        self._file.flush()
+        dst = self._file.fileno()
+        with open(src_path, "rb") as src:
+            done = 0
+            while done < length:
+                try:
+                    n = os.copy_file_range(src.fileno(), dst, length - done, offset + done)
+                except (AttributeError, OSError):  # no copy_file_range here (or across filesystems)
+                    src.seek(offset + done)
+                    n = os.write(dst, src.read(min(length - done, 64 << 20)))
+                if n <= 0:
+                    raise ValueError(f"{name}: {src_path} ends before byte {offset + length}")
+                done += n
+        self._written += length
+        if self._written == p.nbytes:
+            self._cursor += 1
+            self._written = 0
+
     def finish(self) -> list[Path]:
         """Close the last shard and write the index (when sharded). Returns written files."""
         self._expect(_State.WRITING, "finish")
