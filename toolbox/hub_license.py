@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from toolbox.errors import LicensePolicyError, UsageError
+from toolbox.errors import LicensePolicyError
 from toolbox.hub_manifest import LicenseAcceptance
 
 ACCEPT_ENV = "CORRAL_ACCEPT_LLAMA_LICENSE"
@@ -93,11 +93,9 @@ def _record_path(cache: Path, repo_id: str) -> Path:
 
 def _now() -> str:
     """SOURCE_DATE_EPOCH when set (reproducible outputs), else the wall clock, as ISO 8601 UTC."""
-    raw = os.environ.get("SOURCE_DATE_EPOCH", "").strip()
-    if raw and not raw.isdigit():
-        raise UsageError(f"SOURCE_DATE_EPOCH={raw!r} is not a number of seconds",
-                         hint="see https://reproducible-builds.org/specs/source-date-epoch/")
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(int(raw) if raw else None))
+    from license.stamp import _source_date
+
+    return _source_date() or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
 def _user() -> str:

@@ -171,21 +171,16 @@ def extract(
 ) -> None:
     """A dense model: each MoE layer becomes shared expert + one routed expert as one MLP."""
     from toolbox.errors import UsageError
-    from toolbox.experts.extract import extract_dense
+    from toolbox.experts.extract import extract_dense, most_used_experts
     from toolbox.experts.selection import parse_ids, parse_spec
-    from toolbox.experts.stats import load_stats, router_stats
+    from toolbox.experts.stats import load_stats
 
     out = ctx.obj
     extra = {}
     if dense.strip().lower() == "auto":
-        if stats_file is not None:
-            st = load_stats(stats_file)
-        elif calibration is not None:
-            st = router_stats(src, calibration, max_tokens=max_tokens, progress=out.progress())
-        else:
-            raise UsageError("--dense auto needs --calibration DATA (or --stats FILE)")
-        expert: int | dict[int, int] = st.most_used()
-        extra = {"choice": "auto (most used)", "calibration_tokens": st.tokens}
+        expert: int | dict[int, int]
+        expert, extra = most_used_experts(src, calibration, stats=load_stats(stats_file) if stats_file else None,
+                                          max_tokens=max_tokens, progress=out.progress())
     elif ":" in dense:
         per = parse_spec(dense)
         assert isinstance(per, dict)

@@ -54,6 +54,20 @@ def dense_config(config: dict[str, Any]) -> dict[str, Any]:
     return cfg
 
 
+def most_used_experts(src: str | Path, calibration: str | Path | None = None, *, stats: Any = None,
+                      max_tokens: int = 2048, progress: Progress = NULL_PROGRESS
+                      ) -> tuple[dict[int, int], dict[str, Any]]:
+    """`--dense auto`: each MoE layer's most used expert (from `stats`, or measured on `calibration`), and the
+    provenance entry that records the choice."""
+    from toolbox.experts.stats import router_stats
+
+    if stats is None:
+        if calibration is None:
+            raise UsageError("--dense auto needs --calibration DATA (or --stats FILE)")
+        stats = router_stats(src, calibration, max_tokens=max_tokens, progress=progress)
+    return stats.most_used(), {"choice": "auto (most used)", "calibration_tokens": stats.tokens}
+
+
 def extract_dense(src: str | Path, out: str | Path, *, expert: int | Mapping[int, int], name: str | None = None,
                   mau_declaration: str | None = None, fix_name: bool = False, force: bool = False,
                   base_model: str | None = None, extra_provenance: dict[str, Any] | None = None,

@@ -96,20 +96,12 @@ def _prune(p: dict[str, Any], src: Path, workdir: Path, ctx: OpContext) -> Path:
 
 
 def _extract(p: dict[str, Any], src: Path, workdir: Path, ctx: OpContext) -> Path:
-    from toolbox.errors import UsageError
-    from toolbox.experts.extract import extract_dense
+    from toolbox.experts.extract import extract_dense, most_used_experts
 
     out = workdir / "model"
-    expert = p["expert"]
-    extra = None
+    expert, extra = p["expert"], None
     if expert == "auto":
-        from toolbox.experts.stats import router_stats
-
-        if not p.get("calibration"):
-            raise UsageError("extract with expert: auto needs calibration")
-        stats = router_stats(src, p["calibration"], progress=ctx.progress)
-        expert = stats.most_used()
-        extra = {"choice": "auto (most used)", "calibration_tokens": stats.tokens}
+        expert, extra = most_used_experts(src, p.get("calibration"), progress=ctx.progress)
     extract_dense(src, out, expert=expert, name=p.get("name"), extra_provenance=extra, progress=ctx.progress,
                   **_license(ctx))
     return out
