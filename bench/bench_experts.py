@@ -54,18 +54,7 @@ def size_gib(path: Path) -> float:
 
 
 def make(out: Path, variant: str, experts: int, layers: int, vocab: int | None) -> Path:
-    real = synthetic.CONFIGS[variant]
-
-    def cfg() -> dict[str, Any]:
-        c = real()
-        c["text_config"]["num_local_experts"] = experts
-        if vocab:
-            c["text_config"].update(vocab_size=vocab, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-        return c
-
-    key = f"{variant}-e{experts}-v{vocab}-l{layers}"
-    synthetic.CONFIGS[key] = cfg
-    return synthetic.make_checkpoint(out, key, shards=4, sparse=False, layers=layers)
+    return synthetic.make_scaled(out, variant, experts=experts, layers=layers, vocab=vocab)
 
 
 def corral(*args: str) -> list[str]:

@@ -27,7 +27,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -54,19 +53,7 @@ def run_timed(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float,
 
 def make_base(out: Path, variant: str, experts: int, vocab: int | None) -> Path:
     """A synthetic checkpoint: one dense + one MoE layer (Maverick) or one MoE layer (Scout), random bf16."""
-    real = synthetic.CONFIGS[variant]
-
-    def cfg() -> dict[str, Any]:
-        c = real()
-        c["text_config"]["num_local_experts"] = experts
-        if vocab:
-            c["text_config"].update(vocab_size=vocab, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-        return c
-
-    key = f"{variant}-e{experts}-v{vocab}"
-    synthetic.CONFIGS[key] = cfg
-    layers = 2 if variant == "maverick" else 1
-    return synthetic.make_checkpoint(out, key, shards=4, sparse=False, layers=layers)
+    return synthetic.make_scaled(out, variant, experts=experts, layers=2 if variant == "maverick" else 1, vocab=vocab)
 
 
 def make_adapter(out: Path, base: Path, layer: int, rank: int = RANK) -> Path:

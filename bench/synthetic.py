@@ -85,6 +85,23 @@ def make_checkpoint(out: Path, variant: str = "scout", *, shards: int = 50, spar
     return out
 
 
+def make_scaled(out: Path, variant: str, *, experts: int, layers: int, vocab: int | None = None) -> Path:
+    """A dense-data synthetic checkpoint of real per-expert shapes with `experts` routed experts (and, for
+    benches that do not tokenize, a smaller vocabulary)."""
+    real = CONFIGS[variant]
+
+    def cfg() -> dict:
+        c = real()
+        c["text_config"]["num_local_experts"] = experts
+        if vocab:
+            c["text_config"].update(vocab_size=vocab, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+        return c
+
+    key = f"{variant}-e{experts}-v{vocab}-l{layers}"
+    CONFIGS[key] = cfg
+    return make_checkpoint(out, key, shards=4, sparse=False, layers=layers)
+
+
 if __name__ == "__main__":
     import argparse
 
