@@ -197,6 +197,7 @@ def convert_hf_to_mmproj(src: str | Path, out: str | Path, *, outtype: str = "f1
     import numpy as np
 
     from converters.gguf_stream import begin_data, write_tensor_pieces
+    from converters.gguf_writer import GGUFWriter
     from license.stamp import Stamp, apply_to_gguf_writer
     from toolbox.hub_manifest import source_origin
     from toolbox.tensors.atomic import atomic_file, check_output_path
@@ -221,7 +222,7 @@ def convert_hf_to_mmproj(src: str | Path, out: str | Path, *, outtype: str = "f1
         plan = plan_mmproj(ckpt, source, gg_type)
         total = sum(p.nbytes for p in plan)
         with atomic_file(out, force=force) as tmp:
-            writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.MMPROJ])
+            writer = GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.MMPROJ])
             apply_to_gguf_writer(writer, stamp)
             add_mmproj_kv(writer, ckpt, gg_type)
             writer.add_string(PROVENANCE_KEY, json.dumps(ckpt.config, sort_keys=True))

@@ -6,6 +6,7 @@ ids, add-BOS and the chat template through gguf-py's own `SpecialVocab`.
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -58,9 +59,31 @@ def add_vocab(writer: Any, directory: Path, vocab_size: int) -> None:
     level = vocab_log.level
     vocab_log.setLevel(logging.ERROR)  # it warns about the BOS-pair template every Llama 4 tokenizer has
     try:
-        special = gguf.SpecialVocab(directory, load_merges=True, n_vocab=vocab_size)
+        special = gguf.SpecialVocab(directory, load_merges=False, n_vocab=vocab_size)
     finally:
         vocab_log.setLevel(level)
+    special.merges = bpe_merges(directory / "tokenizer.json")
     if not special.merges:
         raise TokenizerError(f"{directory / 'tokenizer.json'}: no BPE merges found", path=directory)
     special.add_to_gguf(writer, quiet=True)
+
+
+SPACE_IN_MERGE = chr(ord(" ") + 256)  # how llama.cpp's "gpt2" vocabulary spells a space inside a merge part
+
+
+def bpe_merges(tokenizer_json: Path) -> list[str]:
+    """tokenizer.json's BPE merges as GGUF stores them ("a b" strings), as gguf-py's SpecialVocab makes them.
+
+    SpecialVocab rebuilds each of Llama 4's ~440k pair-form merges character by character (2.4 s);
+    str.replace gives the same strings (a test compares the two) in a tenth of the time."""
+    try:
+        merges = json.loads(tokenizer_json.read_text(encoding="utf-8")).get("model", {}).get("merges")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise TokenizerError(f"{tokenizer_json}: cannot be read ({exc})", path=tokenizer_json) from exc
+    if not isinstance(merges, list) or not merges:
+        return []
+    if all(isinstance(m, str) for m in merges):
+        return merges
+    if not all(isinstance(m, list) and len(m) == 2 and all(isinstance(p, str) for p in m) for m in merges):
+        raise TokenizerError(f"{tokenizer_json}: unknown BPE merges format", path=tokenizer_json)
+    return [f"{a.replace(' ', SPACE_IN_MERGE)} {b.replace(' ', SPACE_IN_MERGE)}" for a, b in merges]

@@ -298,6 +298,7 @@ def convert_hf_to_gguf(src: str | Path, out: str | Path, *, outtype: str = "auto
     import gguf
 
     from converters.gguf_vocab import add_vocab
+    from converters.gguf_writer import GGUFWriter
     from license.stamp import Stamp, apply_to_gguf_writer
     from toolbox.hub_manifest import source_origin
     from toolbox.tensors.source import open_source
@@ -337,7 +338,7 @@ def convert_hf_to_gguf(src: str | Path, out: str | Path, *, outtype: str = "auto
     plan = plan_text(ckpt, source, gg_type)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}{PARTIAL_MARK}", dir=out.parent))
     try:
-        writer = gguf.GGUFWriter(staging / out.name, "llama4", split_max_size=split_max_size)
+        writer = GGUFWriter(staging / out.name, "llama4", split_max_size=split_max_size)
         apply_to_gguf_writer(writer, stamp)
         add_text_kv(writer, ckpt, gg_type)
         add_vocab(writer, ckpt.path, ckpt.text.vocab)

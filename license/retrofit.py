@@ -304,11 +304,12 @@ def restamp_gguf(src: Path, dst: Path, stamp: Stamp) -> None:
     import numpy as np
 
     from converters.gguf_stream import begin_data, write_tensor_pieces
+    from converters.gguf_writer import GGUFWriter
     from toolbox.tensors.gguf_file import GGUFFile
 
     reader = GGUFFile(src).readers[0]
     arch = reader.fields[K.GENERAL_ARCHITECTURE].contents()
-    writer = gguf.GGUFWriter(dst, arch, endianess=reader.endianess)
+    writer = GGUFWriter(dst, arch, endianess=reader.endianess)
     writer.data_alignment = reader.alignment
     try:
         for key, fld in reader.fields.items():

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import struct
+
 import gguf
 import numpy as np
 import pytest
@@ -40,3 +43,52 @@ def test_name_map_agrees_with_gguf_py_tensor_mapping(make) -> None:
         short = hf.removeprefix("language_model.")
         ref = tmap.get_name(short, try_suffixes=(".weight", ".bias"))
         assert ref == ours, (hf, ref, ours)
+
+
+def test_fast_writer_packs_metadata_arrays_as_gguf_py_does(scout_dir, tmp_path) -> None:
+    """The whole KV section (the real 202k-token vocabulary, types, merges, special ids, mixed arrays,
+    big-endian) is byte-identical to the stock GGUFWriter's, and errors stay the stock ones."""
+    from converters.gguf_vocab import add_vocab
+    from converters.gguf_writer import GGUFWriter
+    from toolbox.checkpoint import load_checkpoint
+
+    vocab = load_checkpoint(scout_dir).text.vocab
+
+    def kv_bytes(cls, endian) -> bytes:
+        w = cls(tmp_path / f"{cls.__module__}-{endian.name}.gguf", "llama4", endianess=endian)
+        add_vocab(w, scout_dir, vocab)
+        w.add_array("test.floats", [0.5 * i for i in range(100)])
+        w.add_array("test.bools", [i % 3 == 0 for i in range(100)])
+        w.add_array("test.bytes", [b"\xff\x00" * i for i in range(100)])
+        w.add_key_value("test.u64", list(range(2**40, 2**40 + 100)), gguf.GGUFValueType.ARRAY,
+                        sub_type=gguf.GGUFValueType.UINT64)
+        w.add_array("test.nested", [[1, 2]] * 70)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.close()
+        return (tmp_path / f"{cls.__module__}-{endian.name}.gguf").read_bytes()
+
+    for endian in (gguf.GGUFEndian.LITTLE, gguf.GGUFEndian.BIG):
+        ours = kv_bytes(GGUFWriter, endian)
+        assert len(ours) > vocab * 4  # the vocabulary is really in there
+        assert ours == kv_bytes(gguf.GGUFWriter, endian)
+
+    for cls in (GGUFWriter, gguf.GGUFWriter):  # the same failures as item by item
+        w = cls(tmp_path / "bad.gguf", "llama4")
+        with pytest.raises(ValueError, match="same type"):
+            w._pack_val(["a"] * 70 + [1], gguf.GGUFValueType.ARRAY, add_vtype=True)
+        with pytest.raises(struct.error):
+            w._pack_val([2**40] * 70, gguf.GGUFValueType.ARRAY, add_vtype=True)
+
+
+def test_bpe_merges_equal_gguf_py_special_vocab(scout_dir, tmp_path) -> None:
+    """Merges for GGUF, from the real Llama 4 tokenizer and from pair-form merges with spaces in them."""
+    from converters.gguf_vocab import bpe_merges
+
+    real = bpe_merges(scout_dir / "tokenizer.json")
+    assert len(real) > 400_000
+    assert real == gguf.SpecialVocab(scout_dir, load_merges=True).merges
+    pairs = [["a b", "c"], [" ", "  d"], ["e", "f"]]
+    (tmp_path / "tokenizer.json").write_text(json.dumps({"model": {"merges": pairs}}))
+    ours = bpe_merges(tmp_path / "tokenizer.json")
+    assert ours == gguf.SpecialVocab(tmp_path, load_merges=True).merges and ours[0] != "a b c"
