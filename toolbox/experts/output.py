@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from toolbox.progress import NULL_PROGRESS, Progress
-from toolbox.tensors.source import TensorInfo, TensorSource
+from toolbox.tensors.source import TensorInfo, TensorSource, raw_file_source
 
 COPIED_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                 "chat_template.jinja", "chat_template.json", "tokenizer.model", "preprocessor_config.json",
@@ -81,17 +81,6 @@ def write_checkpoint(out: Path, src_dir: Path, plan: list[Planned], config: dict
                 shutil.copyfile(src_dir / filename, staging / filename)
         write_sidecars(staging, stamp)
     return total
-
-
-def raw_file_source(source: TensorSource, name: str) -> Any:
-    """The safetensors file reader holding `name` byte for byte as the output wants it (same name, same
-    dtype: not a fused per-expert layout or dequantized FP8), or None."""
-    inner = getattr(source, "inner", source)
-    if not hasattr(inner, "byte_range") or name not in inner.infos():
-        return None
-    if inner.infos()[name].dtype != source.infos()[name].dtype:
-        return None
-    return inner
 
 
 def copy_tensor(source: TensorSource, info: TensorInfo) -> Callable[[Any], None]:

@@ -80,7 +80,7 @@ def _sliced(source: Any, name: str, ids: list[int], whole: bool) -> Any:
         if whole:  # the router is [E, H]: small, read at once
             writer.write(name, source.load(name)[ids].contiguous())
         else:
-            from toolbox.experts.output import raw_file_source
+            from toolbox.tensors.source import raw_file_source
 
             raw = raw_file_source(source, name)
             for e in ids:  # each kept expert is one contiguous row of the stored tensor: copied in the kernel

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from toolbox.errors import UsageError
 from toolbox.merge.adapter import Adapter, load_adapter
 from toolbox.merge.plan import Contribution, MergePlan, build_plan
 from toolbox.progress import NULL_PROGRESS, Progress
+from toolbox.tensors.source import raw_file_source
 
 if TYPE_CHECKING:
     import torch
@@ -91,6 +93,30 @@ class _Stats:
             e = torch.sub(stored, result).reshape(-1)  # one pass: bf16 - f32 promotes to f32
             self.err += float(torch.dot(e, e))
         return stored
+
+
+    def store_low_rank(self, buf: torch.Tensor, factors: LowRank, w: torch.Tensor, out: torch.Tensor) -> None:
+        """out = w + the weighted sum of (left @ right) * scale, computed in the float32 block `buf`.
+
+        The same operations in the same order as `store` after `_combine` (PEFT's order: product, scale,
+        weight, sum, add to the base), so results are bit-identical; only the buffers are reused, and the
+        blocks stay small enough to be read from cache in every pass."""
+        import torch
+
+        for i, (left, right, scale, weight) in enumerate(factors):
+            d = torch.mm(left, right, out=buf) if i == 0 else left @ right
+            d.mul_(scale)
+            if weight != 1.0:
+                d.mul_(weight)
+            if i:
+                buf.add_(d)
+        flat = buf.view(-1)
+        self.delta += float(torch.dot(flat, flat))
+        buf.add_(w)
+        out.copy_(buf)
+        if out.dtype != torch.float32:
+            buf.sub_(out)  # what rounding to the output dtype lost
+            self.err += float(torch.dot(flat, flat))
 
 
 class _Factors:
@@ -195,21 +221,23 @@ def _merge_tensor(source: TensorSource, writer: Any, info: TensorInfo, out_st: s
     stats = _Stats()
     name = info.name
     if len(info.shape) == 3:  # one expert slice at a time, merged in row blocks of it
-        from toolbox.tensors.sink import tensor_bytes
-
         step = _rows_per_block(info.shape[2])
-        for e in range(info.shape[0]):
-            slab = source.load_slice(name, e)
+        blocks = _Blocks(step, info.shape[2])
+
+        def merge_expert(e: int, slab: torch.Tensor, out: torch.Tensor) -> None:
             for r0 in range(0, info.shape[1], step):
                 rows = slice(r0, min(r0 + step, info.shape[1]))
                 w = slab[rows]  # the base dtype: adding it into a float32 delta widens it exactly, in one pass
+                factors = _low_rank(contribs, [_expert_factors(c, e, rows, f) for c in contribs])
+                if factors is not None:
+                    stats.store_low_rank(blocks.delta(rows), factors, w, out[rows])
+                    continue
                 pieces = [(c, _delta_expert(c, w, e, rows, slab, f)) for c in contribs]
                 live = [(c, d) for c, d in pieces if d is not None]
-                delta = _combine([c for c, _ in live], w, [d for _, d in live])
-                writer.write_bytes(name, tensor_bytes(stats.store(delta, None, w, dt)))
-                del w, delta, pieces, live
-            del slab  # before the next expert's slice is read: one slice in memory, not two
+                out[rows] = stats.store(_combine([c for c, _ in live], w, [d for _, d in live]), None, w, dt)
             f.forget()
+
+        _pipelined(source, writer, info, dt, merge_expert)
         return stats
     if len(info.shape) < 2:
         w = source.load(name).float()
@@ -219,13 +247,107 @@ def _merge_tensor(source: TensorSource, writer: Any, info: TensorInfo, out_st: s
         writer.write(name, stats.store(delta, sole, w, dt))
         return stats
     step = _rows_per_block(math.prod(info.shape[1:]))
+    blocks = _Blocks(step, math.prod(info.shape[1:]))
     for r0 in range(0, info.shape[0], step):
         rows = slice(r0, min(r0 + step, info.shape[0]))
-        w = source.load_slice(name, rows).float()
+        w = source.load_slice(name, rows)
+        factors = _low_rank(contribs, [_linear_factors(c, rows, f) for c in contribs])
+        if factors is not None and len(info.shape) == 2:
+            out = blocks.output(w.shape, dt)
+            stats.store_low_rank(blocks.delta(slice(0, w.shape[0])), factors, w, out)
+            writer.write(name, out)
+            continue
+        w = w.float()
         sole = _sole_absolute(contribs, w, rows, f)
         delta = sole - w if sole is not None else _combine(contribs, w, [_delta_2d(c, w, rows, f) for c in contribs])
         writer.write(name, stats.store(delta, sole, w, dt))
     return stats
+
+
+def _pipelined(source: TensorSource, writer: Any, info: TensorInfo, dt: torch.dtype,
+               merge_expert: Callable[[int, torch.Tensor, torch.Tensor], None]) -> None:
+    """Merge a fused expert tensor slice by slice, with the next slice read and the previous one written
+    by two I/O threads while this one is computed (reads and writes release the GIL; on a model larger
+    than memory they wait on the disk, which then stays busy while the CPU merges). At most two input
+    and two output slices are alive: memory stays bounded by the slice size."""
+    from concurrent.futures import Future, ThreadPoolExecutor
+
+    import torch
+
+    from toolbox.tensors.sink import tensor_bytes
+
+    name, n = info.name, info.shape[0]
+    outs = [torch.empty(info.shape[1:], dtype=dt) for _ in range(min(n, 2))]
+    writes: list[Future[None]] = []
+    threads = torch.get_num_threads()
+    torch.set_num_threads(int(os.environ.get("CORRAL_MERGE_THREADS", "1")))
+    with ThreadPoolExecutor(1, thread_name_prefix="corral-read") as reader, \
+            ThreadPoolExecutor(1, thread_name_prefix="corral-write") as writing:
+        try:
+            ahead = reader.submit(source.load_slice, name, 0)
+            for e in range(n):
+                slab = ahead.result()
+                if e + 1 < n:
+                    ahead = reader.submit(source.load_slice, name, e + 1)
+                if e >= 2:
+                    writes[e - 2].result()  # its output buffer is reused now
+                out = outs[e % 2]
+                merge_expert(e, slab, out)
+                del slab
+                writes.append(writing.submit(writer.write_bytes, name, tensor_bytes(out)))
+            for w in writes:
+                w.result()
+        except BaseException:
+            for w in writes:
+                w.cancel()
+            raise
+        finally:
+            torch.set_num_threads(threads)
+
+
+class _Blocks:
+    """Reused buffers of one tensor's merge: a float32 row block and an output slice, allocated once (fresh
+    multi-MiB allocations cost a page fault per 4 KiB every time)."""
+
+    def __init__(self, rows: int, cols: int) -> None:
+        import torch
+
+        self.buf = torch.empty((rows, cols), dtype=torch.float32)
+        self.out: torch.Tensor | None = None
+
+    def delta(self, rows: slice) -> torch.Tensor:
+        return self.buf[: rows.stop - rows.start]
+
+    def output(self, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+        import torch
+
+        if self.out is None or self.out.shape != shape or self.out.dtype != dtype:
+            self.out = torch.empty(shape, dtype=dtype)
+        return self.out
+
+
+LowRank = list[tuple["torch.Tensor", "torch.Tensor", float, float]]  # (left rows, right, scale, weight)
+
+
+def _low_rank(contribs: list[Contribution], pairs: list[tuple[Any, Any] | None]) -> LowRank | None:
+    """Each contribution's delta to a row block as (left @ right) * scale * weight, or None when one of them
+    is not a plain low-rank product (DoRA, replacement, embedding, the legacy expert layout)."""
+    if any(p is None for p in pairs):
+        return None
+    return [(p[0], p[1], c.scale, c.weight) for c, p in zip(contribs, pairs, strict=True) if p is not None]
+
+
+def _linear_factors(c: Contribution, rows: slice, f: _Factors) -> tuple[Any, Any] | None:
+    if c.kind == "linear" and c.m_key is None:
+        return f.get(c, c.b_key)[rows], f.get(c, c.a_key)
+    return None
+
+
+def _expert_factors(c: Contribution, e: int, rows: slice, f: _Factors) -> tuple[Any, Any] | None:
+    if c.kind == "experts" and c.layout == "current":  # delta[e] = B_e @ A_e, rows of the slice are rows of B_e
+        r, n = c.rank, c.experts
+        return f.get(c, c.b_key)[:, e::n][rows], f.get(c, c.a_key)[e * r:(e + 1) * r]
+    return None
 
 
 def _rows_per_block(row_numel: int) -> int:
@@ -252,6 +374,10 @@ def _copy_tensor(source: TensorSource, writer: Any, info: TensorInfo, out_st: st
     """Stream an untouched tensor through, converting only when the output dtype differs."""
     dt = _torch_dtype(out_st) if out_st in FLOAT_ST else None
     name = info.name
+    raw = raw_file_source(source, name) if out_st == info.dtype else None
+    if raw is not None and hasattr(writer, "copy_range"):  # stored as it will be written: copied in the kernel
+        writer.copy_range(name, *raw.byte_range(name))
+        return
     if len(info.shape) == 3:
         for e in range(info.shape[0]):
             t = source.load_slice(name, e)

@@ -15,8 +15,9 @@ import math
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import TYPE_CHECKING, Any
 
+from toolbox.tensors.direct_io import DirectFile
 from toolbox.tensors.safetensors_format import DTYPES, TORCH_TO_ST, encode_header
 
 if TYPE_CHECKING:
@@ -85,7 +86,7 @@ class SafetensorsWriter:
         self._order: list[_Planned] = []
         self._cursor = 0  # index in _order of the tensor being written
         self._written = 0  # bytes of the current tensor written so far
-        self._file: BinaryIO | None = None
+        self._file: DirectFile | None = None
         self._shard_open = -1
         self.shard_names: list[str] = []
 
@@ -151,10 +152,8 @@ class SafetensorsWriter:
             self._written = 0
 
     def copy_range(self, name: str, src_path: str | Path, offset: int, length: int) -> None:
-        """Write `length` bytes of the current tensor straight from another file, inside the kernel
-        (copy_file_range: no trip through user space; a reflink on filesystems that support it)."""
-        import os
-
+        """Write `length` bytes of the current tensor straight from another file (read into the output's
+        aligned write buffers: one copy, no trip through torch)."""
         self._expect(_State.WRITING, "write")
         p = self._current(name)
         if self._shard_open != p.shard:
@@ -162,19 +161,7 @@ class SafetensorsWriter:
         assert self._file is not None
         if self._written + length > p.nbytes:
             raise ValueError(f"{name}: {self._written + length} bytes written, declared {p.nbytes}")
-        self._file.flush()
-        dst = self._file.fileno()
-        with open(src_path, "rb") as src:
-            done = 0
-            while done < length:
-                try:
-                    n = os.copy_file_range(src.fileno(), dst, length - done, offset + done)
-                except (AttributeError, OSError):  # no copy_file_range here (or across filesystems)
-                    src.seek(offset + done)
-                    n = os.write(dst, src.read(min(length - done, 64 << 20)))
-                if n <= 0:
-                    raise ValueError(f"{name}: {src_path} ends before byte {offset + length}")
-                done += n
+        self._file.copy_from(src_path, offset, length)
         self._written += length
         if self._written == p.nbytes:
             self._cursor += 1
@@ -201,7 +188,7 @@ class SafetensorsWriter:
 
     def abort(self) -> None:
         if self._file is not None:
-            self._file.close()
+            self._file.abort()
             self._file = None
 
     # -- internals --------------------------------------------------------------------------
@@ -220,7 +207,7 @@ class SafetensorsWriter:
     def _open_shard(self, shard: int) -> None:
         self._close_shard()
         entries = [(p.name, p.dtype, p.shape) for p in self._order if p.shard == shard]
-        f = open(self.directory / self.shard_names[shard], "wb")  # noqa: SIM115 - closed in _close_shard
+        f = DirectFile(self.directory / self.shard_names[shard])
         f.write(encode_header(entries, self.metadata))
         self._file, self._shard_open = f, shard
 

@@ -7,7 +7,7 @@ import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from toolbox.tensors.safetensors_format import DTYPES
 
@@ -73,3 +73,14 @@ def open_source(path: str | Path, *, canonical: bool = True) -> TensorSource:
 
         source = CanonicalView(source)
     return source
+
+
+def raw_file_source(source: TensorSource, name: str) -> Any:
+    """The safetensors file reader holding `name` byte for byte as the output wants it (same name, same
+    dtype: not a fused per-expert layout or dequantized FP8), or None."""
+    inner = getattr(source, "inner", source)
+    if not hasattr(inner, "byte_range") or name not in inner.infos():
+        return None
+    if inner.infos()[name].dtype != source.infos()[name].dtype:
+        return None
+    return inner
