@@ -11,12 +11,26 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from typing import Any
 
+DIRECT_ALIGN = 4096  # toolbox.tensors.direct_io.ALIGN: GGUF data alignment for direct writes
 
-def begin_data(writer: Any) -> None:
-    """Header, KV and tensor-info sections of every split, then the data alignment."""
+
+def begin_data(writer: Any, *, direct: bool = False) -> None:
+    """Header, KV and tensor-info sections of every split, then the data alignment.
+
+    `direct`: the tensor data of every file then goes through a DirectFile (page-cache bypass, see
+    toolbox.tensors.direct_io); the writer's data alignment should be DIRECT_ALIGN so that the two
+    experts tensors of `write_expert_pair` can be written side by side."""
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
+    if direct:
+        from toolbox.tensors.direct_io import DirectFile
+
+        for i, fout in enumerate(writer.fout):
+            fout.flush()
+            start, path = fout.tell(), fout.name
+            fout.close()
+            writer.fout[i] = DirectFile(path, start=start)
 
 
 def write_tensor_pieces(writer: Any, name: str, pieces: Iterable[memoryview | bytes]) -> int:
@@ -58,6 +72,8 @@ def _writeback(writer: Any, fout: Any) -> Any:
     state = writer.__dict__.setdefault("_corral_unflushed", {})
 
     def advance(n: int) -> None:
+        if getattr(fout, "direct", False):
+            return  # nothing of it sits in the page cache
         key = id(fout)
         state[key] = state.get(key, 0) + n
         if state[key] >= WRITEBACK_BYTES:
@@ -91,6 +107,8 @@ def write_expert_pair(writer: Any, names: tuple[str, str], pieces: Iterable[tupl
     gate_info = writer.tensors[file_id].pop(names[0])
     up_info = writer.tensors[file_id].pop(names[1])
     writer.write_padding(fout, fout.tell())
+    if hasattr(fout, "region") and writer.data_alignment % DIRECT_ALIGN == 0:
+        return _write_pair_direct(writer, fout, names, gate_info.nbytes, up_info.nbytes, pieces)
     fout.flush()
     base = fout.tell()
     up_base = base + gguf.GGUFWriter.ggml_pad(gate_info.nbytes, writer.data_alignment)
@@ -112,6 +130,32 @@ def write_expert_pair(writer: Any, names: tuple[str, str], pieces: Iterable[tupl
     writer.write_padding(fout, up_info.nbytes)
     writer.state = gguf.WriterState.WEIGHTS
     return gate_info.nbytes + up_info.nbytes
+
+
+def _write_pair_direct(writer: Any, fout: Any, names: tuple[str, str], gate_bytes: int, up_bytes: int,
+                       pieces: Iterable[tuple[Any, Any]]) -> int:
+    """write_expert_pair into a DirectFile: two region writers, one per tensor, both block-aligned."""
+    import gguf
+
+    fout.drain()
+    base = fout.tell()
+    up_base = base + gguf.GGUFWriter.ggml_pad(gate_bytes, writer.data_alignment)
+    regions = [fout.region(base), fout.region(up_base)]
+    try:
+        for pair in pieces:
+            for region, data in zip(regions, pair, strict=True):
+                region.write(data)
+        sizes = [regions[0].tell() - base, regions[1].tell() - up_base]
+        if sizes != [gate_bytes, up_bytes]:
+            raise RuntimeError(f"{names}: wrote {sizes[0]} and {sizes[1]} bytes, declared {gate_bytes} and {up_bytes}")
+        for region in regions:
+            region.close()  # each pads its last block with zeros: the GGUF padding up to the next tensor
+    finally:
+        for region in regions:
+            region.abort()
+    fout.skip_to(up_base + gguf.GGUFWriter.ggml_pad(up_bytes, writer.data_alignment))
+    writer.state = gguf.WriterState.WEIGHTS
+    return gate_bytes + up_bytes
 
 
 def prefetch(items: Iterable[Any], depth: int = 2) -> Iterator[Any]:

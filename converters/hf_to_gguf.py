@@ -287,8 +287,14 @@ def default_name(ckpt: Llama4Checkpoint, outtype: str) -> str:
 def convert_hf_to_gguf(src: str | Path, out: str | Path, *, outtype: str = "auto", split_max_size: int = 0,
                        name: str | None = None, mau_declaration: str | None = None, fix_name: bool = False,
                        base_model: str | None = None, allow_lossy_config: bool = False, force: bool = False,
-                       multimodal: bool = False, progress: Progress = NULL_PROGRESS) -> GGUFResult:
+                       multimodal: bool = False, direct_io: bool = True,
+                       progress: Progress = NULL_PROGRESS) -> GGUFResult:
     """Convert an HF Llama 4 checkpoint to a GGUF file (or split set) for llama.cpp.
+
+    `direct_io` lays tensors out at 4096-byte alignment (general.alignment) and writes their data
+    around the page cache (toolbox.tensors.direct_io); False keeps GGUF's default 32 and buffered
+    writes (the input of llama.cpp's quantizer must: it copies general.alignment into its output
+    but lays that out at 32).
 
     `multimodal` marks the stamp as part of a multimodal model (set when its mmproj file ships
     beside it, so that the pair carries the same obligations, the EU clause included).
@@ -297,6 +303,7 @@ def convert_hf_to_gguf(src: str | Path, out: str | Path, *, outtype: str = "auto
     """
     import gguf
 
+    from converters.gguf_stream import DIRECT_ALIGN
     from converters.gguf_vocab import add_vocab
     from converters.gguf_writer import GGUFWriter
     from license.stamp import Stamp, apply_to_gguf_writer
@@ -339,6 +346,8 @@ def convert_hf_to_gguf(src: str | Path, out: str | Path, *, outtype: str = "auto
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}{PARTIAL_MARK}", dir=out.parent))
     try:
         writer = GGUFWriter(staging / out.name, "llama4", split_max_size=split_max_size)
+        if direct_io:
+            writer.add_custom_alignment(DIRECT_ALIGN)  # block-aligned tensors: data written around the page cache
         apply_to_gguf_writer(writer, stamp)
         add_text_kv(writer, ckpt, gg_type)
         add_vocab(writer, ckpt.path, ckpt.text.vocab)
@@ -350,7 +359,7 @@ def convert_hf_to_gguf(src: str | Path, out: str | Path, *, outtype: str = "auto
                 gguf.GGMLQuantizationType, p.qtype))
         from converters.gguf_stream import begin_data, prefetch, write_expert_pair, write_tensor_pieces
 
-        begin_data(writer)
+        begin_data(writer, direct=direct_io)
         total = sum(p.nbytes for p in plan)
         read_once(source)  # every byte is read exactly once below: keep it out of the page cache
         with progress.task(f"writing {out.name} (bytes)", total=total) as task:
@@ -428,7 +437,7 @@ def _via_llama_cpp(src: str | Path, out: Path, outtype: str, *, split_max_size: 
     tmp = out.parent / f".{out.stem}{PARTIAL_MARK}bf16.gguf"
     try:
         first = convert_hf_to_gguf(src, tmp, outtype="bf16", name=name or default_name(ckpt, outtype), force=True,
-                                   **kwargs)
+                                   direct_io=False, **kwargs)
         quantize_file(tmp, out, outtype)
     finally:
         tmp.unlink(missing_ok=True)

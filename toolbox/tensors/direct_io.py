@@ -24,10 +24,12 @@ ENV_OFF = "CORRAL_NO_DIRECT_IO"  # set to any value to write through the page ca
 class DirectFile:
     """A new file written sequentially in aligned chunks (O_DIRECT where the filesystem allows it)."""
 
-    def __init__(self, path: str | Path, chunk: int = CHUNK) -> None:
+    def __init__(self, path: str | Path, chunk: int = CHUNK, *, start: int = 0) -> None:
+        """A new file; or, with `start`, an existing one (its first `start` bytes written by someone else,
+        e.g. gguf-py's header) continued from byte `start` on."""
         if chunk % ALIGN:
             raise ValueError(f"chunk size {chunk} is not a multiple of {ALIGN}")
-        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0)
+        flags = os.O_WRONLY | os.O_CREAT | getattr(os, "O_CLOEXEC", 0) | (0 if start else os.O_TRUNC)
         self.direct = hasattr(os, "O_DIRECT") and not os.environ.get(ENV_OFF)
         fd = -1
         if self.direct:
@@ -37,15 +39,52 @@ class DirectFile:
                 self.direct = False
         self.fd = fd if fd >= 0 else os.open(path, flags, 0o644)
         self.path = Path(path)
+        self._owns_fd = self._truncate = True
+        self._setup(chunk, start - start % ALIGN)
+        if start % ALIGN:  # the partial block before `start` is rewritten whole, with the bytes already there
+            with open(path, "rb") as f:
+                f.seek(self._base)
+                head = f.read(start % ALIGN)
+            if len(head) != start % ALIGN:
+                raise EOFError(f"{path} is shorter than {start} bytes")
+            self.write(head)
+
+    def region(self, offset: int, chunk: int = CHUNK // 2) -> DirectFile:
+        """A second sequential writer into this file from `offset` (aligned), for data laid out in two
+        places at once; its close() pads its last block with zeros and leaves the file size alone."""
+        if offset % ALIGN:
+            raise ValueError(f"region offset {offset} is not a multiple of {ALIGN}")
+        other = object.__new__(DirectFile)
+        other.fd, other.direct, other.path = self.fd, self.direct, self.path
+        other._owns_fd = other._truncate = False
+        other._setup(chunk, offset)
+        return other
+
+    def _setup(self, chunk: int, base: int) -> None:
         self._chunk = chunk
         self._maps = [mmap.mmap(-1, chunk) for _ in range(2)]  # anonymous maps are page-aligned
         self._views = [memoryview(m) for m in self._maps]
         self._cur = 0
         self._fill = 0
-        self._base = 0  # file offset of the current chunk's first byte
+        self._base = base  # file offset of the current chunk's first byte
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="corral-direct-write")
         self._pending: Future[None] | None = None
         self.closed = False
+
+    def drain(self) -> None:
+        """Write everything given so far (the position must be block-aligned) and wait for it."""
+        if self.tell() % ALIGN:
+            raise ValueError(f"drain() at unaligned position {self.tell()}")
+        if self._fill:
+            self._submit()
+        self._wait()
+
+    def skip_to(self, offset: int) -> None:
+        """Continue at `offset` (aligned, after drain()): the bytes in between were written by a region."""
+        if self._fill or offset % ALIGN:
+            raise ValueError(f"skip_to({offset}) with {self._fill} bytes pending or an unaligned offset")
+        self._wait()
+        self._base = offset
 
     def tell(self) -> int:
         return self._base + self._fill
@@ -90,7 +129,8 @@ class DirectFile:
         return self.fd
 
     def close(self) -> None:
-        """Write the last partial chunk (padded to the alignment, then the file cut to its size) and close."""
+        """Write the last partial chunk (padded to the alignment, then the file cut back to its size unless
+        this is a region) and close."""
         if self.closed:
             return
         try:
@@ -98,12 +138,12 @@ class DirectFile:
             size = self.tell()
             if self._fill:
                 n = self._fill
-                if self.direct:
+                if self.direct or not self._truncate:
                     padded = -(-n // ALIGN) * ALIGN
                     self._views[self._cur][n:padded] = bytes(padded - n)
                     n = padded
                 _pwrite_all(self.fd, self._views[self._cur][:n], self._base)
-                if n != self._fill:
+                if n != self._fill and self._truncate:
                     os.ftruncate(self.fd, size)
         finally:
             self._release()
@@ -121,7 +161,8 @@ class DirectFile:
     def _release(self) -> None:
         self.closed = True
         self._pool.shutdown(wait=True)
-        os.close(self.fd)
+        if self._owns_fd:
+            os.close(self.fd)
         for v in self._views:
             v.release()
         for m in self._maps:
