@@ -105,7 +105,8 @@ def main() -> None:
     rows.append(("`cp -r && sync` (baseline)", f"{cp_wall:.1f} s", f"{cp_rss:.2f} GiB", "1.00x"))
     shutil.rmtree(out / "copy")
     subprocess.run(["sync"], check=True)
-    corral = [sys.executable, "-m", "toolbox.cli.main", "--quiet", "convert", str(src), "--to", "gguf"]
+    corral = [sys.executable, "-m", "toolbox.cli.main", "--quiet", "convert", str(src), "--to", "gguf",
+              "--mau-declaration", "below-700m"]
     for outtype in ("bf16", "q8_0"):
         wall, rss = run_timed([*corral, "--outtype", outtype, "-o", str(out / f"corral-{outtype}.gguf")])
         rows.append((f"corral convert --outtype {outtype}", f"{wall:.1f} s", f"{rss:.2f} GiB",
@@ -152,7 +153,7 @@ def maverick(work: Path, write: bool) -> None:
     subprocess.run(["sync"], check=True)
     target = out / "maverick-q8_0.gguf"
     wall, rss = run_timed([sys.executable, "-m", "toolbox.cli.main", "--quiet", "convert", str(src), "--to", "gguf",
-                           "--outtype", "q8_0", "-o", str(target)])
+                           "--outtype", "q8_0", "--mau-declaration", "below-700m", "-o", str(target)])
     written = target.stat().st_size
     target.unlink()
     text = (f"## HF -> GGUF, Maverick-shaped layer (issue 4) — {time.strftime('%Y-%m-%d')}, {platform.machine()}, "

@@ -287,6 +287,27 @@ def test_one_pass_gate_up_writes_the_same_bytes(gguf_files, scout_dir: Path, tmp
     assert paired.read_bytes() == sequential.read_bytes() == gguf_files[("scout", "q8_0")].read_bytes()
 
 
+def test_direct_io_layout_holds_the_same_tensors(gguf_files, scout_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    """Direct writes: every tensor starts on a 4096-byte boundary (declared as general.alignment), the bytes
+    equal a buffered write of the same file and, tensor by tensor, a default-aligned (32) conversion."""
+    from toolbox.tensors.direct_io import ENV_OFF
+
+    direct = gguf_files[("scout", "q8_0")]
+    g = GGUFFile(direct)
+    assert g.fields["general.alignment"] == 4096
+    assert all(t.data_offset % 4096 == 0 for t in g.tensors.values())
+    plain = tmp_path / "plain.gguf"
+    convert_hf_to_gguf(scout_dir, plain, outtype="q8_0", mau_declaration=DECL, direct_io=False)
+    p = GGUFFile(plain)
+    assert "general.alignment" not in p.fields and list(p.tensors) == list(g.tensors)
+    for name, t in g.tensors.items():
+        assert np.array_equal(np.asarray(t.data), np.asarray(p.tensors[name].data)), name
+    monkeypatch.setenv(ENV_OFF, "1")  # the buffered fallback of the same layout
+    buffered = tmp_path / "buffered.gguf"
+    convert_hf_to_gguf(scout_dir, buffered, outtype="q8_0", mau_declaration=DECL)
+    assert buffered.read_bytes() == direct.read_bytes()
+
+
 @pytest.fixture(scope="module")
 def wide_scout(tmp_path_factory) -> Path:
     """demo:scout with rows of 256 (hidden and expert width), so that K-quant blocks fit and are really used."""
