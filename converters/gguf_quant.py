@@ -57,13 +57,20 @@ def nbytes(qtype_name: str, shape: tuple[int, ...]) -> int:
     return rows * (shape[-1] // block) * size
 
 
-def _roundf(x: torch.Tensor) -> torch.Tensor:
-    """Round half away from zero exactly as gguf-py's np_roundf (same float32 operations)."""
+BELOW_HALF = 0.49999997  # the float32 just below 0.5
+
+
+def _round_to_int8(v: torch.Tensor) -> torch.Tensor:
+    """gguf-py's np_roundf (round half away from zero) of float32 values in [-127.5, 127.5], as int8.
+
+    trunc(v + copysign(0.49999997, v)) equals it for every float32 below 2**23: with exactly 0.5 the
+    sum would round up for v = 0.49999997 itself; with the float just below, ties still reach the next
+    integer (the sum rounds up to it) and nothing else does (tests compare with gguf-py on ties and
+    near-ties). The cast to int8 truncates: three passes instead of np_roundf's eight.
+    """
     import torch
 
-    a = x.abs()
-    floored = torch.floor(a)
-    return torch.sign(x) * (floored + torch.floor(2 * (a - floored)))
+    return v.add_(torch.full_like(v, BELOW_HALF).copysign_(v)).to(torch.int8)
 
 
 Q8_CHUNK_BLOCKS = 16384  # 512 Ki elements: each temporary stays in cache (8x faster than whole-tensor ops)
@@ -80,7 +87,7 @@ def q8_0(x: torch.Tensor) -> torch.Tensor:
         d = b.abs().amax(dim=1, keepdim=True) / 127
         inv = torch.where(d == 0, torch.zeros_like(d), 1 / d)
         out[s:s + Q8_CHUNK_BLOCKS, :2] = d.to(torch.float16).view(torch.uint8)
-        out[s:s + Q8_CHUNK_BLOCKS, 2:] = _roundf(b * inv).to(torch.int8).view(torch.uint8)
+        out[s:s + Q8_CHUNK_BLOCKS, 2:] = _round_to_int8(b * inv).view(torch.uint8)
     return out.reshape(-1)
 
 

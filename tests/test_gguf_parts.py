@@ -92,3 +92,25 @@ def test_bpe_merges_equal_gguf_py_special_vocab(scout_dir, tmp_path) -> None:
     (tmp_path / "tokenizer.json").write_text(json.dumps({"model": {"merges": pairs}}))
     ours = bpe_merges(tmp_path / "tokenizer.json")
     assert ours == gguf.SpecialVocab(tmp_path, load_merges=True).merges and ours[0] != "a b c"
+
+
+def test_q8_0_rounding_equals_gguf_py_on_ties_and_near_ties() -> None:
+    """Every k + 0.5 tie in Q8_0's range, its float32 neighbours, 0.49999997 (where adding 0.5 would round up)
+    and a million random values round as gguf-py's np_roundf; whole blocks of them quantize identically."""
+    from gguf.quants import np_roundf
+
+    from converters.gguf_quant import _round_to_int8
+
+    ties = np.arange(-128, 128, dtype=np.float32) + np.float32(0.5)
+    special = np.concatenate([ties, np.nextafter(ties, np.float32(0)), np.nextafter(ties, np.float32(200)),
+                              np.nextafter(ties, np.float32(-200)), np.array([0.49999997, -0.49999997, 0.0, -0.0,
+                                                                              127.0, -127.0], dtype=np.float32)])
+    special = special[np.abs(special) <= 127.5]
+    rnd = np.random.default_rng(0).uniform(-127.5, 127.5, 1_000_000).astype(np.float32)
+    for v in (special, rnd):
+        ours = _round_to_int8(torch.from_numpy(v.copy())).numpy()
+        assert np.array_equal(ours.astype(np.float32), np_roundf(v)), v[ours != np_roundf(v)][:5]
+    blocks = np.resize(special[np.abs(special) < 127], (64, 32)).astype(np.float32)
+    blocks[:, 0] = 127.0  # scale 1: the values above reach the rounding unchanged
+    ref = gguf.quants.quantize(blocks, gguf.GGMLQuantizationType.Q8_0).view(np.uint8).reshape(-1)
+    assert np.array_equal(np.frombuffer(encode(torch.from_numpy(blocks), "Q8_0"), dtype=np.uint8), ref)
