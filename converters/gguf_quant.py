@@ -61,7 +61,7 @@ BELOW_HALF = 0.49999997  # the float32 just below 0.5
 
 
 def _round_to_int8(v: torch.Tensor) -> torch.Tensor:
-    """gguf-py's np_roundf (round half away from zero) of float32 values in [-127.5, 127.5], as int8.
+    """gguf-py's np_roundf (round half away from zero) of float32 values in (-127.5, 127.5), as int8.
 
     trunc(v + copysign(0.49999997, v)) equals it for every float32 below 2**23: with exactly 0.5 the
     sum would round up for v = 0.49999997 itself; with the float just below, ties still reach the next
