@@ -104,10 +104,13 @@ def write_expert_pair(writer: Any, names: tuple[str, str], pieces: Iterable[tupl
     if pending[:2] != list(names):
         return None
     fout = writer.fout[file_id]
+    direct = hasattr(fout, "region")
+    if direct and writer.data_alignment % DIRECT_ALIGN:
+        return None  # a DirectFile takes positioned writes only on block boundaries
     gate_info = writer.tensors[file_id].pop(names[0])
     up_info = writer.tensors[file_id].pop(names[1])
     writer.write_padding(fout, fout.tell())
-    if hasattr(fout, "region") and writer.data_alignment % DIRECT_ALIGN == 0:
+    if direct:
         return _write_pair_direct(writer, fout, names, gate_info.nbytes, up_info.nbytes, pieces)
     fout.flush()
     base = fout.tell()

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
+import threading
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -29,7 +30,7 @@ if TYPE_CHECKING:
 
     from toolbox.tensors.source import TensorInfo, TensorSource
 
-ROW_BLOCK_BYTES = 16 * 1024**2  # float32 bytes of one row block being merged (of a 2-D tensor or an expert slice)
+ROW_BLOCK_BYTES = 8 * 1024**2  # float32 bytes of one row block being merged (of a 2-D tensor or an expert slice)
 COPY_BLOCK_BYTES = 64 * 1024**2  # float32-equivalent bytes of one row block of an untouched tensor
 LOST_WARN = 0.10  # warn when rounding loses more than this share of a tensor's delta energy
 OUT_DTYPES = {"auto": None, "bf16": "BF16", "f16": "F16", "f32": "F32"}
@@ -94,29 +95,34 @@ class _Stats:
             self.err += float(torch.dot(e, e))
         return stored
 
+    def add(self, parts: tuple[float, float]) -> None:
+        self.delta += parts[0]
+        self.err += parts[1]
 
-    def store_low_rank(self, buf: torch.Tensor, factors: LowRank, w: torch.Tensor, out: torch.Tensor) -> None:
-        """out = w + the weighted sum of (left @ right) * scale, computed in the float32 block `buf`.
 
-        The same operations in the same order as `store` after `_combine` (PEFT's order: product, scale,
-        weight, sum, add to the base), so results are bit-identical; only the buffers are reused, and the
-        blocks stay small enough to be read from cache in every pass."""
-        import torch
+def _merge_low_rank(buf: torch.Tensor, factors: LowRank, w: torch.Tensor, out: torch.Tensor) -> tuple[float, float]:
+    """out = w + the weighted sum of (left @ right) * scale, computed in the float32 block `buf`; returns the
+    block's (||delta||^2, ||rounding loss||^2).
 
-        for i, (left, right, scale, weight) in enumerate(factors):
-            d = torch.mm(left, right, out=buf) if i == 0 else left @ right
-            d.mul_(scale)
-            if weight != 1.0:
-                d.mul_(weight)
-            if i:
-                buf.add_(d)
-        flat = buf.view(-1)
-        self.delta += float(torch.dot(flat, flat))
-        buf.add_(w)
-        out.copy_(buf)
-        if out.dtype != torch.float32:
-            buf.sub_(out)  # what rounding to the output dtype lost
-            self.err += float(torch.dot(flat, flat))
+    The same operations in the same order as `_Stats.store` after `_combine` (PEFT's order: product,
+    scale, weight, sum, add to the base), so results are bit-identical; only the buffers are reused."""
+    import torch
+
+    for i, (left, right, scale, weight) in enumerate(factors):
+        d = torch.mm(left, right, out=buf) if i == 0 else left @ right
+        d.mul_(scale)
+        if weight != 1.0:
+            d.mul_(weight)
+        if i:
+            buf.add_(d)
+    flat = buf.view(-1)
+    delta = float(torch.dot(flat, flat))
+    buf.add_(w)
+    out.copy_(buf)
+    if out.dtype == torch.float32:
+        return delta, 0.0
+    buf.sub_(out)  # what rounding to the output dtype lost
+    return delta, float(torch.dot(flat, flat))
 
 
 class _Factors:
@@ -222,16 +228,28 @@ def _merge_tensor(source: TensorSource, writer: Any, info: TensorInfo, out_st: s
     name = info.name
     if len(info.shape) == 3:  # one expert slice at a time, merged in row blocks of it
         step = _rows_per_block(info.shape[2])
-        blocks = _Blocks(step, info.shape[2])
+        starts = range(0, info.shape[1], step)
+        local = threading.local()
 
-        def merge_expert(e: int, slab: torch.Tensor, out: torch.Tensor) -> None:
-            for r0 in range(0, info.shape[1], step):
+        def low_rank_block(e: int, r0: int, slab: torch.Tensor, out: torch.Tensor) -> tuple[float, float] | None:
+            rows = slice(r0, min(r0 + step, info.shape[1]))
+            factors = _low_rank(contribs, [_expert_factors(c, e, rows, f) for c in contribs])
+            if factors is None:
+                return None
+            if not hasattr(local, "blocks"):
+                local.blocks = _Blocks(step, info.shape[2])
+            return _merge_low_rank(local.blocks.delta(rows), factors, slab[rows], out[rows])
+
+        def merge_expert(e: int, slab: torch.Tensor, out: torch.Tensor, pool: ThreadPoolExecutor) -> None:
+            for c in contribs:  # the factors are loaded here, once, not raced for by the workers
+                _expert_factors(c, e, slice(0, 1), f)
+            parts = list(pool.map(lambda r0: low_rank_block(e, r0, slab, out), starts))
+            for r0, part in zip(starts, parts, strict=True):  # summed in row order: the report is deterministic
+                if part is not None:
+                    stats.add(part)
+                    continue
                 rows = slice(r0, min(r0 + step, info.shape[1]))
                 w = slab[rows]  # the base dtype: adding it into a float32 delta widens it exactly, in one pass
-                factors = _low_rank(contribs, [_expert_factors(c, e, rows, f) for c in contribs])
-                if factors is not None:
-                    stats.store_low_rank(blocks.delta(rows), factors, w, out[rows])
-                    continue
                 pieces = [(c, _delta_expert(c, w, e, rows, slab, f)) for c in contribs]
                 live = [(c, d) for c, d in pieces if d is not None]
                 out[rows] = stats.store(_combine([c for c, _ in live], w, [d for _, d in live]), None, w, dt)
@@ -254,7 +272,7 @@ def _merge_tensor(source: TensorSource, writer: Any, info: TensorInfo, out_st: s
         factors = _low_rank(contribs, [_linear_factors(c, rows, f) for c in contribs])
         if factors is not None and len(info.shape) == 2:
             out = blocks.output(w.shape, dt)
-            stats.store_low_rank(blocks.delta(slice(0, w.shape[0])), factors, w, out)
+            stats.add(_merge_low_rank(blocks.delta(slice(0, w.shape[0])), factors, w, out))
             writer.write(name, out)
             continue
         w = w.float()
@@ -265,13 +283,13 @@ def _merge_tensor(source: TensorSource, writer: Any, info: TensorInfo, out_st: s
 
 
 def _pipelined(source: TensorSource, writer: Any, info: TensorInfo, dt: torch.dtype,
-               merge_expert: Callable[[int, torch.Tensor, torch.Tensor], None]) -> None:
+               merge_expert: Callable[[int, torch.Tensor, torch.Tensor, ThreadPoolExecutor], None]) -> None:
     """Merge a fused expert tensor slice by slice, with the next slice read and the previous one written
     by two I/O threads while this one is computed (reads and writes release the GIL; on a model larger
-    than memory they wait on the disk, which then stays busy while the CPU merges). At most two input
-    and two output slices are alive: memory stays bounded by the slice size."""
-    from concurrent.futures import Future, ThreadPoolExecutor
-
+    than memory they wait on the disk, which then stays busy while the CPU merges). Row blocks of a slice
+    are computed by one single-threaded worker per core, taking blocks as they free up (torch's own
+    threads split every small operation in lock step and wait for the slowest). At most two input and
+    two output slices are alive: memory stays bounded by the slice size."""
     import torch
 
     from toolbox.tensors.sink import tensor_bytes
@@ -280,9 +298,10 @@ def _pipelined(source: TensorSource, writer: Any, info: TensorInfo, dt: torch.dt
     outs = [torch.empty(info.shape[1:], dtype=dt) for _ in range(min(n, 2))]
     writes: list[Future[None]] = []
     threads = torch.get_num_threads()
-    torch.set_num_threads(int(os.environ.get("CORRAL_MERGE_THREADS", "1")))
+    torch.set_num_threads(1)
     with ThreadPoolExecutor(1, thread_name_prefix="corral-read") as reader, \
-            ThreadPoolExecutor(1, thread_name_prefix="corral-write") as writing:
+            ThreadPoolExecutor(1, thread_name_prefix="corral-write") as writing, \
+            ThreadPoolExecutor(max(1, threads), thread_name_prefix="corral-merge") as compute:
         try:
             ahead = reader.submit(source.load_slice, name, 0)
             for e in range(n):
@@ -292,7 +311,7 @@ def _pipelined(source: TensorSource, writer: Any, info: TensorInfo, dt: torch.dt
                 if e >= 2:
                     writes[e - 2].result()  # its output buffer is reused now
                 out = outs[e % 2]
-                merge_expert(e, slab, out)
+                merge_expert(e, slab, out, compute)
                 del slab
                 writes.append(writing.submit(writer.write_bytes, name, tensor_bytes(out)))
             for w in writes:
