@@ -11,19 +11,16 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-DIRECT_ALIGN = 4096  # toolbox.tensors.direct_io.ALIGN: GGUF data alignment for direct writes
 
-
-def begin_data(writer: Any, *, direct: bool = False) -> None:
+def begin_data(writer: Any) -> None:
     """Header, KV and tensor-info sections of every split, then the data alignment.
 
-    `direct`: the tensor data of every file then goes through a DirectFile (page-cache bypass, see
-    toolbox.tensors.direct_io); the writer's data alignment should be DIRECT_ALIGN so that the two
-    experts tensors of `write_expert_pair` can be written side by side."""
+    For a `converters.gguf_writer.GGUFWriter(direct_io=True)` the tensor data of every file then goes
+    through a DirectFile (page-cache bypass, see toolbox.tensors.direct_io)."""
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
-    if direct:
+    if getattr(writer, "direct_io", False):
         from toolbox.tensors.direct_io import DirectFile
 
         for i, fout in enumerate(writer.fout):
@@ -104,13 +101,10 @@ def write_expert_pair(writer: Any, names: tuple[str, str], pieces: Iterable[tupl
     if pending[:2] != list(names):
         return None
     fout = writer.fout[file_id]
-    direct = hasattr(fout, "region")
-    if direct and writer.data_alignment % DIRECT_ALIGN:
-        return None  # a DirectFile takes positioned writes only on block boundaries
     gate_info = writer.tensors[file_id].pop(names[0])
     up_info = writer.tensors[file_id].pop(names[1])
     writer.write_padding(fout, fout.tell())
-    if direct:
+    if hasattr(fout, "region"):  # a DirectFile: its writer laid every tensor out on a block boundary
         return _write_pair_direct(writer, fout, names, gate_info.nbytes, up_info.nbytes, pieces)
     fout.flush()
     base = fout.tell()

@@ -21,7 +21,18 @@ FAST_MIN_ITEMS = 64  # below this the stock per-item path is as fast
 
 
 class GGUFWriter(gguf.GGUFWriter):
-    """Drop-in GGUFWriter: long arrays of strings or numbers packed faster; a custom alignment in every split."""
+    """Drop-in GGUFWriter: long arrays of strings or numbers packed faster; a custom alignment in every split.
+
+    `direct_io`: tensors laid out at toolbox.tensors.direct_io.ALIGN (declared as general.alignment), so that
+    `converters.gguf_stream.begin_data` hands their data to DirectFiles (writes around the page cache)."""
+
+    def __init__(self, *args: Any, direct_io: bool = False, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.direct_io = direct_io
+        if direct_io:
+            from toolbox.tensors.direct_io import ALIGN
+
+            self.add_custom_alignment(ALIGN)
 
     def _pack_val(self, val: Any, vtype: GGUFValueType, add_vtype: bool,
                   sub_type: GGUFValueType | None = None) -> bytes:

@@ -303,7 +303,6 @@ def convert_hf_to_gguf(src: str | Path, out: str | Path, *, outtype: str = "auto
     """
     import gguf
 
-    from converters.gguf_stream import DIRECT_ALIGN
     from converters.gguf_vocab import add_vocab
     from converters.gguf_writer import GGUFWriter
     from license.stamp import Stamp, apply_to_gguf_writer
@@ -345,9 +344,7 @@ def convert_hf_to_gguf(src: str | Path, out: str | Path, *, outtype: str = "auto
     plan = plan_text(ckpt, source, gg_type)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}{PARTIAL_MARK}", dir=out.parent))
     try:
-        writer = GGUFWriter(staging / out.name, "llama4", split_max_size=split_max_size)
-        if direct_io:
-            writer.add_custom_alignment(DIRECT_ALIGN)  # block-aligned tensors: data written around the page cache
+        writer = GGUFWriter(staging / out.name, "llama4", split_max_size=split_max_size, direct_io=direct_io)
         apply_to_gguf_writer(writer, stamp)
         add_text_kv(writer, ckpt, gg_type)
         add_vocab(writer, ckpt.path, ckpt.text.vocab)
@@ -359,7 +356,7 @@ def convert_hf_to_gguf(src: str | Path, out: str | Path, *, outtype: str = "auto
                 gguf.GGMLQuantizationType, p.qtype))
         from converters.gguf_stream import begin_data, prefetch, write_expert_pair, write_tensor_pieces
 
-        begin_data(writer, direct=direct_io)
+        begin_data(writer)
         total = sum(p.nbytes for p in plan)
         read_once(source)  # every byte is read exactly once below: keep it out of the page cache
         with progress.task(f"writing {out.name} (bytes)", total=total) as task:

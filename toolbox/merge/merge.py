@@ -223,6 +223,8 @@ def _combine(contribs: list[Contribution], w: torch.Tensor, deltas: list[torch.T
 def _merge_tensor(source: TensorSource, writer: Any, info: TensorInfo, out_st: str, contribs: list[Contribution],
                   f: _Factors) -> _Stats:
     """Write one output tensor, merged piece by piece; return its delta statistics."""
+    import torch
+
     dt = _torch_dtype(out_st)
     stats = _Stats()
     name = info.name
@@ -236,9 +238,9 @@ def _merge_tensor(source: TensorSource, writer: Any, info: TensorInfo, out_st: s
             factors = _low_rank(contribs, [_expert_factors(c, e, rows, f) for c in contribs])
             if factors is None:
                 return None
-            if not hasattr(local, "blocks"):
-                local.blocks = _Blocks(step, info.shape[2])
-            return _merge_low_rank(local.blocks.delta(rows), factors, slab[rows], out[rows])
+            if not hasattr(local, "buf"):  # one float32 block per worker, reused (fresh MiBs fault in every time)
+                local.buf = torch.empty((step, info.shape[2]), dtype=torch.float32)
+            return _merge_low_rank(local.buf[:rows.stop - r0], factors, slab[rows], out[rows])
 
         def merge_expert(e: int, slab: torch.Tensor, out: torch.Tensor, pool: ThreadPoolExecutor) -> None:
             for c in contribs:  # the factors are loaded here, once, not raced for by the workers
@@ -265,15 +267,18 @@ def _merge_tensor(source: TensorSource, writer: Any, info: TensorInfo, out_st: s
         writer.write(name, stats.store(delta, sole, w, dt))
         return stats
     step = _rows_per_block(math.prod(info.shape[1:]))
-    blocks = _Blocks(step, math.prod(info.shape[1:]))
+    buf = out = None
     for r0 in range(0, info.shape[0], step):
         rows = slice(r0, min(r0 + step, info.shape[0]))
         w = source.load_slice(name, rows)
-        factors = _low_rank(contribs, [_linear_factors(c, rows, f) for c in contribs])
-        if factors is not None and len(info.shape) == 2:
-            out = blocks.output(w.shape, dt)
-            stats.add(_merge_low_rank(blocks.delta(slice(0, w.shape[0])), factors, w, out))
-            writer.write(name, out)
+        factors = _low_rank(contribs, [_linear_factors(c, rows, f) for c in contribs]) if w.dim() == 2 else None
+        if factors is not None:
+            if buf is None or out is None:  # reused across row blocks
+                buf = torch.empty((step, info.shape[1]), dtype=torch.float32)
+                out = torch.empty((step, info.shape[1]), dtype=dt)
+            n = w.shape[0]
+            stats.add(_merge_low_rank(buf[:n], factors, w, out[:n]))
+            writer.write(name, out[:n])
             continue
         w = w.float()
         sole = _sole_absolute(contribs, w, rows, f)
@@ -322,27 +327,6 @@ def _pipelined(source: TensorSource, writer: Any, info: TensorInfo, dt: torch.dt
             raise
         finally:
             torch.set_num_threads(threads)
-
-
-class _Blocks:
-    """Reused buffers of one tensor's merge: a float32 row block and an output slice, allocated once (fresh
-    multi-MiB allocations cost a page fault per 4 KiB every time)."""
-
-    def __init__(self, rows: int, cols: int) -> None:
-        import torch
-
-        self.buf = torch.empty((rows, cols), dtype=torch.float32)
-        self.out: torch.Tensor | None = None
-
-    def delta(self, rows: slice) -> torch.Tensor:
-        return self.buf[: rows.stop - rows.start]
-
-    def output(self, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
-        import torch
-
-        if self.out is None or self.out.shape != shape or self.out.dtype != dtype:
-            self.out = torch.empty(shape, dtype=dtype)
-        return self.out
 
 
 LowRank = list[tuple["torch.Tensor", "torch.Tensor", float, float]]  # (left rows, right, scale, weight)

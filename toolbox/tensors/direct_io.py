@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import mmap
 import os
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -91,36 +92,40 @@ class DirectFile:
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
         view = memoryview(data).cast("B")
-        total = len(view)
-        while len(view):
-            n = min(len(view), self._chunk - self._fill)
-            self._views[self._cur][self._fill:self._fill + n] = view[:n]
-            self._fill += n
-            view = view[n:]
-            if self._fill == self._chunk:
-                self._submit()
-        return total
+
+        def fill(target: memoryview, done: int) -> None:
+            target[:] = view[done:done + len(target)]
+
+        self._append(len(view), fill)
+        return len(view)
 
     def copy_from(self, src: str | Path, offset: int, length: int) -> None:
         """Append `length` bytes of another file from `offset`, read straight into the aligned chunks."""
         fd = os.open(src, os.O_RDONLY)
+
+        def fill(target: memoryview, done: int) -> None:
+            got = 0
+            while got < len(target):
+                r = os.preadv(fd, [target[got:]], offset + done + got)
+                if r <= 0:
+                    raise EOFError(f"{src} ends before byte {offset + length}")
+                got += r
+
         try:
-            done = 0
-            while done < length:
-                n = min(length - done, self._chunk - self._fill)
-                target = self._views[self._cur][self._fill:self._fill + n]
-                got = 0
-                while got < n:
-                    r = os.preadv(fd, [target[got:]], offset + done + got)
-                    if r <= 0:
-                        raise EOFError(f"{src} ends before byte {offset + length}")
-                    got += r
-                self._fill += n
-                done += n
-                if self._fill == self._chunk:
-                    self._submit()
+            self._append(length, fill)
         finally:
             os.close(fd)
+
+    def _append(self, length: int, fill: Callable[[memoryview, int], None]) -> None:
+        """Append `length` bytes, `fill(target, done)` putting bytes done..done+len(target) into each chunk's space."""
+        done = 0
+        while done < length:
+            n = min(length - done, self._chunk - self._fill)
+            fill(self._views[self._cur][self._fill:self._fill + n], done)
+            self._fill += n
+            done += n
+            if self._fill == self._chunk:
+                self._submit()
 
     def flush(self) -> None:
         """Nothing to do: full chunks are already on their way; the last one goes at close()."""
