@@ -59,7 +59,7 @@ def q8_throughput() -> tuple[float, float]:
     import gguf
     import torch
 
-    from converters.gguf_quant import encode
+    from toolbox.tensors.gguf.quant import encode
 
     x = torch.randn(8192, 8192) * 0.02
     arr = x.numpy()

@@ -22,6 +22,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE.parent / "tests"))  # the libmtmd harness lives with the tests
 
 from bench_gguf import llama_cpp_converter  # noqa: E402
 from results import write_section  # noqa: E402
@@ -73,7 +74,7 @@ def main() -> None:
 
     from converters.gguf_mmproj import convert_hf_to_mmproj
     from converters.hf_to_gguf import convert_hf_to_gguf
-    from converters.llama_cpp_mtmd import MtmdRuntime, relative_error
+    from llama_cpp_mtmd import MtmdRuntime, relative_error
     from toolbox.demo import resolve_checkpoint
 
     work = args.work / "mmproj"

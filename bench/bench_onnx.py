@@ -59,7 +59,7 @@ def decode_ms(onnx_dir: Path, prompt: int, steps: int, threads: int) -> tuple[fl
     """(median ms per decoded token, prefill ms) for batch 1."""
     import numpy as np
 
-    from converters.onnx_runtime import OnnxDecoder
+    from toolbox.runtime.onnx_decoder import OnnxDecoder
 
     dec = OnnxDecoder(onnx_dir, threads=threads)
     ids = np.arange(3, 3 + prompt, dtype=np.int64)[None]

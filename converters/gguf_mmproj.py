@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from converters.gguf_mmproj_names import mmproj_name, name_map
-from converters.gguf_quant import FLOAT_TYPES, can_encode, encode
+from toolbox.tensors.gguf.quant import FLOAT_TYPES, can_encode, encode
 from converters.hf_to_gguf import PROVENANCE_KEY, GGUFResult, Planned, _row_pieces, default_name, resolve_outtype
 from toolbox.checkpoint import Llama4Checkpoint, load_checkpoint
 from toolbox.errors import UnsupportedModelError, UsageError
@@ -196,10 +196,10 @@ def convert_hf_to_mmproj(src: str | Path, out: str | Path, *, outtype: str = "f1
     import gguf
     import numpy as np
 
-    from converters.gguf_stream import begin_data, write_tensor_pieces
-    from converters.gguf_writer import GGUFWriter
+    from toolbox.tensors.gguf.stream import begin_data, write_tensor_pieces
+    from toolbox.tensors.gguf.writer import GGUFWriter
     from license.stamp import Stamp, apply_to_gguf_writer
-    from toolbox.hub_manifest import source_origin
+    from toolbox.hub.manifest import source_origin
     from toolbox.tensors.atomic import atomic_file, check_output_path
     from toolbox.tensors.source import open_source
 

@@ -27,7 +27,7 @@ class MmprojFile:
     """An mmproj GGUF of projector type llama4, opened lazily (memory-mapped)."""
 
     def __init__(self, path: str | Path) -> None:
-        from toolbox.tensors.gguf_file import GGUFFile
+        from toolbox.tensors.gguf.reader import GGUFFile
 
         self.g = GGUFFile(path)
         self.path = self.g.path

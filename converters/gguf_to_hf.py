@@ -21,7 +21,7 @@ from converters.gguf_names import BLOCK_TENSORS, GLOBAL_TENSORS, gguf_name
 from toolbox.checkpoint import from_config
 from toolbox.errors import UnsupportedModelError, UsageError
 from toolbox.progress import NULL_PROGRESS, Progress
-from toolbox.tensors.gguf_file import GGUFFile
+from toolbox.tensors.gguf.reader import GGUFFile
 
 PROVENANCE_KEY = "corral.hf_config"
 OUT_DTYPES = {"auto": None, "bf16": "BF16", "f32": "F32", "f16": "F16"}

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from toolbox.errors import UnsupportedModelError
-from toolbox.tensors.gguf_file import GGUFFile
+from toolbox.tensors.gguf.reader import GGUFFile
 
 CONTROL = 3
 USER_DEFINED = 4

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from converters.gguf_names import F32_KINDS, gguf_name, kind_of, text_name_map
-from converters.gguf_quant import FLOAT_TYPES, LLAMA_CPP_OUTTYPES, PY_OUTTYPES, can_encode, encode, nbytes
+from toolbox.tensors.gguf.quant import FLOAT_TYPES, LLAMA_CPP_OUTTYPES, PY_OUTTYPES, can_encode, encode, nbytes
 from toolbox.checkpoint import Llama4Checkpoint, load_checkpoint
 from toolbox.errors import BadInputError, UnsupportedModelError, UsageError
 from toolbox.progress import NULL_PROGRESS, Progress
@@ -304,9 +304,9 @@ def convert_hf_to_gguf(src: str | Path, out: str | Path, *, outtype: str = "auto
     import gguf
 
     from converters.gguf_vocab import add_vocab
-    from converters.gguf_writer import GGUFWriter
+    from toolbox.tensors.gguf.writer import GGUFWriter
     from license.stamp import Stamp, apply_to_gguf_writer
-    from toolbox.hub_manifest import source_origin
+    from toolbox.hub.manifest import source_origin
     from toolbox.tensors.source import open_source
 
     if outtype.lower() in LLAMA_CPP_OUTTYPES:
@@ -354,7 +354,7 @@ def convert_hf_to_gguf(src: str | Path, out: str | Path, *, outtype: str = "auto
         for p in plan:
             writer.add_tensor_info(p.name, p.shape, np.dtype(np.float32), p.nbytes, raw_dtype=getattr(
                 gguf.GGMLQuantizationType, p.qtype))
-        from converters.gguf_stream import begin_data, prefetch, write_expert_pair, write_tensor_pieces
+        from toolbox.tensors.gguf.stream import begin_data, prefetch, write_expert_pair, write_tensor_pieces
 
         begin_data(writer)
         total = sum(p.nbytes for p in plan)

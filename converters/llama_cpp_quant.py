@@ -13,7 +13,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from converters.gguf_quant import LLAMA_CPP_OUTTYPES
+from toolbox.tensors.gguf.quant import LLAMA_CPP_OUTTYPES
 from toolbox.errors import CorralError, UsageError
 from toolbox.tensors.atomic import PARTIAL_MARK
 

@@ -80,7 +80,7 @@ def _json(path: Path) -> dict[str, Any] | None:
 
 def _gguf_heads(files: list[Path]) -> list[Path]:
     """The first part of every GGUF file or split set (only it carries the KV metadata)."""
-    from toolbox.tensors.gguf_file import SPLIT_RE
+    from toolbox.tensors.gguf.reader import SPLIT_RE
 
     heads = []
     for f in sorted(files):
@@ -104,7 +104,7 @@ def detect(path: str | Path) -> Artifact:
                                 path=p)
         files = _gguf_heads([p]) if suffix == ".gguf" else [p]
         if suffix == ".gguf" and not files:
-            from toolbox.tensors.gguf_file import split_parts
+            from toolbox.tensors.gguf.reader import split_parts
 
             files = split_parts(p)[:1]
         return Artifact(p, kinds[suffix], p.parent, files, is_directory=False, config=_json(p.parent / "config.json"))
@@ -145,9 +145,9 @@ def _safetensors_meta(path: Path) -> FileMeta:
 
 
 def _gguf_meta(path: Path) -> FileMeta:
-    """KV metadata only (license.gguf_kv; GGUFReader would spend seconds on the vocabulary).
+    """KV metadata only (toolbox.tensors.gguf.kv; GGUFReader would spend seconds on the vocabulary).
     GGUF models are recognised by general.architecture, so tensor names are not read."""
-    from license.gguf_kv import read_gguf_kv
+    from toolbox.tensors.gguf.kv import read_gguf_kv
 
     kv = read_gguf_kv(path)
     meta = {k: v if isinstance(v, str) else str(v) for k, v in kv.items() if isinstance(v, (str, int, float))}

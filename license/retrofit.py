@@ -303,9 +303,9 @@ def restamp_gguf(src: Path, dst: Path, stamp: Stamp) -> None:
     import gguf
     import numpy as np
 
-    from converters.gguf_stream import begin_data, write_tensor_pieces
-    from converters.gguf_writer import GGUFWriter
-    from toolbox.tensors.gguf_file import GGUFFile
+    from toolbox.tensors.gguf.stream import begin_data, write_tensor_pieces
+    from toolbox.tensors.gguf.writer import GGUFWriter
+    from toolbox.tensors.gguf.reader import GGUFFile
 
     reader = GGUFFile(src).readers[0]
     arch = reader.fields[K.GENERAL_ARCHITECTURE].contents()

@@ -153,7 +153,7 @@ def test_full_download_reproduces_repo_and_manifest(stub: HubStub, tmp_path: Pat
     assert result["bytes_fetched"] == sum(len(d) for d in SELECTED.values())
     assert {f["action"] for f in result["files"]} == {"fetched"}
 
-    from toolbox.hub import read_manifest
+    from toolbox.hub.client import read_manifest
 
     manifest = read_manifest(out)
     assert manifest.repo_id == REPO_ID and manifest.commit == stub.repos[REPO_ID].commit
@@ -179,7 +179,7 @@ def test_full_download_reproduces_repo_and_manifest(stub: HubStub, tmp_path: Pat
 
 
 def test_library_progress_and_selection(stub: HubStub, tmp_path: Path) -> None:
-    from toolbox.hub import download
+    from toolbox.hub.client import download
 
     with _count_progress() as (progress, advanced):
         result = download(REPO_ID, tmp_path / "o", endpoint=stub.url, token=TOKEN, accept_license=True,
@@ -203,7 +203,7 @@ def test_olah_mirror_full_download(tmp_path: Path, capsys: pytest.CaptureFixture
     _assert_tree(out, files)
     result = json.loads(stdout)
     assert result["commit"] == commit
-    from toolbox.hub import read_manifest
+    from toolbox.hub.client import read_manifest
 
     assert {f.path: f.sha256 for f in read_manifest(out).files} == {
         p: hashlib.sha256(d).hexdigest() for p, d in files.items()}
@@ -291,7 +291,7 @@ def test_license_gate(stub: HubStub, tmp_path: Path, capsys: pytest.CaptureFixtu
     code, _, stderr = cli(capsys, "download", REPO_ID, "-o", str(tmp_path / "a"), "--include", "*.json")
     assert code == 0, stderr
     assert "700 million" in stderr  # shown once more, on acceptance
-    from toolbox.hub import read_manifest
+    from toolbox.hub.client import read_manifest
 
     acc = read_manifest(tmp_path / "a").license.acceptance
     assert acc is not None and acc.via == "CORRAL_ACCEPT_LLAMA_LICENSE"
@@ -308,9 +308,9 @@ def test_license_gate(stub: HubStub, tmp_path: Path, capsys: pytest.CaptureFixtu
 
 def test_disk_space_refusal(stub: HubStub, tmp_path: Path, capsys: pytest.CaptureFixture[str],
                             monkeypatch: pytest.MonkeyPatch) -> None:
-    import toolbox.hub
+    import toolbox.hub.client
 
-    monkeypatch.setattr(toolbox.hub, "_disk_free", lambda path: 1_000_000)
+    monkeypatch.setattr(toolbox.hub.client, "_disk_free", lambda path: 1_000_000)
     monkeypatch.setenv("HF_ENDPOINT", stub.url)
     out = tmp_path / "o"
     code, _, stderr = cli(capsys, "download", REPO_ID, "-o", str(out), "--token", TOKEN, "--accept-license")
@@ -325,7 +325,7 @@ def test_disk_space_refusal(stub: HubStub, tmp_path: Path, capsys: pytest.Captur
 
 
 def test_cut_mid_file_resumes_with_range(stub: HubStub, tmp_path: Path) -> None:
-    from toolbox.hub import download
+    from toolbox.hub.client import download
 
     stub.cut_after[BIG] = 1_000_000
     result = download(REPO_ID, tmp_path / "o", endpoint=stub.url, token=TOKEN, accept_license=True)
@@ -363,7 +363,7 @@ def test_interrupted_run_resumes_next_run(stub: HubStub, tmp_path: Path,
 def test_corrupt_body_is_refetched_then_refused(stub: HubStub, tmp_path: Path,
                                                 capsys: pytest.CaptureFixture[str],
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    from toolbox.hub import download
+    from toolbox.hub.client import download
 
     stub.corrupt[BIG] = 1
     download(REPO_ID, tmp_path / "o", endpoint=stub.url, token=TOKEN, accept_license=True)
@@ -381,7 +381,7 @@ def test_corrupt_body_is_refetched_then_refused(stub: HubStub, tmp_path: Path,
 
 
 def test_rerun_repairs_a_damaged_file(stub: HubStub, tmp_path: Path) -> None:
-    from toolbox.hub import download
+    from toolbox.hub.client import download
 
     out = tmp_path / "o"
     download(REPO_ID, out, endpoint=stub.url, token=TOKEN, accept_license=True)
@@ -402,7 +402,7 @@ def test_rerun_repairs_a_damaged_file(stub: HubStub, tmp_path: Path) -> None:
 
 def test_read_manifest_refuses_what_it_cannot_trust(tmp_path: Path) -> None:
     from toolbox.errors import BadInputError, CorruptFileError
-    from toolbox.hub import read_manifest
+    from toolbox.hub.client import read_manifest
 
     with pytest.raises(BadInputError, match="no download manifest"):
         read_manifest(tmp_path)
@@ -433,7 +433,7 @@ def test_downloaded_checkpoint_converts_with_its_origin(scout_dir: Path, tmp_pat
                                                         capsys: pytest.CaptureFixture[str],
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     """The manifest carries into what is made from the download: repo, commit and hashes in the stamp."""
-    from license.gguf_kv import read_gguf_kv
+    from toolbox.tensors.gguf.kv import read_gguf_kv
 
     files = {p.relative_to(scout_dir).as_posix(): p.read_bytes() for p in scout_dir.rglob("*") if p.is_file()}
     repo = StubRepo("meta-llama/Llama-4-Scout-demo", files, card=CARD)

@@ -139,7 +139,7 @@ def test_pruned_and_dense_outputs_convert_to_gguf_and_run_in_llama_cpp(pruned_sc
 
     from converters.hf_to_gguf import convert_hf_to_gguf
     from toolbox.experts.extract import extract_dense
-    from toolbox.tensors.gguf_file import GGUFFile
+    from toolbox.tensors.gguf.reader import GGUFFile
 
     dense = extract_dense(maverick_dir, tmp_path / "dense", expert={1: 7, 3: 100}, mau_declaration="below-700m").path
     for hf, experts in ((pruned_scout, 8), (dense, None)):

@@ -17,8 +17,8 @@ from converters.gguf_to_hf import convert_gguf_to_hf
 from converters.hf_to_gguf import convert_hf_to_gguf
 from toolbox.cli.main import main
 from toolbox.errors import BadInputError, CorruptFileError, UnsupportedModelError
-from toolbox.tensors.gguf_file import GGUFFile
-from toolbox.verify import verify_checkpoint
+from toolbox.tensors.gguf.reader import GGUFFile
+from toolbox.verify.checks import verify_checkpoint
 
 DECL = "below-700m"
 TEXTS = [
@@ -268,7 +268,7 @@ def test_verify_against_finds_the_changed_expert(gguf_files, scout_copy: Path, c
 
 def test_one_pass_gate_up_writes_the_same_bytes(gguf_files, scout_dir: Path, tmp_path: Path, monkeypatch) -> None:
     """gate and up experts written from one read (positioned writes) == written one tensor after the other."""
-    import converters.gguf_stream as stream
+    import toolbox.tensors.gguf.stream as stream
 
     calls = []
     real = stream.write_expert_pair

@@ -19,7 +19,7 @@ from converters.gguf_mmproj import convert_hf_to_mmproj
 from converters.gguf_mmproj_to_hf import MmprojFile
 from converters.gguf_to_hf import convert_gguf_to_hf
 from converters.hf_to_gguf import convert_hf_to_gguf
-from converters.llama_cpp_mtmd import MtmdRuntime, grid_transposed, relative_error  # libmtmd: the real consumer
+from llama_cpp_mtmd import MtmdRuntime, grid_transposed, relative_error  # libmtmd: the real consumer
 from license import keys as K
 from license.audit import check_artifact
 from toolbox.cli.main import main
@@ -140,7 +140,7 @@ def test_names_follow_gguf_py_except_the_post_attention_norm(scout_dir: Path) ->
 
 
 def test_mmproj_layout_and_stamp(files, scout_dir: Path) -> None:
-    from toolbox.tensors.gguf_file import GGUFFile
+    from toolbox.tensors.gguf.reader import GGUFFile
 
     g = GGUFFile(files["q8_0"])
     assert g.architecture == "clip" and g.get("general.type") == "mmproj"
@@ -275,7 +275,7 @@ def test_real_scout_and_maverick_vision_fit_llama_cpp_and_auto_type(scout_dir: P
 
 
 def test_verify_against_compares_the_vision_tower(files, scout_dir: Path, capsys) -> None:
-    from toolbox.verify import verify_checkpoint
+    from toolbox.verify.checks import verify_checkpoint
 
     for which in ("f32", "q8_0"):
         report = verify_checkpoint(files[which], against=scout_dir)
@@ -301,7 +301,7 @@ def test_cli_writes_the_pair_and_merges_it_back(scout_dir: Path, tmp_path: Path,
     assert doc["mmproj"]["path"] == str(mm) and doc["mmproj"]["outtype"] == "Q8_0"
     assert sorted(p.name for p in pair.iterdir()) == sorted([mm.name, text.name])
     # each file passes the audit on its own metadata; the pair carries one name and the multimodal obligations
-    from license.gguf_kv import read_gguf_kv
+    from toolbox.tensors.gguf.kv import read_gguf_kv
 
     assert main(["license", "check", str(text)]) == 0 and main(["license", "check", str(mm)]) == 0
     kv_text, kv_mm = read_gguf_kv(text), read_gguf_kv(mm)

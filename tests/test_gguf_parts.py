@@ -12,7 +12,7 @@ import torch
 from real_configs import maverick_config, scout_config
 
 from converters.gguf_names import text_name_map
-from converters.gguf_quant import decode, encode
+from toolbox.tensors.gguf.quant import decode, encode
 from toolbox.checkpoint import from_config
 
 
@@ -49,7 +49,7 @@ def test_fast_writer_packs_metadata_arrays_as_gguf_py_does(scout_dir, tmp_path) 
     """The whole KV section (the real 202k-token vocabulary, types, merges, special ids, mixed arrays,
     big-endian) is byte-identical to the stock GGUFWriter's, and errors stay the stock ones."""
     from converters.gguf_vocab import add_vocab
-    from converters.gguf_writer import GGUFWriter
+    from toolbox.tensors.gguf.writer import GGUFWriter
     from toolbox.checkpoint import load_checkpoint
 
     vocab = load_checkpoint(scout_dir).text.vocab
@@ -99,7 +99,7 @@ def test_q8_0_rounding_equals_gguf_py_on_ties_and_near_ties() -> None:
     and a million random values round as gguf-py's np_roundf; whole blocks of them quantize identically."""
     from gguf.quants import np_roundf
 
-    from converters.gguf_quant import _round_to_int8
+    from toolbox.tensors.gguf.quant import _round_to_int8
 
     ties = np.arange(-128, 128, dtype=np.float32) + np.float32(0.5)
     special = np.concatenate([ties, np.nextafter(ties, np.float32(0)), np.nextafter(ties, np.float32(200)),

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from toolbox.cli.main import main
-from toolbox.verify import verify_checkpoint
+from toolbox.verify.checks import verify_checkpoint
 
 H, FF, E, V, LAYERS = 64, 32, 16, 300, 4
 

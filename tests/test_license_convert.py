@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from license.audit import check_artifact
-from license.gguf_kv import read_gguf_kv
+from toolbox.tensors.gguf.kv import read_gguf_kv
 from toolbox.cli.main import main
 
 BASE = "meta-llama/Llama-4-Scout-17B-16E-Instruct"

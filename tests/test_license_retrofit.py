@@ -169,7 +169,7 @@ def test_split_gguf_rewrites_only_the_first_part(tmp_path: Path) -> None:
     result = stamp_artifact(second, _stamp())
     assert result.written == [first]
     assert second.read_bytes() == untouched
-    from toolbox.tensors.gguf_file import GGUFFile
+    from toolbox.tensors.gguf.reader import GGUFFile
 
     g = GGUFFile(first)
     assert g.get("general.name") == "Llama-4-Scout-ft" and g.get("split.count") == 2

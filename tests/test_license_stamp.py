@@ -167,7 +167,7 @@ def _split_gguf(d: Path) -> Path:
 
 
 def test_fast_kv_reader_agrees_with_gguf_reader(tmp_path: Path) -> None:
-    from license.gguf_kv import MAX_ARRAY, read_gguf_kv
+    from toolbox.tensors.gguf.kv import MAX_ARRAY, read_gguf_kv
     from toolbox.errors import CorruptFileError
 
     tokens = [f"tok{i}" for i in range(MAX_ARRAY + 44)]

@@ -255,7 +255,7 @@ def test_refusals_exit_3_name_the_key_and_write_nothing(case: str, needle: str, 
 
 
 def test_to_gguf_chains_into_the_converter(small_adapter: Path, tmp_path: Path) -> None:
-    from toolbox.tensors.gguf_file import GGUFFile
+    from toolbox.tensors.gguf.reader import GGUFFile
 
     hf = tmp_path / "hf"
     merge_adapters("demo:scout", [small_adapter], hf, dtype="f32", mau_declaration=DECL)

@@ -15,7 +15,7 @@ from safetensors import safe_open
 from transformers import Llama4ForCausalLM, Llama4ForConditionalGeneration
 
 from converters.onnx_export import KEY_TENSOR_MAP, convert_hf_to_onnx
-from converters.onnx_runtime import OnnxDecoder
+from toolbox.runtime.onnx_decoder import OnnxDecoder
 from converters.onnx_to_hf import convert_onnx_to_hf
 from license import keys as K
 from license.audit import check_artifact
@@ -239,7 +239,7 @@ def test_to_hf_refuses_missing_data_and_foreign_models(tmp_path: Path, exports: 
 
 
 def test_inspect_and_verify_accept_onnx(tmp_path: Path, exports: dict[str, Path], capsys) -> None:
-    from toolbox.onnx_checks import run_against_transformers
+    from toolbox.verify.onnx_checks import run_against_transformers
 
     d = exports["maverick"]
     capsys.readouterr()

@@ -71,7 +71,7 @@ def test_builtin_recipes_validate_and_list(capsys: pytest.CaptureFixture[str]) -
 
 def test_builtin_scout_gguf_runs_then_does_no_work(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from license.audit import check_artifact
-    from toolbox.verify import verify_checkpoint
+    from toolbox.verify.checks import verify_checkpoint
 
     args = ["recipe", "run", "scout-gguf", "--set", "source=demo:scout", "--mau-declaration", DECL,
             "-o", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache")]
@@ -226,7 +226,7 @@ def test_builtin_lora_merge_gguf_runs_on_demo(scout_dir: Path, tmp_path: Path, c
         "merge": "built", "gguf": "built", "verify-merged": "built", "verify-gguf": "built", "license": "built"}
     gguf_file = out / "Llama-4-Scout-17B-16E-Instruct-merged-q8_0.gguf"
     assert gguf_file.is_file() and (out / "Llama-4-Scout-17B-16E-Instruct-merged" / "config.json").is_file()
-    from license.gguf_kv import read_gguf_kv
+    from toolbox.tensors.gguf.kv import read_gguf_kv
 
     kv = read_gguf_kv(gguf_file)
     assert [op["op"] for op in json.loads(kv["corral.provenance"])["operations"]] == ["merge", "convert"]

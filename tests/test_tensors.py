@@ -233,7 +233,7 @@ def test_blocked_transpose_equals_torch() -> None:
 def test_prefetch_keeps_order_raises_and_stops() -> None:
     import threading
 
-    from converters.gguf_stream import prefetch
+    from toolbox.tensors.gguf.stream import prefetch
 
     assert list(prefetch(iter(range(50)), depth=2)) == list(range(50))
 

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from toolbox.errors import ExitCode
-from toolbox.verify import verify_checkpoint
+from toolbox.verify.checks import verify_checkpoint
 
 SHARD_GLOB = "model*.safetensors"
 

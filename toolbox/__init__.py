@@ -22,10 +22,10 @@ _EXPORTS = {
     "resolve_checkpoint": "toolbox.demo",
     "create_demo": "toolbox.demo",
     "inspect_checkpoint": "toolbox.inspect",
-    "verify_checkpoint": "toolbox.verify",
+    "verify_checkpoint": "toolbox.verify.checks",
     "merge_adapters": "toolbox.merge.merge",
-    "download": "toolbox.hub",
-    "read_manifest": "toolbox.hub_manifest",
+    "download": "toolbox.hub.client",
+    "read_manifest": "toolbox.hub.manifest",
     "convert_hf_to_gguf": "converters.hf_to_gguf",
     "convert_gguf_to_hf": "converters.gguf_to_hf",
 }

@@ -21,10 +21,10 @@ def inspect_checkpoint(path: str | Path, *, progress: Progress = NULL_PROGRESS) 
     from toolbox.tokenizer_files import load_tokenizer_files
 
     if str(path).endswith(".gguf"):
-        from toolbox.gguf_checks import inspect_gguf
+        from toolbox.verify.gguf_checks import inspect_gguf
 
         return inspect_gguf(path)
-    from toolbox.onnx_checks import inspect_onnx, is_onnx
+    from toolbox.verify.onnx_checks import inspect_onnx, is_onnx
 
     if is_onnx(path):
         return inspect_onnx(path)

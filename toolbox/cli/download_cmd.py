@@ -10,7 +10,7 @@ from rich.console import Console
 from toolbox.cli._typer import typer
 
 if TYPE_CHECKING:
-    from toolbox.hub import DownloadResult
+    from toolbox.hub.client import DownloadResult
 
 EPILOG = """\
 Before any weight byte moves: the revision is resolved to a commit, access is checked
@@ -61,8 +61,8 @@ def download(
 ) -> int:
     """Download a Hub model repository: access and license checked first, selective,
     resumable, every file's sha256 checked, with a corral-manifest.json for provenance."""
-    from toolbox.hub import LicenseNotAcceptedError
-    from toolbox.hub import download as hub_download
+    from toolbox.hub.client import LicenseNotAcceptedError
+    from toolbox.hub.client import download as hub_download
 
     out = ctx.obj
     try:
@@ -84,7 +84,7 @@ def download(
 
 
 def _render(result: DownloadResult, console: Console) -> None:
-    from toolbox.hub import human_size
+    from toolbox.hub.client import human_size
 
     head = f"{result.repo_id} @ {result.commit[:12]} ({result.revision}) -> {result.out_dir}"
     console.print(("[bold]dry run[/bold] " if result.dry_run else "") + head, highlight=False)

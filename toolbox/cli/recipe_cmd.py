@@ -84,7 +84,7 @@ def run(
                         accept_license=accept_license, mau_declaration=mau_declaration, progress=out.progress())
 
     def render(console: Console) -> None:
-        from toolbox.hub import human_size
+        from toolbox.hub.client import human_size
 
         head = "plan" if result.dry_run else "ran"
         console.print(f"[bold]{head}[/bold] {result.name} ({result.recipe}) -> {result.output_dir}", highlight=False)

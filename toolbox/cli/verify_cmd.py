@@ -44,7 +44,7 @@ def verify(
     """Check that every tensor the config implies is present with the right shape and dtype,
     that index and shard headers agree, that the config is consistent and that the tokenizer
     matches the model (special ids, round trip, Llama 4 fingerprint)."""
-    from toolbox.verify import verify_checkpoint
+    from toolbox.verify.checks import verify_checkpoint
 
     out = ctx.obj
     report = verify_checkpoint(path, deep=deep, against=against, run=run, progress=out.progress())

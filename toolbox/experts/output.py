@@ -42,7 +42,7 @@ def make_stamp(src: str | Path, src_dir: Path, ckpt: Any, op: dict[str, Any], *,
     from license.stamp import Stamp
 
     try:
-        from toolbox.hub_manifest import source_origin
+        from toolbox.hub.manifest import source_origin
 
         origin = source_origin(src_dir)
     except ImportError:

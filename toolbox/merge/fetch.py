@@ -1,4 +1,4 @@
-"""Adapters named by Hub repo id: fetched through corral's downloader (`toolbox.hub.download`) into the
+"""Adapters named by Hub repo id: fetched through corral's downloader (`toolbox.hub.client.download`) into the
 corral cache, only the two files a merge reads, sha256-checked, gated repositories and the Llama
 license gate handled as `corral download` handles them."""
 
@@ -23,7 +23,7 @@ def is_repo_id(spec: str | Path) -> bool:
 def fetch_adapter(repo_id: str, *, progress: Progress = NULL_PROGRESS) -> tuple[Path, dict[str, Any]]:
     """Download an adapter repository's files into the cache; (directory, {repo, commit})."""
     from toolbox.demo import cache_dir
-    from toolbox.hub import download
+    from toolbox.hub.client import download
 
     out = cache_dir() / "adapters" / repo_id.replace("/", "--")
     res = download(repo_id, out, include=ADAPTER_FILES, progress=progress)

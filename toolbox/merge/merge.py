@@ -527,7 +527,7 @@ def _stamp(stamp_cls: Any, base: str | Path, base_dir: Path, ckpt: Any, loaded: 
     """The license stamp: relation finetune (one adapter) or merge (several), adapters with hashes in provenance."""
     origin: dict[str, Any] = {}
     try:
-        from toolbox.hub_manifest import source_origin
+        from toolbox.hub.manifest import source_origin
 
         origin = source_origin(base_dir)
     except ImportError:  # the downloader is optional for a merge

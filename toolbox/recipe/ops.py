@@ -108,7 +108,7 @@ def _extract(p: dict[str, Any], src: Path, workdir: Path, ctx: OpContext) -> Pat
 
 
 def _verify(p: dict[str, Any], src: Path, workdir: Path, ctx: OpContext) -> None:
-    from toolbox.verify import verify_checkpoint
+    from toolbox.verify.checks import verify_checkpoint
 
     against = ctx.resolve(p["against"]) if p.get("against") else None
     report = verify_checkpoint(src, deep=bool(p.get("deep")), against=against, progress=ctx.progress)

@@ -188,7 +188,7 @@ def resolve_source(loaded: LoadedRecipe, cache: Path, hashes: HashCache, *, dry_
         return Source(spec, local.absolute(), info["sha256"], info, _weights_size(local))
     if "/" not in spec or spec.startswith((".", "/")):
         raise BadInputError(f"source {spec!r} is neither a path that exists, a demo:* name nor a Hub repo id")
-    from toolbox.hub import download
+    from toolbox.hub.client import download
 
     revision = (lock or {}).get("source", {}).get("commit") or r.revision
     target = cache / "hub" / spec.replace("/", "--")
@@ -430,14 +430,14 @@ def _mark_gate(objects: Path, inst: Instance) -> None:
 # -- publishing ----------------------------------------------------------------------------------
 def artifact_parts(artifact: Path) -> list[Path]:
     """A file artifact and, for the first file of a split GGUF set, the other parts."""
-    from toolbox.tensors.gguf_file import split_parts
+    from toolbox.tensors.gguf.reader import split_parts
 
     return split_parts(artifact) if artifact.suffix == ".gguf" else [artifact]
 
 
 def _published_name(part: Path, first: Path, target: Path) -> Path:
     """`X.gguf` for a single file; `X-0000i-of-0000N.gguf` for the parts of a split set."""
-    from toolbox.tensors.gguf_file import SPLIT_RE
+    from toolbox.tensors.gguf.reader import SPLIT_RE
 
     m = SPLIT_RE.match(part.name)
     if m is None or SPLIT_RE.match(first.name) is None:

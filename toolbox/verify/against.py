@@ -62,7 +62,7 @@ def verify_against(gguf_path: str | Path, reference: str | Path, report: Any,
     from converters.gguf_to_hf import gguf_sources, global_names, hf_slices
     from toolbox.checkpoint import load_checkpoint
     from toolbox.demo import resolve_checkpoint
-    from toolbox.tensors.gguf_file import GGUFFile
+    from toolbox.tensors.gguf.reader import GGUFFile
     from toolbox.tensors.source import open_source
 
     try:

@@ -34,9 +34,9 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from toolbox.errors import BadInputError, CorralError, CorruptFileError, UsageError
-from toolbox.hub_errors import HubContext, hub_error
-from toolbox.hub_license import LicenseInfo, LicenseNotAcceptedError, gate, license_info
-from toolbox.hub_manifest import (
+from toolbox.hub.errors import HubContext, hub_error
+from toolbox.hub.gate import LicenseInfo, LicenseNotAcceptedError, gate, license_info
+from toolbox.hub.manifest import (
     MANIFEST_NAME,
     DownloadManifest,
     LicenseAcceptance,

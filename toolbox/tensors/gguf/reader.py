@@ -223,7 +223,7 @@ class GGUFFile:
 
     def load(self, name: str, index: int | None = None) -> torch.Tensor:
         """A float tensor (bf16 stays bf16, others float32), whole or one dim-0 slice."""
-        from converters.gguf_quant import decode
+        from toolbox.tensors.gguf.quant import decode
 
         t = self.tensors[name]
         shape = self.shape(name)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from toolbox.errors import LicensePolicyError
-from toolbox.hub_manifest import LicenseAcceptance
+from toolbox.hub.manifest import LicenseAcceptance
 
 ACCEPT_ENV = "CORRAL_ACCEPT_LLAMA_LICENSE"
 _TRUE = {"1", "true", "yes", "on"}

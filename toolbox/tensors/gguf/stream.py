@@ -15,7 +15,7 @@ from typing import Any
 def begin_data(writer: Any) -> None:
     """Header, KV and tensor-info sections of every split, then the data alignment.
 
-    For a `converters.gguf_writer.GGUFWriter(direct_io=True)` the tensor data of every file then goes
+    For a `toolbox.tensors.gguf.writer.GGUFWriter(direct_io=True)` the tensor data of every file then goes
     through a DirectFile (page-cache bypass, see toolbox.tensors.direct_io)."""
     writer.write_header_to_file()
     writer.write_kv_data_to_file()

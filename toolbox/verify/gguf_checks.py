@@ -14,7 +14,7 @@ F32_SUFFIXES = ("_norm.weight", "ffn_gate_inp.weight", "rope_freqs.weight")
 def inspect_gguf(path: str | Path) -> dict[str, Any]:
     from converters.gguf_to_hf import hf_config_for
     from toolbox.checkpoint import from_config
-    from toolbox.tensors.gguf_file import GGUFFile
+    from toolbox.tensors.gguf.reader import GGUFFile
 
     g = GGUFFile(path)
     info: dict[str, Any] = {
@@ -53,7 +53,7 @@ def verify_gguf(path: str | Path, report: Any) -> None:
     from converters.gguf_to_hf import hf_config_for
     from converters.hf_to_gguf import expected_gguf_shapes
     from toolbox.checkpoint import from_config
-    from toolbox.tensors.gguf_file import GGUFFile
+    from toolbox.tensors.gguf.reader import GGUFFile
 
     try:
         g = GGUFFile(path)

@@ -24,7 +24,7 @@ class GGUFWriter(gguf.GGUFWriter):
     """Drop-in GGUFWriter: long arrays of strings or numbers packed faster; a custom alignment in every split.
 
     `direct_io`: tensors laid out at toolbox.tensors.direct_io.ALIGN (declared as general.alignment), so that
-    `converters.gguf_stream.begin_data` hands their data to DirectFiles (writes around the page cache)."""
+    `toolbox.tensors.gguf.stream.begin_data` hands their data to DirectFiles (writes around the page cache)."""
 
     def __init__(self, *args: Any, direct_io: bool = False, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

@@ -182,7 +182,7 @@ def run_against_transformers(path: str | Path, *, steps: int = 4, prompt: str = 
     import torch
     from transformers import AutoTokenizer, Llama4ForCausalLM
 
-    from converters.onnx_runtime import OnnxDecoder
+    from toolbox.runtime.onnx_decoder import OnnxDecoder
     from converters.onnx_to_hf import convert_onnx_to_hf
 
     file = _model_file(path)

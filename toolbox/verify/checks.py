@@ -84,23 +84,23 @@ def verify_checkpoint(path: str | Path, *, deep: bool = False, against: str | Pa
         raise UsageError("--against compares a GGUF file with the HF checkpoint it was made from",
                          hint="give a .gguf file as PATH, e.g. corral verify model.gguf --against ./hf-dir")
     if is_gguf:
-        from toolbox.gguf_checks import verify_gguf
+        from toolbox.verify.gguf_checks import verify_gguf
 
         verify_gguf(root, report)
         if against is not None and not any(f.severity == "fatal" for f in report.findings):
-            from toolbox.verify_against import verify_against
+            from toolbox.verify.against import verify_against
 
             verify_against(root, against, report, progress)
         return report
     if not root.exists():
         report.add("input.missing", "fatal", f"{root}: no such file or directory", path=str(root))
         return report
-    from toolbox.onnx_checks import is_onnx, verify_onnx
+    from toolbox.verify.onnx_checks import is_onnx, verify_onnx
 
     if is_onnx(root):
         verify_onnx(root, report)
         if run and not any(f.severity in ("fatal", "error") for f in report.findings):
-            from toolbox.onnx_checks import run_against_transformers
+            from toolbox.verify.onnx_checks import run_against_transformers
 
             result = run_against_transformers(root)
             report.checked["run"] = result
