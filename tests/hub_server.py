@@ -7,6 +7,11 @@ an LFS redirect to a second "CDN" server on another port (so the client must dro
 and HTTP Range. Failures are injected per file: a connection cut mid-body, a corrupted body,
 a 503. Every request is recorded so tests can assert what the client did.
 
+`HubStub.hostile` turns the stub into a hostile mirror, per route ("info", "tree", "auth",
+"resolve", "cdn"): a (mode, argument) pair answers that route instead of the normal handler
+(see `_Handler._hostile` for the modes: hang, trickle, redirect loops, raw or replaced JSON,
+lazily generated huge listings, endless pagination, bodies longer or shorter than listed).
+
 `OlahServer` runs the `olah` mirror (offline mode) over local git repositories whose LFS
 objects are laid out as git-lfs would, without needing the git-lfs binary.
 """
@@ -95,6 +100,9 @@ class HubStub:
         self.cut_after: dict[str, int] = {}  # path -> bytes of body sent before the connection is cut (once)
         self.corrupt: dict[str, int] = {}  # path -> how many more bodies to corrupt
         self.fail: dict[str, int] = {}  # path -> how many more 503 answers
+        self.hostile: dict[str, tuple[str, Any]] = {}  # route -> (mode, argument), see _Handler._hostile
+        self.stopping = threading.Event()  # releases handlers that "hang"
+        self.pages_served = 0
         self._lock = threading.Lock()
         self._hub = self._server("hub")
         self._cdn = self._server("cdn")
@@ -116,6 +124,7 @@ class HubStub:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self.stopping.set()
         for srv in (self._hub, self._cdn):
             srv.shutdown()
             srv.server_close()
@@ -134,7 +143,7 @@ class HubStub:
             pass
 
         Handler.stub, Handler.role = stub, role
-        srv = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        srv = _QuietServer(("127.0.0.1", 0), Handler)
         srv.daemon_threads = True
         return srv
 
@@ -144,6 +153,13 @@ class HubStub:
                 table[path] -= 1
                 return True
             return False
+
+
+class _QuietServer(ThreadingHTTPServer):
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that hangs up mid-answer is what the hostile modes provoke: no traceback on stderr."""
+        if not isinstance(sys.exc_info()[1], OSError):
+            super().handle_error(request, client_address)
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -197,6 +213,9 @@ class _Handler(BaseHTTPRequestHandler):
         if token is not None and token not in stub.tokens:
             return self._error(401, None, "Invalid credentials in Authorization header", method)
         parts = [unquote(p) for p in path.strip("/").split("/")]
+        route = _route_name(self.role, parts)
+        if route in stub.hostile and self._hostile(route, *stub.hostile[route], method):
+            return None
         if self.role == "cdn":
             if len(parts) == 2 and parts[0] == "lfs-cdn":
                 return self._cdn_object(parts[1], method)
@@ -236,6 +255,75 @@ class _Handler(BaseHTTPRequestHandler):
                                 f"Visit {self.stub.url}/{rid} to ask for access.")
         self._error(status, "GatedRepo", msg, method)
         return False
+
+    # --- a hostile mirror ----------------------------------------------------------------------
+
+    def _hostile(self, route: str, mode: str, arg: Any, method: str) -> bool:
+        """Answer `route` as a hostile mirror would; False to answer normally (body modes on HEAD).
+
+        hang: accept and never answer. trickle: `arg` bytes, one every 0.25 s. redirect-loop: 302
+        to the same URL. redirect: 302 to `arg`. raw: 200 with the bytes `arg`. json: 200 with `arg`
+        as JSON. status: (code, body, headers). listing: `arg` tree entries generated lazily, no
+        Content-Length. pages: endless pagination, `arg` entries a page. body: GET answered with the
+        bytes `arg` (HEAD normal). endless: GET answered with bytes until the client hangs up.
+        stall-body: GET headers announcing `arg` bytes, then nothing.
+        """
+        body_modes = {"body", "endless", "stall-body"}
+        if mode in body_modes and method != "GET":
+            return False
+        if mode in ("hang", "stall-body"):
+            if mode == "stall-body":
+                self.send_response(200)
+                self.send_header("Content-Length", str(arg))
+                self.end_headers()
+                self.wfile.flush()
+            self.stub.stopping.wait(120)
+            self.close_connection = True
+        elif mode == "trickle":
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(arg)))
+            self.end_headers()
+            for i in range(len(arg)):
+                if self.stub.stopping.wait(0.25):
+                    break
+                self._send(arg[i:i + 1])
+        elif mode in ("redirect-loop", "redirect"):
+            self._reply(302, b"", {"Location": self.path if mode == "redirect-loop" else arg}, method)
+        elif mode in ("raw", "json", "body"):
+            data = json.dumps(arg).encode() if mode == "json" else arg
+            self._reply(200, data, {"Content-Type": "application/json"}, method)
+        elif mode == "status":
+            code, data, headers = arg
+            self._reply(code, data, headers, method)
+        elif mode in ("listing", "endless"):
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Connection", "close")
+            self.end_headers()
+            self.close_connection = True
+            chunks = _lazy_listing(arg) if mode == "listing" else iter(lambda: b"x" * 65536, None)
+            for chunk in chunks:
+                if not self._send(chunk):
+                    break
+        elif mode == "pages":
+            with self.stub._lock:
+                page = self.stub.pages_served
+                self.stub.pages_served += 1
+            entries = [{"type": "file", "oid": "0" * 40, "size": 1, "path": f"p{page}/f{i}.bin"} for i in range(arg)]
+            nxt = f"{self.stub.url}{urlsplit(self.path).path}?cursor={time.monotonic_ns()}"
+            self._json(200, entries, method, {"Link": f'<{nxt}>; rel="next"'})
+        else:
+            raise ValueError(f"unknown hostile mode {mode!r}")
+        return True
+
+    def _send(self, data: bytes) -> bool:
+        try:
+            self.wfile.write(data)
+            self.wfile.flush()
+            return True
+        except OSError:  # the client hung up: what a bounded client does
+            return False
 
     # --- routes --------------------------------------------------------------------------------
 
@@ -325,6 +413,29 @@ class _Handler(BaseHTTPRequestHandler):
             self.connection.shutdown(socket.SHUT_RDWR)
             return None
         self.wfile.write(body)
+
+
+def _route_name(role: str, parts: list[str]) -> str | None:
+    if role == "cdn":
+        return "cdn"
+    if parts[:2] == ["api", "models"] and len(parts) >= 4:
+        rest = parts[4:]
+        if not rest or rest[0] == "revision":
+            return "info"
+        return {"tree": "tree", "auth-check": "auth"}.get(rest[0])
+    if len(parts) >= 5 and parts[2] == "resolve":
+        return "resolve"
+    return None
+
+
+def _lazy_listing(n: int) -> Iterator[bytes]:
+    """A JSON list of `n` file entries, produced as it is sent (a 300k-entry listing is ~30 MB)."""
+    yield b"["
+    for start in range(0, n, 1000):
+        part = ",".join(json.dumps({"type": "file", "oid": "0" * 40, "size": 1, "path": f"d/f{i:07d}.bin"})
+                        for i in range(start, min(start + 1000, n)))
+        yield (b"," if start else b"") + part.encode()
+    yield b"]"
 
 
 # --- olah ---------------------------------------------------------------------------------------

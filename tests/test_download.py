@@ -129,7 +129,7 @@ def _count_progress() -> Iterator[tuple[object, list[float]]]:
 
     class _Progress:
         @contextmanager
-        def task(self, description: str, total: float | None = None) -> Iterator[_Task]:
+        def task(self, description: str, total: float | None = None, *, unit: str = "items") -> Iterator[_Task]:
             yield _Task()
 
     yield _Progress(), advanced
@@ -333,6 +333,7 @@ def test_cut_mid_file_resumes_with_range(stub: HubStub, tmp_path: Path) -> None:
     ranges = [s.range for s in stub.seen("cdn", "GET", _cdn(FILES[BIG]))]
     assert ranges[0] is None and ranges[1] is not None and int(ranges[1][6:-1]) > 0
     assert result.bytes_fetched == sum(len(d) for d in SELECTED.values())
+    assert result.notes == [f"{BIG}: resumed 1 time(s) after a cut connection"]
 
 
 def test_interrupted_run_resumes_next_run(stub: HubStub, tmp_path: Path,
@@ -433,7 +434,7 @@ def test_downloaded_checkpoint_converts_with_its_origin(scout_dir: Path, tmp_pat
                                                         capsys: pytest.CaptureFixture[str],
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     """The manifest carries into what is made from the download: repo, commit and hashes in the stamp."""
-    from toolbox.tensors.gguf.kv import read_gguf_kv
+    from toolbox.tensors.gguf.reader import read_gguf_kv
 
     files = {p.relative_to(scout_dir).as_posix(): p.read_bytes() for p in scout_dir.rglob("*") if p.is_file()}
     repo = StubRepo("meta-llama/Llama-4-Scout-demo", files, card=CARD)

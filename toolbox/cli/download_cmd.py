@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Annotated
 from rich.console import Console
 
 from toolbox.cli._typer import typer
+from toolbox.cli.output import esc
 
 if TYPE_CHECKING:
     from toolbox.hub.client import DownloadResult
@@ -19,6 +20,11 @@ license must be accepted once per repository (exit 5 until --accept-license or
 CORRAL_ACCEPT_LLAMA_LICENSE=1), and free disk space is checked (exit 3). original/ is
 skipped unless --include-original. Re-running resumes partial files and fetches only what
 is missing or fails its sha256 check. HF_TOKEN, HF_ENDPOINT and `hf auth login` apply.
+
+Every request is bounded (exit 4 with the URL when a server breaks a bound):
+CORRAL_HUB_TIMEOUT (default 30 s: connect, each read, each whole API answer),
+CORRAL_HUB_DEADLINE (default 86400 s: the whole download), CORRAL_HUB_MAX_FILES (default
+20000 listing entries); at most 10 redirects; no file gets more bytes than its listed size.
 
 Examples:
 
@@ -86,11 +92,11 @@ def download(
 def _render(result: DownloadResult, console: Console) -> None:
     from toolbox.hub.client import human_size
 
-    head = f"{result.repo_id} @ {result.commit[:12]} ({result.revision}) -> {result.out_dir}"
+    head = esc(f"{result.repo_id} @ {result.commit[:12]} ({result.revision}) -> {result.out_dir}")
     console.print(("[bold]dry run[/bold] " if result.dry_run else "") + head, highlight=False)
     for f in result.files:
         style = {"fetch": "cyan", "resume": "cyan", "fetched": "green", "verify": "yellow"}.get(f.action, "dim")
-        console.print(f"  [{style}]{f.action:8}[/{style}] {human_size(f.size):>9}  {f.path}", highlight=False)
+        console.print(f"  [{style}]{f.action:8}[/{style}] {human_size(f.size):>9}  {esc(f.path)}", highlight=False)
     n_fetch = sum(1 for f in result.files if f.action in ("fetch", "resume", "fetched"))
     if result.dry_run:
         fits = "" if result.free_bytes is None or result.bytes_to_fetch <= result.free_bytes else \
@@ -99,9 +105,11 @@ def _render(result: DownloadResult, console: Console) -> None:
                       f"({human_size(result.bytes_to_fetch)}), {human_size(result.free_bytes or 0)} free{fits}",
                       highlight=False)
         if result.license_required:
-            console.print(f"[yellow]license:[/yellow] {result.license.display_name} must be accepted: add "
+            console.print(f"[yellow]license:[/yellow] {esc(result.license.display_name)} must be accepted: add "
                           "--accept-license", highlight=False)
         return
     console.print(f"[green]OK[/green] {len(result.files)} files, {human_size(result.bytes_total)} "
                   f"(fetched {n_fetch}, {human_size(result.bytes_fetched)}; sha256 verified); manifest "
-                  f"{result.manifest}", highlight=False)
+                  f"{esc(result.manifest)}", highlight=False)
+    for note in result.notes:  # e.g. a transfer resumed after a cut connection: said once, here
+        console.print(f"  [dim]note:[/dim] {esc(note)}", highlight=False)

@@ -9,9 +9,46 @@ from the repository id and the endpoint, and the few server texts quoted are scr
 from __future__ import annotations
 
 import errno
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from urllib.parse import urlsplit, urlunsplit
 
 from toolbox.errors import AccessError, BadInputError, CorralError, UsageError
+
+MIRROR_HINT = "HF_ENDPOINT must point to a Hugging Face Hub compatible server; retry later or use another mirror"
+
+
+class HubAnswerError(AccessError):
+    """The Hub (or the mirror at HF_ENDPOINT) answered something corral cannot use: garbage or
+    mistyped JSON, a listing over its bounds, a reserved or escaping path, a redirect loop, a body
+    longer or shorter than listed (exit 4, like every Hub failure)."""
+
+    def __init__(self, url: str, reason: str, *, hint: str | None = MIRROR_HINT) -> None:
+        super().__init__(f"the Hub answered {shown(public_url(url))} unexpectedly: {reason}", hint=hint)
+
+
+class HubTimeoutError(AccessError):
+    """A request, or the whole download, ran past its time bound (CORRAL_HUB_TIMEOUT / _DEADLINE)."""
+
+
+def public_url(url: str) -> str:
+    """A URL fit for messages: no user:password, no query (a CDN's signed URL carries credentials there)."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    try:
+        netloc = f"{host}:{parts.port}" if parts.port else host
+    except ValueError:  # a port that is not a number
+        netloc = host
+    return urlunsplit((parts.scheme, netloc, parts.path, "", "")) if parts.scheme else url
+
+
+def shown(text: object, limit: int = 200) -> str:
+    """A server-provided string fit for a one-line message: control characters escaped, cut to `limit`."""
+    s = str(text)
+    s = "".join(c if c.isprintable() else ascii(c)[1:-1] for c in s[: limit + 1])
+    return s if len(s) <= limit else s[:limit] + "..."
+
 
 LOGIN_HINT = "create a read token at {endpoint}/settings/tokens, then run `hf auth login` or export HF_TOKEN=<token>"
 
@@ -76,6 +113,8 @@ def hub_error(exc: BaseException, ctx: HubContext, *, filename: str | None = Non
     if isinstance(exc, hf.HFValidationError):
         return UsageError(f"invalid repository id or revision: {ctx.scrub(str(exc)).splitlines()[0]}",
                           hint="a repository id looks like meta-llama/Llama-4-Scout-17B-16E-Instruct")
+    if isinstance(exc, httpx2.DecodingError):
+        return HubAnswerError(ctx.endpoint, f"a body that does not decode ({type(exc).__name__}) for {what}")
     if isinstance(exc, (httpx2.TransportError, hf.FileMetadataError)):
         kind = type(exc).__name__
         return AccessError(f"cannot reach {ctx.endpoint} ({kind}) while fetching {what}",
@@ -112,3 +151,30 @@ def _http_status_error(exc: BaseException, ctx: HubContext, what: str, login: st
                            hint="wait a few minutes and re-run; finished and partial files are kept")
     return AccessError(f"the Hub answered HTTP {status} for {what}{said}",
                        hint="re-run later; finished and partial files are kept")
+
+
+@contextmanager
+def mapped(ctx: HubContext, filename: str | None = None) -> Iterator[None]:
+    """Turn Hub and network exceptions into CorralErrors (one line + the fix)."""
+    try:
+        yield
+    except CorralError:
+        raise
+    except Exception as exc:
+        error = hub_error(exc, ctx, filename=filename)
+        if error is None:
+            raise
+        raise error from None
+
+
+@contextmanager
+def scrubbed(ctx: HubContext) -> Iterator[None]:
+    """No CorralError leaves with the token in it: a hostile mirror can echo it in any answer."""
+    try:
+        yield
+    except CorralError as exc:
+        if ctx.token:
+            exc.message = ctx.scrub(exc.message)
+            exc.hint = ctx.scrub(exc.hint) if exc.hint else exc.hint
+            exc.args = (exc.message,)
+        raise
