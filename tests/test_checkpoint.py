@@ -27,7 +27,7 @@ def test_inventory_matches_transformers_for_real_configs(make) -> None:
 def test_parameter_counts_match_published_sizes() -> None:
     scout = from_config(scout_config()).parameter_counts()
     maverick = from_config(maverick_config()).parameter_counts()
-    # FIELD_NOTES: Scout 108.6B, Maverick 401.6B total; both "17B active".
+    # parameter counts of the real configs (the model cards round them to 109B and 400B); both "17B active".
     assert round(scout["total"] / 1e9, 1) == 108.6
     assert round(maverick["total"] / 1e9, 1) == 401.6
     assert 17.0e9 < scout["active_text"] < 17.5e9
@@ -57,4 +57,31 @@ def test_rejects_other_architectures_and_incomplete_configs() -> None:
     cfg = scout_config()
     del cfg["text_config"]["num_local_experts"]
     with pytest.raises(ConfigError, match="num_local_experts"):
+        from_config(cfg)
+
+
+@pytest.mark.parametrize(("part", "field", "value"), [
+    ("text_config", "num_hidden_layers", 10**12),
+    ("text_config", "num_key_value_heads", 0),
+    ("text_config", "vocab_size", 2.0e5),
+    ("text_config", "use_qk_norm", "yes"),
+    ("text_config", "no_rope_layers", [1, 2, 0]),
+    ("text_config", "rope_parameters", {"rope_type": "llama3", "rope_theta": float("nan")}),
+    ("text_config", "eos_token_id", list(range(100))),
+    ("vision_config", "patch_size", 10**6),
+    ("vision_config", "image_size", False),
+    (None, "architectures", ["Llama4ForConditionalGeneration", 7]),
+])
+def test_config_fields_are_typed_and_bounded(part: str | None, field: str, value: object) -> None:
+    cfg = scout_config()
+    (cfg[part] if part else cfg)[field] = value
+    with pytest.raises(ConfigError, match=field) as exc:
+        from_config(cfg)
+    assert exc.value.exit_code == 3
+
+
+def test_layers_times_experts_is_bounded() -> None:
+    cfg = maverick_config()
+    cfg["text_config"].update(num_hidden_layers=1024, num_local_experts=1024)
+    with pytest.raises(ConfigError, match="num_hidden_layers x num_local_experts"):
         from_config(cfg)

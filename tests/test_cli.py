@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -91,3 +92,58 @@ def test_cli_start_does_not_import_heavy_libraries() -> None:
             "if m in sys.modules]; print(heavy)")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert res.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_messages_are_never_markup(capsys) -> None:
+    from toolbox.cli.output import Output
+
+    out = Output()
+    out.warn("tensor [/]evil and [bold red]x[/bold red]")
+    out.error("bad [link=http://x]y[/link]", "fix [/]")
+    err = capsys.readouterr().err
+    assert "warning: tensor [/]evil and [bold red]x[/bold red]" in err
+    assert "error: bad [link=http://x]y[/link]\nhint: fix [/]" in err
+
+
+def test_json_results_are_strict_json() -> None:
+    from toolbox.cli.output import json_document
+
+    doc = json_document({"norm": float("nan"), "rows": [1.5, float("-inf")]})
+    assert json.loads(doc, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}")) == \
+        {"norm": None, "rows": [1.5, None]}
+
+
+def test_free_space_is_checked_before_a_write(tmp_path: Path, monkeypatch) -> None:
+    import shutil
+
+    from toolbox.errors import DiskFullError, ExitCode
+    from toolbox.tensors.atomic import ensure_free_space
+
+    ensure_free_space(tmp_path / "out.gguf", 1000, "a small file")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10 << 30, 10 << 30, 3 << 20))
+    with pytest.raises(DiskFullError, match=r"the GGUF output needs 5\.0 MiB but .* has 3\.0 MiB free") as exc:
+        ensure_free_space(tmp_path / "new" / "out.gguf", 5 << 20, "the GGUF output")
+    assert exc.value.exit_code == ExitCode.ACCESS and exc.value.path == str(tmp_path)
+
+
+def test_os_errors_map_to_documented_codes(tmp_path: Path) -> None:
+    import errno
+
+    from toolbox.errors import from_os_error
+
+    staged = str(tmp_path / ".out.corral-partial-x1" / "model.safetensors")
+    cases = {errno.ENOSPC: 4, errno.EDQUOT: 4, errno.EACCES: 4, errno.EPERM: 4, errno.EROFS: 4, errno.EMFILE: 4,
+             errno.ENOTDIR: 2, errno.ENAMETOOLONG: 2, errno.EISDIR: 2, errno.EEXIST: 2, errno.ELOOP: 2,
+             errno.EIO: 3}
+    for err, code in cases.items():
+        e = from_os_error(OSError(err, os.strerror(err), "/src/x", None, staged))
+        assert e.exit_code == code, errno.errorcode[err]
+        assert e.hint and errno.errorcode[err] in e.message
+    assert from_os_error(OSError(errno.ENOSPC, "No space left", "/src", None, staged)).path == str(tmp_path / "out")
+
+
+def test_json_version_is_a_document(capsys) -> None:
+    from toolbox import __version__
+
+    code, out, _ = run(["--json", "--version"], capsys)
+    assert code == 0 and json.loads(out) == {"name": "corral", "version": __version__}

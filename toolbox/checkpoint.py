@@ -5,8 +5,8 @@ the demo generator and every converter read the inventory from here.
 
 from __future__ import annotations
 
-import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,7 @@ REQUIRED_VISION = (
     "patch_size", "vision_output_dim", "projector_input_dim", "projector_output_dim",
 )
 TORCH_DTYPE_TO_ST = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
+CONFIG_MAX_BYTES = 4 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -223,8 +224,19 @@ def _require(cfg: dict[str, Any], keys: tuple[str, ...], where: str, path: Path 
         )
 
 
+def _validate(model_name: str, cfg: dict[str, Any], where: str, path: Path | None) -> None:
+    """ConfigError (exit 3) naming the file and the field when a field has the wrong type or is out of bounds."""
+    from toolbox import config_model
+
+    why = config_model.check(getattr(config_model, model_name), cfg)
+    if why is not None:
+        raise ConfigError(f"{where}: {why}", hint="fix the field in config.json: corral refuses configs no "
+                          "Llama 4 model has rather than guess", path=path)
+
+
 def text_spec(tc: dict[str, Any], where: str = "config.json", path: Path | None = None) -> TextSpec:
     _require(tc, REQUIRED_TEXT, where, path)
+    _validate("TextConfig", tc, where, path)
     layers = int(tc["num_hidden_layers"])
     step = int(tc.get("interleave_moe_layer_step", 1) or 0)
     moe_layers = tc.get("moe_layers")
@@ -261,6 +273,7 @@ def text_spec(tc: dict[str, Any], where: str = "config.json", path: Path | None 
 
 def vision_spec(vc: dict[str, Any], path: Path | None = None) -> VisionSpec:
     _require(vc, REQUIRED_VISION, "config.json vision_config", path)
+    _validate("VisionConfig", vc, "config.json vision_config", path)
     return VisionSpec(
         hidden=int(vc["hidden_size"]),
         layers=int(vc["num_hidden_layers"]),
@@ -278,6 +291,7 @@ def vision_spec(vc: dict[str, Any], path: Path | None = None) -> VisionSpec:
 def from_config(config: dict[str, Any], path: Path | None = None) -> Llama4Checkpoint:
     """Understand a config dict; raise UnsupportedModelError/ConfigError when it is not Llama 4."""
     where = f"{path / 'config.json'}" if path else "config"
+    _validate("TopConfig", config, where, path)
     archs = config.get("architectures") or []
     model_type = config.get("model_type")
     arch = next((a for a in archs if a in LLAMA4_ARCHITECTURES), None)
@@ -296,11 +310,16 @@ def from_config(config: dict[str, Any], path: Path | None = None) -> Llama4Check
             raise ConfigError(f"{where}: Llama4ForConditionalGeneration without a text_config", path=path)
         vc = config.get("vision_config")
         text = text_spec(tc, f"{where} text_config", path)
+        if vc is not None and not isinstance(vc, dict):
+            raise ConfigError(f"{where}: vision_config is not an object", path=path)
         vision = vision_spec(vc, path) if isinstance(vc, dict) else None
         if vision is None:
             raise ConfigError(f"{where}: Llama4ForConditionalGeneration without a vision_config", path=path)
     else:
-        text = text_spec(config.get("text_config") or config, where, path)
+        tc = config.get("text_config") or config
+        if not isinstance(tc, dict):
+            raise ConfigError(f"{where}: text_config is not an object", path=path)
+        text = text_spec(tc, where, path)
         vision = None
     return Llama4Checkpoint(config=config, text=text, vision=vision, architecture=arch, path=path)
 
@@ -310,20 +329,43 @@ def read_config(path: Path) -> dict[str, Any]:
     if not cfg_path.is_file():
         raise ConfigError(f"{cfg_path}: not found", hint="an HF checkpoint directory needs its config.json",
                           path=cfg_path)
+    from toolbox.tensors.jsonio import load_json
+
+    # bounded: size, depth, integer range, finite numbers, no duplicate keys (a real config.json is ~10 KB)
     try:
-        cfg = json.loads(cfg_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{cfg_path}: not valid JSON ({exc})", path=cfg_path) from exc
-    if not isinstance(cfg, dict):
-        raise ConfigError(f"{cfg_path}: not a JSON object", path=cfg_path)
+        cfg: dict[str, Any] = load_json(cfg_path, max_bytes=CONFIG_MAX_BYTES, what=str(cfg_path), expect=dict,
+                                        error=ConfigError)
+    except ConfigError as exc:
+        field = _offending_field(cfg_path)
+        if field and field not in exc.message:
+            exc.message = f"{exc.message} (field {field!r})"
+        raise
     return cfg
 
 
-def load_checkpoint(path: str | Path) -> Llama4Checkpoint:
-    """Read and understand the config of a checkpoint directory (or `demo:*`)."""
-    from toolbox.demo import resolve_checkpoint
+_BAD_NUMBER = re.compile(rb'"([^"\\]{1,200})"\s{0,64}:\s{0,64}(?:-?\d{4300}|-?NaN|-?Infinity)')
 
-    resolved = resolve_checkpoint(path)
+
+def _offending_field(cfg_path: Path) -> str | None:
+    """The key holding a number the JSON loader refused (a 5000-digit integer, NaN, Infinity), for the message."""
+    try:
+        with open(cfg_path, "rb") as f:
+            raw = f.read(CONFIG_MAX_BYTES)
+    except OSError:
+        return None
+    m = _BAD_NUMBER.search(raw)
+    return m.group(1).decode("utf-8", "replace") if m else None
+
+
+def load_checkpoint(path: str | Path) -> Llama4Checkpoint:
+    """Read and understand the config of a checkpoint directory or .safetensors file.
+
+    A local path only: `demo:*` and other references are resolved first, by
+    `toolbox.reference.load_checkpoint` (this module is below the demo generator)."""
+    resolved = Path(path)
+    if str(path).startswith("demo:"):
+        raise BadInputError(f"{path}: a model reference, not a path",
+                            hint="resolve it with toolbox.reference.load_checkpoint")
     if not resolved.exists():
         raise BadInputError(f"{resolved}: no such file or directory", path=resolved)
     directory = resolved if resolved.is_dir() else resolved.parent

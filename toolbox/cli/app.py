@@ -20,8 +20,10 @@ from toolbox.cli._typer import typer
 from toolbox.cli.output import Output
 
 EPILOG = """\
-Exit codes: 0 ok, 1 checks found problems, 2 usage error, 3 bad input,
-4 access/auth/network, 5 refused by license policy.
+Exit codes: 0 ok, 1 checks found problems, 2 usage error (or an unusable output
+location), 3 bad input, 4 the environment refused (access, auth, network, permission,
+read-only file system, disk full), 5 refused by license policy. --json prints one JSON
+document on stdout for every exit, errors included.
 
 Examples:
 

@@ -37,4 +37,4 @@ def create(
     out = ctx.obj
     path = create_demo(out_dir, variant, force=force, seed=seed, progress=out.progress())
     out.result({"path": str(path), "variant": variant, "seed": seed},
-               lambda c: c.print(f"wrote demo:{variant} checkpoint to {path}"))
+               lambda c: c.print(f"wrote demo:{variant} checkpoint to {path}", markup=False))

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 from toolbox.cli._typer import typer
-from toolbox.cli.options import FixNameOpt, ForceOpt, MauDeclarationOpt, OutputDirOpt
+from toolbox.cli.options import BaseModelOpt, FixNameOpt, ForceOpt, MauDeclarationOpt, NameOpt, OutputDirOpt
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -45,10 +45,6 @@ CalibrationOpt = Annotated[Path | None, typer.Option("--calibration", help="Cali
                                                      show_default=False)]
 MaxTokensOpt = Annotated[int, typer.Option("--max-tokens", help="Use at most this many calibration tokens.")]
 SeqLenOpt = Annotated[int, typer.Option("--seq-len", help="Tokens per calibration sequence.")]
-NameOpt = Annotated[str | None, typer.Option("--name", help="Model name written into the output "
-                                             "(must begin with 'Llama').", show_default=False)]
-BaseModelOpt = Annotated[str | None, typer.Option("--base-model", help="Hub repo id of the source model, for the "
-                                                  "model card.", show_default=False)]
 DtypeOpt = Annotated[str, typer.Option("--dtype", help="Compute dtype of the layer-streamed forward pass: float32, "
                                          "bfloat16 (half the memory per layer) or float16.")]
 StatsOpt = Annotated[Path | None, typer.Option("--stats", help="Statistics saved by 'corral --json experts stats' "
@@ -149,7 +145,7 @@ def prune(
             "experts_after": result.experts_after, "criterion": result.criterion, "bytes": result.bytes,
             "kept": {str(k): v for k, v in result.kept.items()}}
     out.result(data, lambda c: c.print(f"wrote {result.path} ({result.experts_before} -> {result.experts_after} "
-                                       f"experts per MoE layer, {result.bytes / 2**20:.1f} MiB)"))
+                                       f"experts per MoE layer, {result.bytes / 2**20:.1f} MiB)", markup=False))
 
 
 @app.command("extract", epilog=EPILOG)
@@ -197,7 +193,7 @@ def extract(
     data = {"source": src, "path": str(result.path), "name": result.name, "bytes": result.bytes,
             "experts": {str(k): v for k, v in result.experts.items()}}
     out.result(data, lambda c: c.print(f"wrote dense model {result.path} ({result.bytes / 2**20:.1f} MiB; experts "
-                                       f"{', '.join(f'{k}:{v}' for k, v in result.experts.items())})"))
+                                       f"{', '.join(f'{k}:{v}' for k, v in result.experts.items())})", markup=False))
 
 
 @app.command("compare", epilog=EPILOG)

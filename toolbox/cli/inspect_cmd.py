@@ -9,6 +9,7 @@ from rich.table import Table
 
 from toolbox.cli._typer import typer
 from toolbox.cli.options import CheckpointArg
+from toolbox.cli.output import plain
 
 EPILOG = """\
 Examples:
@@ -37,25 +38,31 @@ def _human_bytes(n: int) -> str:
     return f"{n} B"
 
 
+def _row(table: Table, label: str, value: object, style: str = "") -> None:
+    """A row whose value is data (paths, names, metadata from the file): printed verbatim, never as markup."""
+    table.add_row(label, plain(value, style))
+
+
 def _render_gguf(info: dict[str, Any], console: Console) -> None:
     t = Table(show_header=False, box=None, pad_edge=False)
     t.add_column(style="bold")
     t.add_column()
-    t.add_row("path", info["path"] + (f" (+{len(info['files']) - 1} split parts)" if len(info["files"]) > 1 else ""))
-    t.add_row("format", f"GGUF, architecture {info['architecture']}, name {info['name']}")
+    _row(t, "path", info["path"] + (f" (+{len(info['files']) - 1} split parts)" if len(info["files"]) > 1 else ""))
+    _row(t, "format", f"GGUF, architecture {info['architecture']}, name {info['name']}")
     if "layers" in info:
         layers, e = info["layers"], info["experts"]
-        t.add_row("shaped like", f"{info['shaped_like']}; {_human_count(info['parameters']['text'])} text parameters, "
+        _row(t, "shaped like", f"{info['shaped_like']}; {_human_count(info['parameters']['text'])} text parameters, "
                   f"{_human_count(info['parameters']['active_text'])} active")
-        t.add_row("layers", f"{layers['count']}: MoE {layers['moe']}, dense {layers['dense']}, NoPE {layers['nope']}")
-        t.add_row("experts", f"{e['count']} routed (top-{e['top_k']}, width {e['width']})")
-    t.add_row("tensor types", ", ".join(f"{k}×{v}" for k, v in sorted(info["types"].items())))
-    t.add_row("size", _human_bytes(info["bytes"]))
+        _row(t, "layers", f"{layers['count']}: MoE {layers['moe']}, dense {layers['dense']}, NoPE {layers['nope']}")
+        _row(t, "experts", f"{e['count']} routed (top-{e['top_k']}, width {e['width']})")
+    _row(t, "tensor types", ", ".join(f"{k}×{v}" for k, v in sorted(info["types"].items())))
+    _row(t, "size", _human_bytes(info["bytes"]))
     tok = info["tokenizer"]
-    t.add_row("tokenizer", f"{tok['model']}/{tok['pre']}, {tok['vocab_size']} tokens, bos {tok['bos_id']}, "
+    _row(t, "tokenizer", f"{tok['model']}/{tok['pre']}, {tok['vocab_size']} tokens, bos {tok['bos_id']}, "
               f"eos {tok['eos_id']}, chat template {'yes' if tok['chat_template'] else 'no'}")
     lic = info["license"]
-    t.add_row("license", ", ".join(f"{k.split('.', 1)[1]}={v}" for k, v in lic.items() if v) or "[red]none[/red]")
+    _row(t, "license", ", ".join(f"{k.split('.', 1)[1]}={v}" for k, v in lic.items() if v) or "none",
+         "" if any(lic.values()) else "red")
     console.print(t)
 
 
@@ -70,27 +77,27 @@ def _render(info: dict[str, Any], console: Console) -> None:
     layers = info["layers"]
     e = info["experts"]
     a = info["attention"]
-    t.add_row("path", info["path"])
-    t.add_row("architecture", f"{info['architecture']} (variant: {info['variant']}, shaped like "
+    _row(t, "path", info["path"])
+    _row(t, "architecture", f"{info['architecture']} (variant: {info['variant']}, shaped like "
               f"{info['shaped_like']})")
-    t.add_row("parameters", f"{_human_count(p['total'])} total, {_human_count(p['active_text'])} active per token "
+    _row(t, "parameters", f"{_human_count(p['total'])} total, {_human_count(p['active_text'])} active per token "
               f"(text {_human_count(p['text'])}, vision {_human_count(p['vision'])})")
-    t.add_row("layers", f"{layers['count']}: MoE {layers['moe']}, dense {layers['dense']}, NoPE {layers['nope']}")
-    t.add_row("experts", f"{e['count']} routed (top-{e['top_k']}, width {e['width']}) + shared; "
+    _row(t, "layers", f"{layers['count']}: MoE {layers['moe']}, dense {layers['dense']}, NoPE {layers['nope']}")
+    _row(t, "experts", f"{e['count']} routed (top-{e['top_k']}, width {e['width']}) + shared; "
               f"dense width {e['dense_width']}")
-    t.add_row("attention", f"{a['heads']} heads, {a['kv_heads']} kv, head_dim {a['head_dim']}, "
+    _row(t, "attention", f"{a['heads']} heads, {a['kv_heads']} kv, head_dim {a['head_dim']}, "
               f"qk-norm {'on' if a['qk_norm'] else 'off'}, chunk {a['chunk_size']}, rope {a['rope']}")
-    t.add_row("dtypes", ", ".join(f"{k}×{v}" for k, v in sorted(info["dtypes"].items())) +
+    _row(t, "dtypes", ", ".join(f"{k}×{v}" for k, v in sorted(info["dtypes"].items())) +
               f"; layout {info['layout']}{', FP8' if info['fp8'] else ''}")
-    t.add_row("shards", f"{info['shards']['count']} files, {_human_bytes(info['shards']['bytes'])}")
+    _row(t, "shards", f"{info['shards']['count']} files, {_human_bytes(info['shards']['bytes'])}")
     tok = info["tokenizer"]
     if "error" in tok:
-        t.add_row("tokenizer", f"[red]{tok['error']}[/red]")
+        _row(t, "tokenizer", tok["error"], "red")
     else:
-        t.add_row("tokenizer", f"{tok['vocab_size']} tokens, bos {tok['bos']}, eos {tok['eos']}, pad {tok['pad']}, "
+        _row(t, "tokenizer", f"{tok['vocab_size']} tokens, bos {tok['bos']}, eos {tok['eos']}, pad {tok['pad']}, "
                   f"chat template {'yes' if tok['chat_template'] else 'no'}")
     lic = info["license_files"]
-    t.add_row("license files", ", ".join(f"{k} {'✓' if v else '✗'}" for k, v in lic.items()))
+    _row(t, "license files", ", ".join(f"{k} {'✓' if v else '✗'}" for k, v in lic.items()))
     console.print(t)
 
 

@@ -13,7 +13,8 @@ from typing import Annotated
 from rich.console import Console
 
 from toolbox.cli._typer import typer
-from toolbox.cli.options import FixNameOpt, ForceOpt, MauDeclarationOpt
+from toolbox.cli.options import BaseModelOpt, FixNameOpt, ForceOpt, MauDeclarationOpt, NameOpt
+from toolbox.cli.output import esc
 
 app = typer.Typer(help="Llama license obligations: audit artifacts, stamp them onto existing ones.",
                   no_args_is_help=True)
@@ -86,9 +87,9 @@ def check(
     if fmt not in ("text", "json", "sarif"):
         raise UsageError(f"--format {fmt!r} is not one of text, json, sarif")
     if path.startswith("demo:"):
-        from toolbox.demo import resolve_checkpoint
+        from toolbox.reference import resolve_path
 
-        path = str(resolve_checkpoint(path))
+        path = str(resolve_path(path))
     report = check_artifact(path, policy_id=policy)
     if fmt == "sarif":
         sys.stdout.write(json.dumps(report.to_sarif(), indent=2) + "\n")
@@ -105,17 +106,19 @@ def _render(console: Console, report: object) -> None:
     assert isinstance(report, AuditReport)
     for f in report.findings:
         style = _STYLE[f.severity]
-        console.print(f"[{style}]{f.severity:7}[/{style}] {f.code:22} [dim]§{f.clause}[/dim] {f.path}: {f.message}",
+        console.print(f"[{style}]{f.severity:7}[/{style}] {esc(f.code):22} [dim]§{esc(f.clause)}[/dim] {esc(f.path)}: "
+                      f"{esc(f.message)}",
                       highlight=False)
-        console.print(f"{'':8}[dim]fix:[/dim] {f.fix}", highlight=False)
+        console.print(f"{'':8}[dim]fix:[/dim] {esc(f.fix)}", highlight=False)
     for note in report.notes:
-        console.print(f"[dim]note    {note}[/dim]", highlight=False)
+        console.print(f"[dim]note    {esc(note)}[/dim]", highlight=False)
     if report.policy is None:
-        console.print(f"[green]OK[/green] {report.path}: not a Llama-licensed model", highlight=False)
+        console.print(f"[green]OK[/green] {esc(report.path)}: not a Llama-licensed model", highlight=False)
         return
     verdict = "[green]COMPLIANT[/green]" if report.ok else f"[red]{len(report.findings)} FINDINGS[/red]"
     mm = ", multimodal" if report.multimodal else ""
-    console.print(f"{verdict} {report.path} ({report.kind}{mm}, policy {report.policy})", highlight=False)
+    console.print(f"{verdict} {esc(report.path)} ({esc(report.kind)}{mm}, policy {esc(report.policy)})",
+                  highlight=False)
 
 
 @app.command("stamp", epilog=STAMP_EPILOG)
@@ -123,12 +126,9 @@ def stamp(
     ctx: typer.Context,
     path: ArtifactArg,
     mau_declaration: MauDeclarationOpt = None,
-    name: Annotated[str | None, typer.Option("--name", help="Model name (must begin with 'Llama'); default: "
-                                             "the artifact's own name.", show_default=False)] = None,
+    name: NameOpt = None,
     fix_name: FixNameOpt = False,
-    base_model: Annotated[str | None, typer.Option("--base-model", help="Hub repo id of the base model, for the "
-                                                   "model card and GGUF general.base_model.*", show_default=False)]
-    = None,
+    base_model: BaseModelOpt = None,
     base_revision: Annotated[str | None, typer.Option("--base-revision", help="Revision (commit) of the base "
                                                       "model.", show_default=False)] = None,
     relation: Annotated[str | None, typer.Option("--relation", help="How it derives from the base model: "
@@ -160,8 +160,8 @@ def stamp(
 
     def render(console: Console) -> None:
         for p in result.written:
-            console.print(f"[green]stamped[/green] {p}", highlight=False)
-        console.print(f"{result.path}: {s.name} under the {s.policy.display_name}; {len(result.written)} files "
-                      f"written, {len(result.unchanged)} already right", highlight=False)
+            console.print(f"[green]stamped[/green] {esc(p)}", highlight=False)
+        console.print(f"{esc(result.path)}: {esc(s.name)} under the {esc(s.policy.display_name)}; "
+                      f"{len(result.written)} files written, {len(result.unchanged)} already right", highlight=False)
 
     out.result(data, render)

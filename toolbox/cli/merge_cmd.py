@@ -6,7 +6,8 @@ from pathlib import Path
 from typing import Annotated
 
 from toolbox.cli._typer import typer
-from toolbox.cli.options import FixNameOpt, ForceOpt, MauDeclarationOpt
+from toolbox.cli.options import BaseModelOpt, FixNameOpt, ForceOpt, MauDeclarationOpt, NameOpt
+from toolbox.cli.output import plain
 
 EPILOG = """\
 Merges PEFT LoRA adapters (attention, shared expert, dense MLPs, vision tower; routed experts
@@ -47,12 +48,10 @@ def merge(
     dtype: Annotated[str, typer.Option("--dtype", help="Output dtype: auto (the base's), bf16, f16, f32.")] = "auto",
     to: Annotated[str, typer.Option("--to", help="Output format: hf, or gguf (merged, then converted).")] = "hf",
     outtype: Annotated[str, typer.Option("--outtype", help="GGUF tensor type with --to gguf.")] = "auto",
-    name: Annotated[str | None, typer.Option("--name", help="Model name written into the output "
-                                             "(must begin with 'Llama').", show_default=False)] = None,
+    name: NameOpt = None,
     mau_declaration: MauDeclarationOpt = None,
     fix_name: FixNameOpt = False,
-    base_model: Annotated[str | None, typer.Option("--base-model", help="Hub repo id of the base model, for the "
-                                                   "model card's base_model.", show_default=False)] = None,
+    base_model: BaseModelOpt = None,
     force: ForceOpt = False,
 ) -> None:
     """Merge LoRA adapters into a Llama 4 checkpoint, streaming one tensor slice at a time."""
@@ -73,7 +72,7 @@ def merge(
             out.warn(w)
         out.result({"base": base, "format": "gguf", **gres.to_dict()},
                    lambda c: c.print(f"wrote {', '.join(gres.paths)} ({gres.outtype}, {gres.merged_tensors} "
-                                     "tensors merged)"))
+                                     "tensors merged)", markup=False))
         return
     res = merge_adapters(base, list(adapters), output, weights=weight, dtype=dtype, name=name,
                          mau_declaration=mau_declaration, fix_name=fix_name, force=force, base_model=base_model,
@@ -88,11 +87,12 @@ def merge(
             res.merged, key=lambda t: -t.lost_share)[:SHOW_ROWS]
         table = Table("tensor", "adapters", "delta norm", "lost to rounding", box=None)
         for t in rows:
-            table.add_row(t.name, ",".join(str(i) for i in t.adapters), f"{t.delta_norm:.4g}", f"{t.lost_share:.2%}")
+            table.add_row(plain(t.name), ",".join(str(i) for i in t.adapters), f"{t.delta_norm:.4g}",
+                          f"{t.lost_share:.2%}")
         console.print(table)  # type: ignore[attr-defined]
         if len(rows) < len(res.merged):
             console.print(f"(the {len(rows)} of {len(res.merged)} merged tensors that lost most; --verbose or "  # type: ignore[attr-defined]
                           "--json for all)")
-        console.print(f"wrote {res.path} ({res.name}: {res.tensors} tensors, {len(res.merged)} merged)")  # type: ignore[attr-defined]
+        console.print(f"wrote {res.path} ({res.name}: {res.tensors} tensors, {len(res.merged)} merged)", markup=False)  # type: ignore[attr-defined]
 
     out.result({"base": base, "format": "hf", **res.to_dict()}, render)

@@ -7,6 +7,8 @@ warnings and progress go to stderr, and progress bars are off.
 from __future__ import annotations
 
 import json
+import math
+import re
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -14,8 +16,51 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
+from rich.text import Text
 
 from toolbox.progress import NullProgress, Task
+
+# C0 controls (but tab), DEL and C1 controls: a file name or server answer must not move the cursor,
+# clear the screen or start an escape sequence on the user's terminal, nor break a one-line message.
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f]")
+
+
+def one_line(value: object) -> str:
+    """`value` as one printable line: control characters (newlines included) and undecodable bytes of a
+    file name (lone surrogates) shown as escapes."""
+    text = str(value).encode("utf-8", "backslashreplace").decode("utf-8")
+    return _CONTROL.sub(lambda m: repr(m.group())[1:-1], text)
+
+
+def esc(value: object) -> str:
+    """Data (a path, a tensor name, a server's text) for a rich markup string: never read as markup."""
+    return escape(one_line(value))
+
+
+def json_document(data: Any) -> str:
+    """Strict JSON (jq, JSON.parse): a NaN or infinity in a result (a statistic of NaN weights) becomes null."""
+    try:
+        return json.dumps(data, indent=2, default=str, allow_nan=False)
+    except ValueError:
+        return json.dumps(_finite(data), indent=2, default=str, allow_nan=False)
+
+
+def _finite(value: Any, depth: int = 0) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if depth > 64:
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _finite(v, depth + 1) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v, depth + 1) for v in value]
+    return value
+
+
+def plain(value: object, style: str = "") -> Text:
+    """Data as a rich `Text` (table cells): printed verbatim, whatever brackets it holds."""
+    return Text(one_line(value), style=style)
 
 
 @dataclass
@@ -24,35 +69,38 @@ class Output:
     quiet: bool = False
     verbose: bool = False
     progress_enabled: bool = True
-    out: Console = field(default_factory=lambda: Console(soft_wrap=True))
-    err: Console = field(default_factory=lambda: Console(stderr=True, soft_wrap=True))
+    # emoji=False: a ":thumbs_up:" in a file name is text, like markup in it
+    out: Console = field(default_factory=lambda: Console(soft_wrap=True, emoji=False))
+    err: Console = field(default_factory=lambda: Console(stderr=True, soft_wrap=True, emoji=False))
 
     @property
     def human(self) -> bool:
         return not self.json_mode and not self.quiet
 
+    # Messages carry data (paths, tensor names, server text): printed as Text, never parsed as markup.
     def info(self, message: str) -> None:
         """A human-facing line (stderr), silent in JSON and quiet modes."""
         if self.human:
-            self.err.print(message, highlight=False)
+            self.err.print(plain(message), highlight=False)
 
     def debug(self, message: str) -> None:
         if self.verbose:
-            self.err.print(f"[dim]{message}[/dim]", highlight=False)
+            self.err.print(plain(message, "dim"), highlight=False)
 
     def warn(self, message: str) -> None:
         if not self.quiet:
-            self.err.print(f"[yellow]warning:[/yellow] {message}", highlight=False)
+            self.err.print(Text.assemble(("warning:", "yellow"), " ", plain(message)), highlight=False)
 
     def error(self, message: str, hint: str | None = None) -> None:
-        self.err.print(f"[bold red]error:[/bold red] {message}", highlight=False)
+        """One line (plus one hint line), whatever the message holds."""
+        self.err.print(Text.assemble(("error:", "bold red"), " ", plain(message)), highlight=False)
         if hint:
-            self.err.print(f"[dim]hint:[/dim] {hint}", highlight=False)
+            self.err.print(Text.assemble(("hint:", "dim"), " ", plain(hint)), highlight=False)
 
     def result(self, data: dict[str, Any], render: Callable[[Console], None] | None = None) -> None:
         """Emit a command's result: JSON document, or the human rendering, or nothing (quiet)."""
         if self.json_mode:
-            sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+            sys.stdout.write(json_document(data) + "\n")
             sys.stdout.flush()
         elif not self.quiet and render is not None:
             render(self.out)
@@ -79,7 +127,7 @@ class RichProgress:
         self._console = console
 
     @contextmanager
-    def task(self, description: str, total: float | None = None) -> Iterator[Task]:
+    def task(self, description: str, total: float | None = None, *, unit: str = "items") -> Iterator[Task]:
         from rich.progress import (
             BarColumn,
             DownloadColumn,
@@ -89,14 +137,12 @@ class RichProgress:
             TimeRemainingColumn,
         )
 
-        is_bytes = description.endswith("(bytes)")
         columns = [
             TextColumn("{task.description}"),
             BarColumn(),
-            DownloadColumn() if is_bytes else MofNCompleteColumn(),
+            DownloadColumn() if unit == "bytes" else MofNCompleteColumn(),
             TimeRemainingColumn(),
         ]
-        label = description.removesuffix(" (bytes)")
         with Progress(*columns, console=self._console, transient=True) as progress:
-            task_id = progress.add_task(label, total=total)
+            task_id = progress.add_task(esc(description), total=total)  # the label holds a file name
             yield _RichTask(progress, task_id)

@@ -11,6 +11,7 @@ from rich.console import Console
 
 from toolbox.cli._typer import typer
 from toolbox.cli.options import MauDeclarationOpt
+from toolbox.cli.output import esc
 
 app = typer.Typer(help="Declarative, reproducible pipelines for CI: source -> merge/prune/convert -> gates -> "
                   "outputs.", no_args_is_help=True)
@@ -87,24 +88,26 @@ def run(
         from toolbox.hub.client import human_size
 
         head = "plan" if result.dry_run else "ran"
-        console.print(f"[bold]{head}[/bold] {result.name} ({result.recipe}) -> {result.output_dir}", highlight=False)
+        console.print(f"[bold]{head}[/bold] {esc(result.name)} ({esc(result.recipe)}) -> {esc(result.output_dir)}",
+                      highlight=False)
         style = {"cached": "dim", "built": "green", "planned": "cyan", "failed": "red", "skipped": "yellow"}
         for inst in result.instances:
             st = style.get(inst.status, "")
-            extra = f" -> {inst.output}" if inst.output else ""
+            extra = f" -> {esc(inst.output)}" if inst.output else ""
             size = f" ~{human_size(inst.estimate)}" if result.dry_run and inst.status == "planned" and inst.estimate \
                 else ""
             took = f" {inst.seconds:.1f}s" if inst.status == "built" else ""
-            console.print(f"  [{st}]{inst.status:8}[/{st}] {inst.label} ({inst.step.uses}){extra}{size}{took}",
+            console.print(f"  [{st}]{inst.status:8}[/{st}] {esc(inst.label)} ({esc(inst.step.uses)}){extra}{size}"
+                          f"{took}",
                           highlight=False)
         if result.dry_run:
             total = sum(i.estimate for i in result.instances if i.status == "planned")
             console.print(f"{sum(1 for i in result.instances if i.status == 'planned')} steps to build, estimated "
-                          f"disk use {human_size(total)} (upper bound) in {result.cache_dir}", highlight=False)
+                          f"disk use {human_size(total)} (upper bound) in {esc(result.cache_dir)}", highlight=False)
         else:
             console.print(f"[green]OK[/green] built {result.work_done}, cached "
                           f"{sum(1 for i in result.instances if i.status == 'cached')}; "
-                          f"{len(result.published)} outputs in {result.output_dir}", highlight=False)
+                          f"{len(result.published)} outputs in {esc(result.output_dir)}", highlight=False)
 
     out.result(result.to_dict(), render)
     return 0
@@ -125,7 +128,7 @@ def validate(
     steps = expand(loaded)
     ctx.obj.result({"recipe": loaded.recipe.name, "file": str(loaded.path), "valid": True,
                     "steps": [i.label for i in steps]},
-                   lambda c: c.print(f"[green]valid[/green] {loaded.path}: {loaded.recipe.name}, "
+                   lambda c: c.print(f"[green]valid[/green] {esc(loaded.path)}: {esc(loaded.recipe.name)}, "
                                      f"{len(loaded.recipe.steps)} steps ({len(steps)} with the matrix)",
                                      highlight=False))
     return 0
@@ -143,7 +146,7 @@ def list_(ctx: typer.Context) -> int:
 
     def render(console: Console) -> None:
         for it in items:
-            console.print(f"[bold]{it['name']:22}[/bold] {it['description']}", highlight=False)
+            console.print(f"[bold]{esc(it['name']):22}[/bold] {esc(it['description'])}", highlight=False)
 
     ctx.obj.result({"recipes": items}, render)
     return 0

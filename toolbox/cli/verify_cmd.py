@@ -8,6 +8,7 @@ from rich.console import Console
 
 from toolbox.cli._typer import typer
 from toolbox.cli.options import CheckpointArg
+from toolbox.cli.output import esc
 
 EPILOG = """\
 Exit status: 0 clean (info findings only), 1 errors or warnings found,
@@ -53,12 +54,13 @@ def verify(
         for f in report.findings:
             where = f" [{f.tensor}]" if f.tensor and f.tensor not in f.message else ""
             style = _STYLE[f.severity]
-            console.print(f"[{style}]{f.severity:7}[/{style}] {f.code:24} {f.message}{where}", highlight=False)
+            console.print(f"[{style}]{f.severity:7}[/{style}] {esc(f.code):24} {esc(f.message + where)}",
+                          highlight=False)
         counts = {s: sum(1 for f in report.findings if f.severity == s) for s in _STYLE}
         summary = ", ".join(f"{n} {s}" for s, n in counts.items() if n) or "no findings"
         verdict = "[green]OK[/green]" if report.ok else "[red]FAILED[/red]"
         checked = report.checked
-        console.print(f"{verdict} {report.path}: {checked.get('tensors', '?')} tensors in "
+        console.print(f"{verdict} {esc(report.path)}: {checked.get('tensors', '?')} tensors in "
                       f"{checked.get('shards', '?')} shards checked; {summary}", highlight=False)
 
     out.result(report.to_dict(), render)

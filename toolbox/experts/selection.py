@@ -4,33 +4,49 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
+from toolbox.config_model import MAX_EXPERTS, MAX_LAYERS
 from toolbox.errors import UsageError
 
 KeepSpec = Sequence[int] | Mapping[int, Sequence[int]]
+MAX_SPEC_CHARS = 100_000  # a list naming every expert of every layer of the largest config fits
 
 
-def parse_ids(text: str) -> list[int]:
-    """'0,2,5-7' -> [0, 2, 5, 6, 7]."""
+def _number(text: str, what: str, bound: int) -> int:
+    """A plain decimal below `bound` (no sign, no unicode digits, no 5000-digit strings)."""
+    if not (text.isascii() and text.isdecimal()):
+        raise UsageError(f"{text[:40]!r} is not {what}", hint="write e.g. 0,2,5-7")
+    if len(text) > 9 or int(text) >= bound:
+        raise UsageError(f"{what} {text[:40]} does not exist (a Llama 4 config has at most {bound})",
+                         hint="numbers count from 0 (experts: up to num_local_experts - 1)")
+    return int(text)
+
+
+def parse_ids(text: str, *, experts: int = MAX_EXPERTS) -> list[int]:
+    """'0,2,5-7' -> [0, 2, 5, 6, 7]; every number below `experts` (so a range never expands past it)."""
+    if len(text) > MAX_SPEC_CHARS:
+        raise UsageError(f"an expert list of {len(text)} characters is too long", hint="write ranges, e.g. 0-7")
     out: list[int] = []
     for part in text.replace(" ", "").split(","):
         if not part:
             continue
         lo, dash, hi = part.partition("-")
-        try:
-            if dash:
-                a, b = int(lo), int(hi)
-                if b < a:
-                    raise ValueError
-                out.extend(range(a, b + 1))
-            else:
-                out.append(int(part))
-        except ValueError:
-            raise UsageError(f"{part!r} is not an expert number or range", hint="write e.g. 0,2,5-7") from None
+        if dash:
+            a, b = _number(lo, "an expert number", experts), _number(hi, "an expert number", experts)
+            if b < a:
+                raise UsageError(f"{part!r} is not an expert range (it ends before it starts)",
+                                 hint="write e.g. 0,2,5-7")
+            out.extend(range(a, b + 1))
+        else:
+            out.append(_number(part, "an expert number", experts))
+        if len(out) > MAX_SPEC_CHARS:
+            raise UsageError("the expert list names too many experts", hint="name each expert at most once")
     return out
 
 
 def parse_spec(text: str) -> list[int] | dict[int, list[int]]:
     """One list for every MoE layer ('0-7') or one per layer ('1:0-7;3:2,4,9')."""
+    if len(text) > MAX_SPEC_CHARS:
+        raise UsageError(f"an expert list of {len(text)} characters is too long", hint="write ranges, e.g. 0-7")
     if ":" not in text:
         return parse_ids(text)
     per: dict[int, list[int]] = {}
@@ -38,9 +54,9 @@ def parse_spec(text: str) -> list[int] | dict[int, list[int]]:
         if not chunk.strip():
             continue
         layer, sep, ids = chunk.partition(":")
-        if not sep or not layer.strip().isdigit():
-            raise UsageError(f"{chunk!r} is not LAYER:EXPERTS", hint="write e.g. 1:0-7;3:2,4,9")
-        per[int(layer)] = parse_ids(ids)
+        if not sep:
+            raise UsageError(f"{chunk[:60]!r} is not LAYER:EXPERTS", hint="write e.g. 1:0-7;3:2,4,9")
+        per[_number(layer.strip(), "a layer number", MAX_LAYERS)] = parse_ids(ids)
     return per
 
 
@@ -70,7 +86,9 @@ def resolve_keep(*, keep: KeepSpec | None, drop: KeepSpec | None, experts: int, 
     for layer, ids in chosen.items():
         bad = sorted({e for e in ids if not 0 <= e < experts})
         if bad:
-            raise UsageError(f"layer {layer}: expert(s) {bad} do not exist (the model has {experts}: 0-{experts - 1})")
+            shown = ", ".join(map(str, bad[:8])) + (f" and {len(bad) - 8} more" if len(bad) > 8 else "")
+            raise UsageError(f"layer {layer}: expert(s) {shown} do not exist (the model has {experts}: "
+                             f"0-{experts - 1})")
         if len(set(ids)) != len(ids):
             raise UsageError(f"layer {layer}: an expert is named twice in {ids}")
         kept = sorted(ids) if keep is not None else sorted(set(range(experts)) - set(ids))
