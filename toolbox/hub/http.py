@@ -22,8 +22,10 @@ from contextlib import contextmanager
 from typing import Any
 from urllib.parse import urlsplit
 
+from toolbox.errors import CorruptFileError
 from toolbox.hub.errors import HubAnswerError, HubTimeoutError, public_url
 from toolbox.hub.limits import DEADLINE_ENV, MAX_ERROR_BODY, MAX_JSON_DEPTH, TIMEOUT_ENV, Deadline, HubLimits
+from toolbox.tensors.jsonio import loads_json
 
 
 def origin(url: str) -> tuple[str, str, int | None]:
@@ -35,47 +37,14 @@ def origin(url: str) -> tuple[str, str, int | None]:
     return parts.scheme, (parts.hostname or "").lower(), port
 
 
-class _BadJson(ValueError):
-    pass
-
-
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise _BadJson(f"key {key[:80]!r} appears twice")
-        out[key] = value
-    return out
-
-
-def _no_constant(name: str) -> None:
-    raise _BadJson(f"{name} is not a JSON value")
-
-
 def parse_json(data: bytes, url: str) -> Any:
-    """JSON from a Hub answer, or HubAnswerError naming the URL; nesting bounded by MAX_JSON_DEPTH."""
+    """JSON from a Hub answer, or HubAnswerError naming the URL: the floor's bounded parser (depth, size,
+    duplicate keys, non-finite numbers), with its refusal reported as the Hub's (exit 4, not 3)."""
     try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError:
-        raise HubAnswerError(url, "the answer is not UTF-8 JSON") from None
-    try:
-        value = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
-    except _BadJson as exc:
-        raise HubAnswerError(url, f"invalid JSON ({exc})") from None
-    except RecursionError:
-        raise HubAnswerError(url, f"JSON nested deeper than {MAX_JSON_DEPTH} levels") from None
-    except ValueError as exc:
-        raise HubAnswerError(url, f"not JSON ({str(exc)[:80]})") from None
-    stack: list[tuple[Any, int]] = [(value, 1)]
-    while stack:  # iterative: the depth bound must not depend on Python's recursion limit
-        node, depth = stack.pop()
-        if depth > MAX_JSON_DEPTH:
-            raise HubAnswerError(url, f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
-        if isinstance(node, dict):
-            stack.extend((v, depth + 1) for v in node.values())
-        elif isinstance(node, list):
-            stack.extend((v, depth + 1) for v in node)
-    return value
+        return loads_json(data, what="JSON", max_bytes=max(len(data), 1), max_depth=MAX_JSON_DEPTH)
+    except CorruptFileError as exc:
+        reason = exc.message.removeprefix("JSON: ").replace("not valid JSON", "not JSON", 1)
+        raise HubAnswerError(url, reason if reason.startswith("not") else f"invalid JSON ({reason})") from None
 
 
 class HubHttp:
