@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from toolbox.errors import BadInputError, CorralError, UsageError
+from toolbox.errors import CorralError, DiskFullError, UsageError
 from toolbox.hub.errors import HubContext, mapped, public_url, scrubbed
 from toolbox.hub.gate import LicenseInfo, LicenseNotAcceptedError, gate, license_info
 from toolbox.hub.http import HubHttp
@@ -68,7 +68,7 @@ __all__ = [
 _DEFAULT_ENDPOINT = "https://huggingface.co"
 
 
-class InsufficientSpaceError(BadInputError):
+class InsufficientSpaceError(DiskFullError):
     """The selected files do not fit on the output's filesystem (exit 3); nothing was fetched."""
 
 
@@ -188,7 +188,8 @@ def download(
     Hub and never printed or written. `limits` bounds time, redirects and listing size (default:
     `HubLimits.from_env()`, CORRAL_HUB_TIMEOUT / CORRAL_HUB_DEADLINE / CORRAL_HUB_MAX_FILES).
     Raises AccessError (4; HubAnswerError / HubTimeoutError for a misbehaving endpoint),
-    LicenseNotAcceptedError (5), InsufficientSpaceError / CorruptFileError (3), UsageError (2).
+    LicenseNotAcceptedError (5), InsufficientSpaceError (4, like every disk-full refusal), CorruptFileError (3),
+    UsageError (2).
     """
     from huggingface_hub import get_token
 
