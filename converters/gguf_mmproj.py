@@ -14,11 +14,13 @@ from pathlib import Path
 from typing import Any
 
 from converters.gguf_mmproj_names import mmproj_name, name_map
-from toolbox.tensors.gguf.quant import FLOAT_TYPES, can_encode, encode
-from converters.hf_to_gguf import PROVENANCE_KEY, GGUFResult, Planned, _row_pieces, default_name, resolve_outtype
-from toolbox.checkpoint import Llama4Checkpoint, load_checkpoint
+from converters.hf_to_gguf import PROVENANCE_KEY, GGUFResult, Planned, _row_pieces, resolve_outtype
+from license.stamp import LicenseOptions
+from toolbox.checkpoint import Llama4Checkpoint
 from toolbox.errors import UnsupportedModelError, UsageError
 from toolbox.progress import NULL_PROGRESS, Progress
+from toolbox.reference import ModelLike, resolve
+from toolbox.tensors.gguf.quant import FLOAT_TYPES, can_encode, encode
 
 MMPROJ_OUTTYPES = ("auto", "f32", "f16", "bf16", "q8_0")  # auto: the source's float type
 PROJECTOR_TYPE = "llama4"
@@ -56,14 +58,14 @@ def shuffle_factor(vc: dict[str, Any]) -> int:
     return factor if factor > 0 and abs(factor * ratio - 1) < 1e-6 else 0
 
 
-def preflight(src: str | Path, outtype: str, *, allow_lossy_config: bool = False
+def preflight(src: ModelLike, outtype: str, *, allow_lossy_config: bool = False
               ) -> tuple[Llama4Checkpoint, str, list[str]]:
     """Everything that can refuse an mmproj conversion, checked before any work (so that a text GGUF and
     its mmproj are written as a pair or not at all): outtype, a vision tower, a config llama.cpp can run."""
     key = outtype.lower()
     if key not in MMPROJ_OUTTYPES:
         raise UsageError(f"unknown mmproj outtype {outtype!r}", hint=f"choose from {', '.join(MMPROJ_OUTTYPES)}")
-    ckpt = load_checkpoint(src)
+    ckpt = resolve(src).checkpoint
     assert ckpt.path is not None
     vision_config(ckpt)
     warnings: list[str] = []
@@ -187,38 +189,31 @@ def add_mmproj_kv(writer: Any, ckpt: Llama4Checkpoint, outtype: str) -> None:
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 
-def convert_hf_to_mmproj(src: str | Path, out: str | Path, *, outtype: str = "f16", name: str | None = None,
-                         mau_declaration: str | None = None, fix_name: bool = False, base_model: str | None = None,
-                         allow_lossy_config: bool = False, force: bool = False,
-                         progress: Progress = NULL_PROGRESS) -> GGUFResult:
+def convert_hf_to_mmproj(src: ModelLike, out: str | Path, *, outtype: str = "f16", allow_lossy_config: bool = False,
+                         force: bool = False, license_options: LicenseOptions | None = None,
+                         progress: Progress = NULL_PROGRESS, **legacy: Any) -> GGUFResult:
     """Write the vision tower and projector of an HF Llama 4 checkpoint as an mmproj GGUF, license-stamped
     (multimodal: the stamp carries the EU restriction on Llama 4's multimodal models)."""
     import gguf
     import numpy as np
 
-    from toolbox.tensors.gguf.stream import begin_data, write_tensor_pieces
-    from toolbox.tensors.gguf.writer import GGUFWriter
-    from license.stamp import Stamp, apply_to_gguf_writer
-    from toolbox.hub.manifest import source_origin
+    from license.stamp import apply_to_gguf_writer, derive_stamp
     from toolbox.tensors.atomic import atomic_file, check_output_path
-    from toolbox.tensors.source import open_source
+    from toolbox.tensors.gguf.writer import GGUFWriter
 
-    ckpt, key, warnings = preflight(src, outtype, allow_lossy_config=allow_lossy_config)
+    opts = LicenseOptions.of(license_options, **legacy)
+    model = resolve(src)
+    ckpt, key, warnings = preflight(model, outtype, allow_lossy_config=allow_lossy_config)
     out = Path(out).absolute()
     if out.suffix != ".gguf":
         raise UsageError(f"output {out} must end in .gguf")
     check_output_path(out, force=force)
-    source = open_source(ckpt.path)
+    source = model.open_source()
     try:
         gg_type = resolve_outtype(key, source)
-        origin = source_origin(ckpt.path)
-        stamp = Stamp.create(name or default_name(ckpt, f"mmproj-{gg_type.lower()}"), declaration=mau_declaration,
-                             fix=fix_name, multimodal=True, base_model=base_model or origin.get("base_model"),
-                             base_revision=origin.get("base_revision"),
-                             relation=None if gg_type in FLOAT_TYPES else "quantized",
-                             provenance={"operations": [{"op": "convert", "to": "gguf-mmproj", "outtype": gg_type}],
-                                         "sources": origin.get("sources", {}),
-                                         "source": str(src) if str(src).startswith("demo:") else Path(src).name})
+        stamp = derive_stamp(model.stamp_input(source), {"op": "convert", "to": "gguf-mmproj", "outtype": gg_type},
+                             opts, suffix=f"mmproj-{gg_type.lower()}", multimodal=True,
+                             relation=None if gg_type in FLOAT_TYPES else "quantized")
         plan = plan_mmproj(ckpt, source, gg_type)
         total = sum(p.nbytes for p in plan)
         with atomic_file(out, force=force) as tmp:
@@ -229,8 +224,8 @@ def convert_hf_to_mmproj(src: str | Path, out: str | Path, *, outtype: str = "f1
             for p in plan:
                 writer.add_tensor_info(p.name, p.shape, np.dtype(np.float32), p.nbytes,
                                        raw_dtype=getattr(gguf.GGMLQuantizationType, p.qtype))
-            begin_data(writer)
-            with progress.task(f"writing {out.name} (bytes)", total=total) as task:
+            writer.begin_data()
+            with progress.task(f"writing {out.name}", total=total, unit="bytes") as task:
                 for p in plan:
 
                     def pieces(p: Planned = p) -> Iterator[Any]:
@@ -239,7 +234,7 @@ def convert_hf_to_mmproj(src: str | Path, out: str | Path, *, outtype: str = "f1
                             task.advance(data.nbytes)
                             yield data
 
-                    write_tensor_pieces(writer, p.name, pieces())
+                    writer.write_tensor_pieces(p.name, pieces())
             writer.close()
     finally:
         source.close()

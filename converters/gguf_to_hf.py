@@ -18,9 +18,12 @@ from pathlib import Path
 from typing import Any
 
 from converters.gguf_names import BLOCK_TENSORS, GLOBAL_TENSORS, gguf_name
+from license.stamp import LicenseOptions
 from toolbox.checkpoint import from_config
 from toolbox.errors import UnsupportedModelError, UsageError
 from toolbox.progress import NULL_PROGRESS, Progress
+from toolbox.tensors.dtypes import TORCH_NAME
+from toolbox.tensors.finite import cast_checked
 from toolbox.tensors.gguf.reader import GGUFFile
 
 PROVENANCE_KEY = "corral.hf_config"
@@ -36,69 +39,71 @@ class HFResult:
 
 def _text_config_from_kv(g: GGUFFile) -> dict[str, Any]:
     """A Llama 4 text config from GGUF keys plus llama.cpp's hard-coded values."""
-    experts = int(g.arch_key("expert_count", 0))
-    layers = int(g.arch_key("block_count"))
-    step = int(g.arch_key("interleave_moe_layer_step", 1))
-    heads = int(g.arch_key("attention.head_count"))
-    hidden = int(g.arch_key("embedding_length"))
+    experts = g.arch_number("expert_count", 0)
+    layers = g.arch_number("block_count")
+    step = g.arch_number("interleave_moe_layer_step", 1)
+    heads = g.arch_number("attention.head_count", minimum=1)
+    hidden = g.arch_number("embedding_length")
     tc: dict[str, Any] = {
         "model_type": "llama4_text",
         "hidden_size": hidden,
         "num_hidden_layers": layers,
         "num_attention_heads": heads,
-        "num_key_value_heads": int(g.arch_key("attention.head_count_kv", heads)),
-        "head_dim": int(g.arch_key("attention.key_length", hidden // heads)),
-        "intermediate_size": int(g.arch_key("expert_feed_forward_length")),
-        "intermediate_size_mlp": int(g.arch_key("feed_forward_length")),
+        "num_key_value_heads": g.arch_number("attention.head_count_kv", heads),
+        "head_dim": g.arch_number("attention.key_length", hidden // heads),
+        "intermediate_size": g.arch_number("expert_feed_forward_length"),
+        "intermediate_size_mlp": g.arch_number("feed_forward_length"),
         "num_local_experts": experts,
-        "num_experts_per_tok": int(g.arch_key("expert_used_count", 1)),
+        "num_experts_per_tok": g.arch_number("expert_used_count", 1),
         "interleave_moe_layer_step": step,
-        "max_position_embeddings": int(g.arch_key("context_length", 131072)),
-        "rms_norm_eps": float(g.arch_key("attention.layer_norm_rms_epsilon", 1e-5)),
-        "vocab_size": int(g.arch_key("vocab_size", len(g.get("tokenizer.ggml.tokens", [])))),
+        "max_position_embeddings": g.arch_number("context_length", 131072),
+        "rms_norm_eps": g.arch_number("attention.layer_norm_rms_epsilon", 1e-5, kind=float),
+        "vocab_size": g.arch_number("vocab_size", len(g.list_key("tokenizer.ggml.tokens"))),
         "attention_chunk_size": 8192,
         "use_qk_norm": experts != 128,
         "attn_temperature_tuning": True, "floor_scale": 8192, "attn_scale": 0.1,
         "tie_word_embeddings": "output.weight" not in g.tensors,
-        "rope_parameters": {"rope_type": "default", "rope_theta": float(g.arch_key("rope.freq_base", 500000.0))},
+        "rope_parameters": {"rope_type": "default",
+                            "rope_theta": g.arch_number("rope.freq_base", 500000.0, kind=float)},
     }
     for key, gkey in (("bos_token_id", "tokenizer.ggml.bos_token_id"), ("pad_token_id",
                                                                        "tokenizer.ggml.padding_token_id")):
         if g.get(gkey) is not None:
-            tc[key] = int(g.get(gkey))
+            tc[key] = g.number(gkey)
     if g.get("tokenizer.ggml.eos_token_id") is not None:
-        tc["eos_token_id"] = int(g.get("tokenizer.ggml.eos_token_id"))
+        tc["eos_token_id"] = g.number("tokenizer.ggml.eos_token_id")
     return tc
 
 
 def hf_config_for(g: GGUFFile) -> dict[str, Any]:
     """The HF config of the text model in this GGUF (text-only Llama4ForCausalLM)."""
-    stored = g.get(PROVENANCE_KEY)
+    stored = g.json_field(PROVENANCE_KEY)  # bounded JSON: depth, duplicate keys, NaN refused (exit 3)
     if stored:
-        cfg = json.loads(stored)
+        cfg = stored
         tc = dict(cfg.get("text_config") or cfg)
     else:
         tc = _text_config_from_kv(g)
     tc["model_type"] = "llama4_text"
     tc["architectures"] = ["Llama4ForCausalLM"]
-    dtype = (json.loads(stored).get("dtype") if stored else None) or tc.get("dtype") or "bfloat16"
+    dtype = (stored.get("dtype") if stored else None) or tc.get("dtype") or "bfloat16"
     tc["dtype"] = dtype
     return tc
 
 
-def convert_gguf_to_hf(src: str | Path, out: str | Path, *, dtype: str = "auto", name: str | None = None,
-                       mau_declaration: str | None = None, fix_name: bool = False, force: bool = False,
-                       mmproj: str | Path | None = None, progress: Progress = NULL_PROGRESS) -> HFResult:
+def convert_gguf_to_hf(src: str | Path, out: str | Path, *, dtype: str = "auto", force: bool = False,
+                       mmproj: str | Path | None = None, license_options: LicenseOptions | None = None,
+                       progress: Progress = NULL_PROGRESS, **legacy: Any) -> HFResult:
     """Convert a llama4 GGUF (or split set) back to an HF checkpoint directory, license-stamped.
 
     With `mmproj` (the vision tower's mmproj GGUF) the output is the full Llama4ForConditionalGeneration."""
     import torch
 
-    from license.stamp import Stamp, write_sidecars
+    from license.stamp import StampInput, derive_stamp, write_sidecars
     from toolbox.tensors.atomic import atomic_directory
     from toolbox.tensors.safetensors_format import TORCH_TO_ST
     from toolbox.tensors.sink import SafetensorsWriter
 
+    opts = LicenseOptions.of(license_options, **legacy)
     g = GGUFFile(src)
     if g.architecture != "llama4":
         raise UnsupportedModelError(f"{g.path}: GGUF architecture {g.architecture!r} is not llama4", path=g.path)
@@ -110,17 +115,16 @@ def convert_gguf_to_hf(src: str | Path, out: str | Path, *, dtype: str = "auto",
         from converters.gguf_mmproj_to_hf import MmprojFile
 
         vision = MmprojFile(mmproj)
-        stored = g.get(PROVENANCE_KEY)
-        config = vision.full_config(config, json.loads(stored) if stored else None)
+        config = vision.full_config(config, g.json_field(PROVENANCE_KEY))
     ckpt = from_config(config)
-    sources = {"source": Path(src).name, **({"mmproj": Path(mmproj).name} if mmproj is not None else {})}
-    stamp = Stamp.create(name or g.get("general.name") or f"Llama-4-{Path(src).stem}", declaration=mau_declaration,
-                         fix=fix_name, multimodal=vision is not None,
-                         provenance={"operations": [{"op": "convert", "to": "hf", "from": "gguf"}], **sources})
+    carried = {k: v for k, v in g.fields.items() if k.startswith("corral.") and isinstance(v, str)}
+    stamp = derive_stamp(StampInput(Path(src).name, prior=carried, carried_name=g.get("general.name")),
+                         {"op": "convert", "to": "hf", "from": "gguf"}, opts, multimodal=vision is not None,
+                         extra={"mmproj": Path(mmproj).name} if mmproj is not None else None)
     types = {g.type_name(n) for n in g.tensors if n.endswith(("_exps.weight", "attn_q.weight"))}
     st_dtype = OUT_DTYPES[dtype] or next((t for t in ("F32", "BF16", "F16") if types == {t}), "BF16")
-    config["dtype"] = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}[st_dtype]
-    torch_dtype = getattr(torch, {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}[st_dtype])
+    config["dtype"] = TORCH_NAME[st_dtype]
+    torch_dtype = getattr(torch, TORCH_NAME[st_dtype])
     inventory = ckpt.expected_tensors()
     global_map = global_names(ckpt)  # HF name -> GGUF name outside the blocks
     vision_map = vision.gguf_names(list(inventory)) if vision is not None else {}
@@ -129,11 +133,12 @@ def convert_gguf_to_hf(src: str | Path, out: str | Path, *, dtype: str = "auto",
         for name, shape in inventory.items():
             writer.add(name, shape, TORCH_TO_ST[str(torch_dtype).removeprefix("torch.")])
         writer.begin()
-        with progress.task("writing (tensors)", total=len(inventory)) as task:
+        with progress.task("writing", total=len(inventory), unit="tensors") as task:
             for name, shape in inventory.items():
                 if name in vision_map:
                     assert vision is not None
-                    writer.write(name, vision.load(vision_map[name]).reshape(shape).to(torch_dtype).contiguous())
+                    tensor = vision.load(vision_map[name]).reshape(shape)
+                    writer.write(name, cast_checked(tensor, torch_dtype, name, str(vision.path)).contiguous())
                 else:
                     _write_one(g, writer, name, shape, global_map, torch_dtype)
                 task.advance()
@@ -149,7 +154,7 @@ def convert_gguf_to_hf(src: str | Path, out: str | Path, *, dtype: str = "auto",
 def _write_one(g: GGUFFile, writer: Any, name: str, shape: tuple[int, ...], global_map: dict[str, str],
                dtype: Any) -> None:
     for _, tensor in hf_slices(g, name, shape, global_map):
-        writer.write(name, tensor.to(dtype).contiguous())
+        writer.write(name, cast_checked(tensor, dtype, name, str(g.path)).contiguous())  # f16 may overflow: refused
 
 
 def global_names(ckpt: Any) -> dict[str, str]:

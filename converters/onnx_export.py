@@ -21,12 +21,15 @@ from pathlib import Path
 from typing import Any
 
 from converters.onnx_weights import DATA_FILE, external_tensor, layout, write_data
+from license.stamp import LicenseOptions
 from toolbox.errors import BadInputError, UnsupportedModelError
 from toolbox.progress import NULL_PROGRESS, Progress
+from toolbox.reference import ModelLike, resolve
 
 MODEL_FILE = "model.onnx"
-DTYPES = {"fp32": "float32", "f32": "float32", "float32": "float32", "fp16": "float16", "f16": "float16",
-          "float16": "float16", "bf16": "bfloat16", "bfloat16": "bfloat16"}
+# "auto" is fp32: ONNX has no "keep the source's type" (onnxruntime's CPU provider runs fp32 everywhere)
+DTYPES = {"auto": "float32", "fp32": "float32", "f32": "float32", "float32": "float32", "fp16": "float16",
+          "f16": "float16", "float16": "float16", "bf16": "bfloat16", "bfloat16": "bfloat16"}
 OPSETS = range(18, 24)  # what torch.onnx emits and onnxruntime 1.20+ runs
 DEFAULT_OPSET = 18
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -137,10 +140,10 @@ def _summary(exc: BaseException) -> str:
     return (after or lines or [type(exc).__name__])[0][:300]
 
 
-def convert_hf_to_onnx(src: str | Path, out_dir: str | Path, *, dtype: str = "fp32", kv_cache: bool = True,
-                       opset: int | None = None, name: str | None = None, mau_declaration: str | None = None,
-                       fix_name: bool = False, force: bool = False, vision: bool = False, moe: str = "auto",
-                       progress: Progress = NULL_PROGRESS) -> OnnxResult:
+def convert_hf_to_onnx(src: ModelLike, out_dir: str | Path, *, dtype: str = "fp32", kv_cache: bool = True,
+                       opset: int | None = None, force: bool = False, vision: bool = False, moe: str = "auto",
+                       license_options: LicenseOptions | None = None, progress: Progress = NULL_PROGRESS,
+                       **legacy: Any) -> OnnxResult:
     """Export the text model of a Llama 4 checkpoint to ONNX (KV cache, sparse MoE, external data), stamped.
 
     `moe`: "auto" gathers only the routed experts when fewer token-expert pairs than experts are routed
@@ -149,12 +152,10 @@ def convert_hf_to_onnx(src: str | Path, out_dir: str | Path, *, dtype: str = "fp
     token, as the stock transformers module does (for the benchmark)."""
     import torch
 
-    from converters.hf_to_gguf import default_name
-    from license.stamp import Stamp
-    from toolbox.checkpoint import load_checkpoint
+    from license.stamp import derive_stamp
     from toolbox.tensors.atomic import check_output_path
-    from toolbox.tensors.source import open_source
 
+    opts = LicenseOptions.of(license_options, **legacy)
     if vision:
         raise BadInputError("exporting the vision encoder to ONNX is not supported yet",
                             hint="drop --vision; the ONNX export covers the text model (images: use GGUF + mmproj)")
@@ -163,22 +164,20 @@ def convert_hf_to_onnx(src: str | Path, out_dir: str | Path, *, dtype: str = "fp
     torch_dtype = getattr(torch, resolve_dtype(dtype))
     opset = resolve_opset(opset)
     check_output_path(Path(out_dir), force=force)
-    ckpt = load_checkpoint(src)
+    model = resolve(src)
+    ckpt = model.checkpoint
     assert ckpt.path is not None
     tc = text_config_of(ckpt.config)
     dtype_name = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}[str(torch_dtype).removeprefix("torch.")]
-    stamp = Stamp.create(name or default_name(ckpt, dtype_name), declaration=mau_declaration, fix=fix_name,
-                         multimodal=False,
-                         provenance={"operations": [{"op": "convert", "to": "onnx", "dtype": dtype_name,
-                                                     "kv_cache": kv_cache}],
-                                     "source": str(src) if str(src).startswith("demo:") else Path(src).name})
-    module = build_module(tc, torch_dtype, kv_cache=kv_cache, moe=moe)
-    params = {n: tuple(p.shape) for n, p in module.named_parameters()}
-    tmap = tensor_map(list(params), ckpt.multimodal)
-    with open_source(ckpt.path) as source:
+    with model.open_source() as source:
+        stamp = derive_stamp(model.stamp_input(source), {"op": "convert", "to": "onnx", "dtype": dtype_name,
+                                                         "kv_cache": kv_cache}, opts, suffix=dtype_name)
+        module = build_module(tc, torch_dtype, kv_cache=kv_cache, moe=moe)
+        params = {n: tuple(p.shape) for n, p in module.named_parameters()}
+        tmap = tensor_map(list(params), ckpt.multimodal)
         infos = source.infos()
         _check_weights(ckpt.path, tmap, params, infos)
-        with progress.task("tracing the graph (steps)", total=1) as task:
+        with progress.task("tracing the graph", total=1, unit="steps") as task:
             model = export_graph(module, kv_cache=kv_cache, opset=opset)
             task.advance()
         total, placed = _write(model, module, tmap, source, torch_dtype, Path(out_dir), stamp, tc, ckpt.path,

@@ -1,17 +1,37 @@
-"""Which converter handles which (source format, target format) pair."""
+"""Which converter handles which (source format, target format) pair, and which request options it takes.
+
+`toolbox.convert.convert` dispatches through `PAIRS` alone: a new pair is one entry here (its
+function and the `ConvertRequest` fields it accepts) plus, when its result has a new shape, one
+line in `toolbox.convert`.
+"""
 
 from __future__ import annotations
 
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from toolbox.errors import BadInputError, UsageError
 
-FORMATS = ("hf", "gguf", "onnx")
-PAIRS = {
-    ("hf", "gguf"): "converters.hf_to_gguf:convert_hf_to_gguf",
-    ("gguf", "hf"): "converters.gguf_to_hf:convert_gguf_to_hf",
-    ("hf", "onnx"): "converters.onnx_export:convert_hf_to_onnx",
-    ("onnx", "hf"): "converters.onnx_to_hf:convert_onnx_to_hf",
+
+@dataclass(frozen=True)
+class Converter:
+    entry: str  # "module:function"; the function takes (source, output, *, force, license_options, progress, ...)
+    options: tuple[str, ...]  # the converter keywords, prepared by toolbox.convert from the request
+
+    def load(self) -> Callable[..., Any]:
+        module, func = self.entry.split(":")
+        return getattr(importlib.import_module(module), func)  # type: ignore[no-any-return]
+
+
+PAIRS: dict[tuple[str, str], Converter] = {
+    ("hf", "gguf"): Converter("converters.hf_to_gguf:convert_hf_to_gguf",
+                              ("outtype", "split_max_size", "allow_lossy_config", "multimodal")),
+    ("gguf", "hf"): Converter("converters.gguf_to_hf:convert_gguf_to_hf", ("dtype", "mmproj")),
+    ("hf", "onnx"): Converter("converters.onnx_export:convert_hf_to_onnx", ("dtype", "opset", "kv_cache", "vision")),
+    ("onnx", "hf"): Converter("converters.onnx_to_hf:convert_onnx_to_hf", ()),
 }
 
 
@@ -32,12 +52,10 @@ def detect_format(path: str | Path) -> str:
     raise BadInputError(f"{p}: not an HF checkpoint, GGUF file or ONNX model", path=p)
 
 
-def converter_for(source_format: str, target: str) -> object:
-    import importlib
-
-    key = PAIRS.get((source_format, target))
-    if key is None:
+def converter_for(source_format: str, target: str) -> Converter:
+    """The converter of a pair; UsageError (exit 2) naming the supported pairs otherwise."""
+    conv = PAIRS.get((source_format, target))
+    if conv is None:
         supported = ", ".join(f"{a}->{b}" for a, b in PAIRS)
         raise UsageError(f"no converter from {source_format} to {target}", hint=f"supported: {supported}")
-    module, func = key.split(":")
-    return getattr(importlib.import_module(module), func)
+    return conv

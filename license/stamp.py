@@ -17,6 +17,8 @@ import json
 import os
 import re
 import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -298,6 +300,112 @@ class Stamp(BaseModel):
         from license.card import build_card
 
         return build_card(self, existing)
+
+
+# -- deriving an output's stamp from its input -------------------------------------------------------
+@dataclass(frozen=True)
+class LicenseOptions:
+    """What the user says about one output's license: its name, the section 2 declaration, whether to
+    repair a non-compliant name, and the base model's Hub id. One object, threaded unchanged from the
+    CLI or a recipe to the writer."""
+
+    name: str | None = None
+    mau_declaration: str | None = None
+    fix_name: bool = False
+    base_model: str | None = None
+
+    @classmethod
+    def of(cls, options: LicenseOptions | None = None, **legacy: Any) -> LicenseOptions:
+        """`options` updated with the loose keywords older callers pass (name=, mau_declaration=, fix_name=,
+        base_model=); TypeError for any other keyword, as a plain signature would raise."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(legacy) - known)
+        if unknown:
+            raise TypeError(f"unexpected keyword argument(s): {', '.join(unknown)}")
+        given = {k: v for k, v in legacy.items() if v is not None and v is not False}
+        base = options or cls()
+        return replace(base, **given) if given else base
+
+
+@dataclass(frozen=True)
+class StampInput:
+    """What an output inherits from the input it is made from."""
+
+    label: str  # provenance "source": demo:scout, or the input's file or directory name
+    origin: Mapping[str, Any] = field(default_factory=dict)  # a download manifest's base_model/revision/sources
+    prior: Mapping[str, str] = field(default_factory=dict)  # the input's own stamp keys (corral.*), if any
+    carried_name: str | None = None  # the name the input carries (a GGUF's general.name), for a round trip
+    family: str = ""  # the checkpoint's family (scout-like, ...), to name a copy of a demo
+
+
+def prior_history(meta: Mapping[str, str]) -> dict[str, Any]:
+    """What a corral-made input's stamp says about its origin: base model, relation, the operations
+    that made it, source hashes (empty for inputs corral did not stamp). The input is a stranger's
+    file: what does not have the shape corral writes is dropped, never an error."""
+    if K.PROVENANCE not in meta:
+        return {}
+    try:
+        prov = json.loads(meta[K.PROVENANCE])
+    except ValueError:
+        return {}
+    if not isinstance(prov, dict):
+        return {}
+    ops = prov.get("operations")
+    sources = prov.get("sources")
+    relation = meta.get(K.BASE_RELATION)
+    return {"base_model": meta.get(K.BASE_MODEL), "base_revision": meta.get(K.BASE_REVISION),
+            "relation": relation if relation in RELATIONS else None,
+            "operations": [op for op in ops if isinstance(op, dict) and isinstance(op.get("op"), str)]
+            if isinstance(ops, list) else [],
+            "sources": {k: v for k, v in sources.items() if isinstance(k, str) and isinstance(v, str)}
+            if isinstance(sources, dict) else {}}
+
+
+_DEMO_STEMS = ("demo", "scout-v", "maverick-v")  # corral's demo cache directories
+
+
+def default_name(label: str, suffix: str | None = None, *, family: str = "") -> str:
+    """A license-compliant name derived from the input: `demo:scout` + `q8_0` -> `Llama-4-Scout-demo-q8_0`,
+    `./my-ft` + `merged` -> `Llama-4-my-ft-merged`."""
+    if label.startswith("demo:"):
+        base = f"Llama-4-{label[5:].capitalize()}-demo"
+    else:
+        base = Path(label).name.removesuffix(".gguf").removesuffix(".onnx") or "Llama-4"
+        if base.startswith(_DEMO_STEMS):
+            base = f"Llama-4-{(family or base).split('-')[0].capitalize()}-demo"
+        elif base.lower().startswith("llama") and not base.startswith("Llama"):
+            base = "Llama" + base[5:]
+        elif not base.startswith("Llama"):
+            base = f"Llama-4-{base}"
+    return f"{base}-{suffix}" if suffix else base
+
+
+def derive_stamp(src: StampInput, operation: dict[str, Any], options: LicenseOptions | None = None, *,
+                 suffix: str | None = None, multimodal: bool = False, relation: Relation | None = None,
+                 sources: Mapping[str, str] | None = None, base_model: str | None = None,
+                 extra: Mapping[str, Any] | None = None) -> Stamp:
+    """The one derivation of an output's stamp: the name (given, else the input's, else derived), the
+    declaration, the base model (given, else the download manifest's, else the input stamp's), the relation
+    (a merge, finetune or adapter operation names its own; otherwise the input stamp's wins: a quantized
+    merge is still a merge) and the provenance, whose operations are the input's history followed by
+    `operation` (`sources`: file hashes added to the inherited ones; `extra`: more top-level provenance
+    fields, such as a second input file)."""
+    opts = options or LicenseOptions()
+    prior = prior_history(src.prior)
+    origin = src.origin
+    ops = [*prior.get("operations", []), operation]
+    prov: dict[str, Any] = {"operations": ops, "source": src.label,
+                            "sources": {**(origin.get("sources") or prior.get("sources") or {}), **(sources or {})},
+                            **(extra or {})}
+    if relation not in ("merge", "finetune", "adapter"):
+        relation = prior.get("relation") or relation
+    name = opts.name or src.carried_name or default_name(src.label, suffix, family=src.family)
+    return Stamp.create(name, declaration=opts.mau_declaration, fix=opts.fix_name, multimodal=multimodal,
+                        base_model=opts.base_model or base_model or origin.get("base_model")
+                        or prior.get("base_model"),
+                        base_revision=None if opts.base_model else (origin.get("base_revision")
+                                                                    or prior.get("base_revision")),
+                        relation=relation, provenance=prov)
 
 
 # -- writing ----------------------------------------------------------------------------------------

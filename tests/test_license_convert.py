@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from license.audit import check_artifact
-from toolbox.tensors.gguf.kv import read_gguf_kv
 from toolbox.cli.main import main
+from toolbox.tensors.gguf.reader import read_gguf_kv
 
 BASE = "meta-llama/Llama-4-Scout-17B-16E-Instruct"
 

@@ -167,8 +167,8 @@ def _split_gguf(d: Path) -> Path:
 
 
 def test_fast_kv_reader_agrees_with_gguf_reader(tmp_path: Path) -> None:
-    from toolbox.tensors.gguf.kv import MAX_ARRAY, read_gguf_kv
     from toolbox.errors import CorruptFileError
+    from toolbox.tensors.gguf.reader import MAX_ARRAY, read_gguf_kv
 
     tokens = [f"tok{i}" for i in range(MAX_ARRAY + 44)]
     path = gguf_file(tmp_path / "m.gguf", {"general.name": "Llama-4-x", "tokenizer.ggml.tokens": tokens,

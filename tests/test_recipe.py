@@ -226,7 +226,7 @@ def test_builtin_lora_merge_gguf_runs_on_demo(scout_dir: Path, tmp_path: Path, c
         "merge": "built", "gguf": "built", "verify-merged": "built", "verify-gguf": "built", "license": "built"}
     gguf_file = out / "Llama-4-Scout-17B-16E-Instruct-merged-q8_0.gguf"
     assert gguf_file.is_file() and (out / "Llama-4-Scout-17B-16E-Instruct-merged" / "config.json").is_file()
-    from toolbox.tensors.gguf.kv import read_gguf_kv
+    from toolbox.tensors.gguf.reader import read_gguf_kv
 
     kv = read_gguf_kv(gguf_file)
     assert [op["op"] for op in json.loads(kv["corral.provenance"])["operations"]] == ["merge", "convert"]

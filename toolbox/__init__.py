@@ -14,11 +14,11 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "CorralError": "toolbox.errors",
     "ExitCode": "toolbox.errors",
-    "open_source": "toolbox.tensors.source",
+    "open_source": "toolbox.reference",
     "SafetensorsSource": "toolbox.tensors.safetensors_source",
     "SafetensorsWriter": "toolbox.tensors.sink",
     "Llama4Checkpoint": "toolbox.checkpoint",
-    "load_checkpoint": "toolbox.checkpoint",
+    "load_checkpoint": "toolbox.reference",
     "resolve_checkpoint": "toolbox.demo",
     "create_demo": "toolbox.demo",
     "inspect_checkpoint": "toolbox.inspect",

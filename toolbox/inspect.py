@@ -15,7 +15,7 @@ LICENSE_FILES = ("LICENSE", "NOTICE", "USE_POLICY.md", "README.md")
 
 def inspect_checkpoint(path: str | Path, *, progress: Progress = NULL_PROGRESS) -> dict[str, Any]:
     """Describe an HF Llama 4 checkpoint as a JSON-ready dict. Raises CorralError on bad input."""
-    from toolbox.demo import resolve_checkpoint
+    from toolbox.reference import resolve_path
     from toolbox.tensors.canonical import CanonicalView
     from toolbox.tensors.safetensors_source import SafetensorsSource
     from toolbox.tokenizer_files import load_tokenizer_files
@@ -28,7 +28,7 @@ def inspect_checkpoint(path: str | Path, *, progress: Progress = NULL_PROGRESS) 
 
     if is_onnx(path):
         return inspect_onnx(path)
-    root = resolve_checkpoint(path, progress=progress)
+    root = resolve_path(path, progress=progress)
     ckpt = load_checkpoint(root)
     raw = SafetensorsSource(root)
     view = CanonicalView(raw)

@@ -16,7 +16,10 @@ class Task(Protocol):
 
 
 class Progress(Protocol):
-    def task(self, description: str, total: float | None = None) -> AbstractContextManager[Task]: ...
+    def task(self, description: str, total: float | None = None, *,
+             unit: str = "items") -> AbstractContextManager[Task]:
+        """A task of `total` units; `unit` ("bytes", "tensors", ...) says how a display should count them."""
+        ...
 
 
 class _NullTask:
@@ -28,7 +31,7 @@ class NullProgress:
     """Reports nothing."""
 
     @contextmanager
-    def task(self, description: str, total: float | None = None) -> Iterator[Task]:
+    def task(self, description: str, total: float | None = None, *, unit: str = "items") -> Iterator[Task]:
         yield _NullTask()
 
 

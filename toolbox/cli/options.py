@@ -10,8 +10,9 @@ from toolbox.cli._typer import typer
 CheckpointArg = Annotated[
     str,
     typer.Argument(
-        help="Checkpoint: an HF directory (safetensors), a single .safetensors file, "
-        "or demo:scout / demo:maverick for the built-in tiny demo.",
+        help="Checkpoint: an HF directory (safetensors), a single .safetensors file, a .gguf file (any part of "
+        "a split set), a corral ONNX export directory or .onnx file, or demo:scout / demo:maverick for the "
+        "built-in tiny demo.",
         metavar="PATH",
         show_default=False,
     ),
@@ -33,4 +34,15 @@ MauDeclarationOpt = Annotated[
 FixNameOpt = Annotated[
     bool,
     typer.Option("--fix-name", help="Prefix the model name with 'Llama' when it does not begin with it."),
+]
+NameOpt = Annotated[
+    str | None,
+    typer.Option("--name", help="Model name written into the output (must begin with 'Llama'; default: derived "
+                 "from the input's name).", show_default=False),
+]
+BaseModelOpt = Annotated[
+    str | None,
+    typer.Option("--base-model", help="Hub repo id of the base model, for the model card and GGUF "
+                 "general.base_model.* (default: from a corral download manifest or the input's stamp).",
+                 show_default=False),
 ]

@@ -1,7 +1,7 @@
 """Dense extraction: each MoE layer's shared expert and one routed expert folded into one MLP of
 width 2x the expert width, so the result is a dense Llama 4 text stack transformers loads.
 
-It equals the MoE with the router forced to that expert at score 1 (FIELD_NOTES section 1),
+It equals the MoE with the router forced to that expert at score 1 (Llama 4 scales the expert input),
 because SiLU(gate) * up is computed per hidden unit and the down projection sums over them:
 stacking the two MLPs' units side by side adds their outputs."""
 
@@ -14,9 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from license.stamp import LicenseOptions
 from toolbox.errors import UnsupportedModelError, UsageError
 from toolbox.experts.output import Planned, copy_tensor, make_stamp, text_config, write_checkpoint
 from toolbox.progress import NULL_PROGRESS, Progress
+from toolbox.reference import ModelLike
 
 _FF = re.compile(r"\.layers\.(\d+)\.feed_forward\.(.+)$")
 
@@ -68,20 +70,18 @@ def most_used_experts(src: str | Path, calibration: str | Path | None = None, *,
     return stats.most_used(), {"choice": "auto (most used)", "calibration_tokens": stats.tokens}
 
 
-def extract_dense(src: str | Path, out: str | Path, *, expert: int | Mapping[int, int], name: str | None = None,
-                  mau_declaration: str | None = None, fix_name: bool = False, force: bool = False,
-                  base_model: str | None = None, extra_provenance: dict[str, Any] | None = None,
-                  progress: Progress = NULL_PROGRESS) -> ExtractResult:
+def extract_dense(src: ModelLike, out: str | Path, *, expert: int | Mapping[int, int], force: bool = False,
+                  extra_provenance: dict[str, Any] | None = None, license_options: LicenseOptions | None = None,
+                  progress: Progress = NULL_PROGRESS, **legacy: Any) -> ExtractResult:
     """Write a dense model: in each MoE layer, [shared expert | routed `expert`] as one MLP."""
-    from toolbox.checkpoint import load_checkpoint
-    from toolbox.demo import resolve_checkpoint
+    from toolbox.reference import resolve
     from toolbox.tensors.atomic import check_output_path
-    from toolbox.tensors.source import open_source
 
+    opts = LicenseOptions.of(license_options, **legacy)
     out = Path(out).absolute()
     check_output_path(out, force=force)
-    src_dir = resolve_checkpoint(src)
-    ckpt = load_checkpoint(src_dir)
+    model = resolve(src)
+    src_dir, ckpt = model.path, model.checkpoint
     t = ckpt.text
     if not t.moe_layers:
         raise UsageError("this model has no MoE layer: it is dense already")
@@ -91,10 +91,9 @@ def extract_dense(src: str | Path, out: str | Path, *, expert: int | Mapping[int
     chosen = resolve_experts(expert, t.moe_layers, t.experts)
     op = {"op": "extract-dense", "experts": {str(k): v for k, v in sorted(chosen.items())},
           **(extra_provenance or {})}
-    stamp = make_stamp(src, src_dir, ckpt, op, name=name, suffix="dense", mau_declaration=mau_declaration,
-                       fix_name=fix_name, base_model=base_model)
-    source = open_source(src_dir)
+    source = model.open_source()
     try:
+        stamp = make_stamp(model, source, op, suffix="dense", options=opts)
         infos = source.infos()
         plan: list[Planned] = []
         for info in infos.values():

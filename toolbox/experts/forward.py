@@ -98,7 +98,7 @@ class StreamedModel:
                 extras.append((pos, masks, rotary(h, pos)))
             tokens = sum(len(s) for s in sequences)
             captured: list[torch.Tensor] = []
-            with progress.task(f"{label}: {tokens} tokens (layers)", total=cfg.num_hidden_layers) as task:
+            with progress.task(f"{label}: {tokens} tokens", total=cfg.num_hidden_layers, unit="layers") as task:
                 for i in range(cfg.num_hidden_layers):
                     layer = self.layer(i)
                     handle = None
@@ -126,14 +126,13 @@ def open_streamed(path: str | Path, *, dtype: str = "float32") -> StreamedModel:
     from transformers import Llama4TextConfig
 
     from toolbox.checkpoint import load_checkpoint
-    from toolbox.demo import resolve_checkpoint
     from toolbox.errors import UsageError
     from toolbox.experts.output import text_config
-    from toolbox.tensors.source import open_source
+    from toolbox.reference import open_source, resolve_path
 
     if dtype not in ("float32", "bfloat16", "float16"):
         raise UsageError(f"unknown compute dtype {dtype!r}", hint="choose float32, bfloat16 or float16")
-    directory = resolve_checkpoint(path)
+    directory = resolve_path(path)
     ckpt = load_checkpoint(directory)
     tc = {k: v for k, v in text_config(ckpt.config).items() if k not in ("architectures", "transformers_version")}
     cfg = Llama4TextConfig.from_dict(tc)

@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from toolbox.progress import NULL_PROGRESS, Progress
 from toolbox.tensors.source import TensorInfo, TensorSource, raw_file_source
 
-COPIED_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                "chat_template.jinja", "chat_template.json", "tokenizer.model", "preprocessor_config.json",
-                "processor_config.json")
+if TYPE_CHECKING:
+    from license.stamp import LicenseOptions, Stamp
+    from toolbox.reference import ResolvedModel
 
 # planned output tensor: (name, shape, safetensors dtype, writer callback that writes its bytes)
 Planned = tuple[str, tuple[int, ...], str, Callable[[Any], None]]
@@ -25,61 +24,42 @@ def text_config(config: dict[str, Any]) -> dict[str, Any]:
     return tc if isinstance(tc, dict) else config
 
 
-def default_name(src: str | Path, suffix: str) -> str:
-    text = str(src)
-    stem = f"4-{text[5:].capitalize()}-demo" if text.startswith("demo:") else (Path(text).name or "4")
-    stem = stem if stem.lower().startswith("llama") else f"Llama-{stem}"
-    return f"{stem}-{suffix}"
-
-
-def make_stamp(src: str | Path, src_dir: Path, ckpt: Any, op: dict[str, Any], *, name: str | None, suffix: str,
-               mau_declaration: str | None, fix_name: bool, base_model: str | None) -> Any:
+def make_stamp(model: ResolvedModel, source: TensorSource, op: dict[str, Any], *, suffix: str,
+               options: LicenseOptions) -> Stamp:
     """The license stamp of a pruned / extracted model.
 
-    No base_model_relation: the Hub's four relations (adapter, merge, quantized, finetune) each
-    claim something an expert surgery is not; the operation itself, its criterion and the kept
-    experts are recorded in the provenance instead, and base_model names the source when known."""
-    from license.stamp import Stamp
+    No base_model_relation of its own: the Hub's four relations (adapter, merge, quantized, finetune)
+    each claim something an expert surgery is not (an input's relation, a merge's, is kept); the
+    operation itself, its criterion and the kept experts are recorded in the provenance, after the
+    input's history, and base_model names the source when known."""
+    from license.stamp import derive_stamp
 
-    try:
-        from toolbox.hub.manifest import source_origin
-
-        origin = source_origin(src_dir)
-    except ImportError:
-        origin = {}
-    return Stamp.create(name or default_name(src, suffix), declaration=mau_declaration, fix=fix_name,
-                        base_model=base_model or origin.get("base_model"),
-                        base_revision=None if base_model else origin.get("base_revision"),
-                        multimodal=ckpt.multimodal,
-                        provenance={"operations": [op], "sources": dict(origin.get("sources", {})),
-                                    "source": str(src) if str(src).startswith("demo:") else Path(src).name})
+    return derive_stamp(model.stamp_input(source), op, options, suffix=suffix,
+                        multimodal=model.checkpoint.multimodal)
 
 
-def write_checkpoint(out: Path, src_dir: Path, plan: list[Planned], config: dict[str, Any], stamp: Any, *,
+def write_checkpoint(out: Path, src_dir: Path, plan: list[Planned], config: dict[str, Any], stamp: Stamp, *,
                      force: bool, label: str, progress: Progress = NULL_PROGRESS) -> int:
     """Write planned tensors through one SafetensorsWriter into an atomic directory; returns bytes written."""
-    from license.stamp import write_sidecars
-    from toolbox.tensors.atomic import atomic_directory
+    from toolbox.hf_output import finish_hf_directory
+    from toolbox.tensors.atomic import atomic_directory, ensure_free_space
     from toolbox.tensors.sink import SafetensorsWriter
 
     total = sum(TensorInfo(n, s, d).nbytes for n, s, d, _ in plan)
+    ensure_free_space(out, total, f"{label} into {out.name}")
     with atomic_directory(out, force=force) as staging:
         writer = SafetensorsWriter(staging, metadata=stamp.safetensors_metadata())
         for n, s, d, _ in plan:
             writer.add(n, s, d)
         writer.begin()
-        with progress.task(f"{label} (bytes)", total=total) as task:
+        with progress.task(label, total=total, unit="bytes") as task:
             for n, s, d, emit in plan:
                 emit(writer)
                 task.advance(TensorInfo(n, s, d).nbytes)
         writer.finish()
         cfg = json.loads(json.dumps(config))
         cfg.pop("quantization_config", None)  # FP8 sources are dequantized on read
-        (staging / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-        for filename in COPIED_FILES:
-            if (src_dir / filename).is_file():
-                shutil.copyfile(src_dir / filename, staging / filename)
-        write_sidecars(staging, stamp)
+        finish_hf_directory(staging, src_dir, cfg, stamp)
     return total
 
 

@@ -1,6 +1,6 @@
 """Expert pruning: keep the same chosen experts' slices of the router and both expert tensors
 in every MoE layer; with sigmoid-of-top-k routing the result is exactly the original with the
-dropped experts' router logits at -inf (FIELD_NOTES section 1)."""
+dropped experts' router logits at -inf (top-k of sigmoid scores, no softmax renormalisation)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from license.stamp import LicenseOptions
 from toolbox.experts.output import Planned, copy_tensor, make_stamp, text_config, write_checkpoint
 from toolbox.experts.selection import KeepSpec, resolve_keep
 from toolbox.progress import NULL_PROGRESS, Progress
+from toolbox.reference import ModelLike
 
 _MOE = re.compile(r"\.layers\.(\d+)\.feed_forward\.(experts\.gate_up_proj|experts\.down_proj|router\.weight)$")
 
@@ -29,36 +31,33 @@ class PruneResult:
     scores: dict[int, list[float]] = field(default_factory=dict)
 
 
-def prune_experts(src: str | Path, out: str | Path, *, keep: KeepSpec | None = None, drop: KeepSpec | None = None,
-                  criterion: str | None = None, name: str | None = None, mau_declaration: str | None = None,
-                  fix_name: bool = False, force: bool = False, base_model: str | None = None,
-                  extra_provenance: dict[str, Any] | None = None,
-                  progress: Progress = NULL_PROGRESS) -> PruneResult:
+def prune_experts(src: ModelLike, out: str | Path, *, keep: KeepSpec | None = None, drop: KeepSpec | None = None,
+                  criterion: str | None = None, force: bool = False,
+                  extra_provenance: dict[str, Any] | None = None, license_options: LicenseOptions | None = None,
+                  progress: Progress = NULL_PROGRESS, **legacy: Any) -> PruneResult:
     """Write a copy of `src` keeping, in every MoE layer, the experts in `keep` (or all but `drop`).
 
     `keep`/`drop` is one list for every MoE layer or {layer: list}; the same count must remain in
     every layer and at least num_experts_per_tok. Streams one expert slice at a time."""
-    from toolbox.checkpoint import load_checkpoint
-    from toolbox.demo import resolve_checkpoint
+    from toolbox.reference import resolve
     from toolbox.tensors.atomic import check_output_path
-    from toolbox.tensors.source import open_source
 
+    opts = LicenseOptions.of(license_options, **legacy)
     out = Path(out).absolute()
     check_output_path(out, force=force)
-    src_dir = resolve_checkpoint(src)
-    ckpt = load_checkpoint(src_dir)
+    model = resolve(src)
+    src_dir, ckpt = model.path, model.checkpoint
     t = ckpt.text
     kept = resolve_keep(keep=keep, drop=drop, experts=t.experts, top_k=t.top_k, moe_layers=t.moe_layers)
     n_kept = len(next(iter(kept.values())))
     op: dict[str, Any] = {"op": "prune-experts", "criterion": criterion or ("keep" if keep is not None else "drop"),
                           "experts_before": t.experts, "experts_after": n_kept,
                           "kept": {str(k): v for k, v in sorted(kept.items())}, **(extra_provenance or {})}
-    stamp = make_stamp(src, src_dir, ckpt, op, name=name, suffix=f"{n_kept}E-pruned", mau_declaration=mau_declaration,
-                       fix_name=fix_name, base_model=base_model)
     config = json.loads(json.dumps(ckpt.config))
     text_config(config)["num_local_experts"] = n_kept
-    source = open_source(src_dir)
+    source = model.open_source()
     try:
+        stamp = make_stamp(model, source, op, suffix=f"{n_kept}E-pruned", options=opts)
         plan: list[Planned] = []
         for info in source.infos().values():
             m = _MOE.search(info.name)
@@ -111,22 +110,23 @@ def choose_keep(count: int, criterion: str, *, moe_layers: tuple[int, ...], expe
     return stats.keep_top(count, criterion)
 
 
-def prune_by_criterion(src: str | Path, out: str | Path, *, count: int, criterion: str,
+def prune_by_criterion(src: ModelLike, out: str | Path, *, count: int, criterion: str,
                        calibration: str | Path | None = None, stats: Any = None, seed: int = 0,
                        max_tokens: int = 2048, progress: Progress = NULL_PROGRESS, **kwargs: Any) -> PruneResult:
     """Keep `count` experts per MoE layer chosen by `criterion` from statistics (given, or measured
     on `calibration` now), then `prune_experts`."""
-    from toolbox.checkpoint import load_checkpoint
     from toolbox.experts.stats import router_stats
+    from toolbox.reference import resolve
 
-    t = load_checkpoint(src).text
+    model = resolve(src)
+    t = model.checkpoint.text
     if criterion != "random" and stats is None:
-        stats = router_stats(src, calibration, max_tokens=max_tokens, progress=progress)
+        stats = router_stats(model.path, calibration, max_tokens=max_tokens, progress=progress)
     keep = choose_keep(count, criterion, moe_layers=t.moe_layers, experts=t.experts, stats=stats, seed=seed)
     extra: dict[str, Any] = {"seed": seed} if criterion == "random" else {"calibration_tokens": stats.tokens}
     if criterion != "random" and calibration is not None:
         extra["calibration"] = Path(calibration).name
-    result = prune_experts(src, out, keep=keep, criterion=criterion, extra_provenance=extra, progress=progress,
+    result = prune_experts(model, out, keep=keep, criterion=criterion, extra_provenance=extra, progress=progress,
                            **kwargs)
     if stats is not None and criterion != "random":
         result.scores = {k: [e.score(criterion) for e in v] for k, v in stats.layers.items()}

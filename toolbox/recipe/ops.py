@@ -9,10 +9,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from toolbox.errors import CorralError, ExitCode
 from toolbox.progress import Progress
+
+if TYPE_CHECKING:
+    from license.stamp import LicenseOptions
 
 GATES_OPS = ("verify", "license-check")
 
@@ -35,40 +38,25 @@ def run_op(uses: str, params: dict[str, Any], src: Path, workdir: Path, ctx: OpC
     return _OPS[uses](params, src, workdir, ctx)
 
 
-def _license(ctx: OpContext) -> dict[str, Any]:
-    return {"mau_declaration": ctx.mau_declaration, "fix_name": ctx.fix_name}
+def _license(ctx: OpContext, p: dict[str, Any]) -> LicenseOptions:
+    from license.stamp import LicenseOptions
+
+    return LicenseOptions(name=p.get("name"), mau_declaration=ctx.mau_declaration, fix_name=ctx.fix_name)
 
 
 def _convert(p: dict[str, Any], src: Path, workdir: Path, ctx: OpContext) -> Path:
+    """The same request `corral convert` builds: into `model.gguf` (and `model.mmproj.gguf` with mmproj: auto)
+    or the directory `model`; returns the first file or the directory."""
+    from toolbox.convert import ConvertRequest, convert
+
     to = p["to"]
-    if to == "gguf":
-        from converters.hf_to_gguf import convert_hf_to_gguf
-        from toolbox.tensors.sink import parse_size
-
-        out = workdir / "model.gguf"
-        res = convert_hf_to_gguf(src, out, outtype=p.get("outtype") or "auto",
-                                 split_max_size=parse_size(p["split_max_size"]) if p.get("split_max_size") else 0,
-                                 name=p.get("name"), allow_lossy_config=p.get("allow_lossy_config", False),
-                                 progress=ctx.progress, **_license(ctx))
-        return res.paths[0]
-    out = workdir / "model"
-    if to == "hf":
-        if src.suffix == ".gguf":
-            from converters.gguf_to_hf import convert_gguf_to_hf
-
-            convert_gguf_to_hf(src, out, dtype=p.get("dtype") or "auto", name=p.get("name"), progress=ctx.progress,
-                               **_license(ctx))
-        else:
-            from converters.onnx_to_hf import convert_onnx_to_hf  # type: ignore[import-not-found]
-
-            convert_onnx_to_hf(src, out, name=p.get("name"), progress=ctx.progress, **_license(ctx))
-        return out
-    from converters.onnx_export import convert_hf_to_onnx  # type: ignore[import-not-found]
-
-    dtype = p.get("dtype") or "auto"
-    convert_hf_to_onnx(src, out, dtype="fp32" if dtype == "auto" else dtype, name=p.get("name"),
-                       progress=ctx.progress, **_license(ctx))
-    return out
+    request = ConvertRequest(src, to, workdir / ("model.gguf" if to == "gguf" else "model"),
+                             outtype=p.get("outtype") or "auto", dtype=p.get("dtype") or "auto",
+                             split_max_size=p.get("split_max_size") or 0, opset=p.get("opset"),
+                             kv_cache=p.get("kv_cache", True), mmproj=p.get("mmproj"),
+                             mmproj_outtype=p.get("mmproj_outtype"),
+                             allow_lossy_config=p.get("allow_lossy_config", False), license=_license(ctx, p))
+    return convert(request, progress=ctx.progress).paths[0]
 
 
 def _merge(p: dict[str, Any], src: Path, workdir: Path, ctx: OpContext) -> Path:
@@ -77,8 +65,8 @@ def _merge(p: dict[str, Any], src: Path, workdir: Path, ctx: OpContext) -> Path:
     out = workdir / "model"
     adapters = [a["path"] for a in p["adapters"]]
     weights = [float(a.get("weight", 1.0)) for a in p["adapters"]]
-    merge_adapters(src, adapters, out, weights=weights, dtype=p.get("dtype"), name=p.get("name"),
-                   progress=ctx.progress, **_license(ctx))
+    merge_adapters(src, adapters, out, weights=weights, dtype=p.get("dtype"),
+                   progress=ctx.progress, license_options=_license(ctx, p))
     return out
 
 
@@ -86,7 +74,7 @@ def _prune(p: dict[str, Any], src: Path, workdir: Path, ctx: OpContext) -> Path:
     from toolbox.experts.prune import prune_by_criterion, prune_experts
 
     out = workdir / "model"
-    common = {"name": p.get("name"), "progress": ctx.progress, **_license(ctx)}
+    common = {"progress": ctx.progress, "license_options": _license(ctx, p)}
     if p.get("keep_count") is not None:
         prune_by_criterion(src, out, count=int(p["keep_count"]), criterion=p["criterion"],
                            calibration=p.get("calibration"), **common)
@@ -102,8 +90,8 @@ def _extract(p: dict[str, Any], src: Path, workdir: Path, ctx: OpContext) -> Pat
     expert, extra = p["expert"], None
     if expert == "auto":
         expert, extra = most_used_experts(src, p.get("calibration"), progress=ctx.progress)
-    extract_dense(src, out, expert=expert, name=p.get("name"), extra_provenance=extra, progress=ctx.progress,
-                  **_license(ctx))
+    extract_dense(src, out, expert=expert, extra_provenance=extra, progress=ctx.progress,
+                  license_options=_license(ctx, p))
     return out
 
 

@@ -34,6 +34,7 @@ class TensorSource(ABC):
     """A checkpoint as a stream of named tensors."""
 
     path: Path
+    drop_after_read: bool = False  # each byte is read once: a source may keep it out of the page cache
 
     @abstractmethod
     def infos(self) -> dict[str, TensorInfo]:
@@ -46,6 +47,15 @@ class TensorSource(ABC):
     def load_slice(self, name: str, index: int | slice) -> torch.Tensor:
         """tensor[index] along dim 0, reading only those bytes where the format allows it."""
         return self.load(name)[index]
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        """The checkpoint's own key/value metadata (safetensors `__metadata__`; a corral stamp lives there)."""
+        return {}
+
+    def stored(self) -> TensorSource:
+        """The source holding the bytes as stored (a view returns what it wraps)."""
+        return self
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release open files."""
@@ -60,25 +70,10 @@ class TensorSource(ABC):
         self.close()
 
 
-def open_source(path: str | Path, *, canonical: bool = True) -> TensorSource:
-    """Open any checkpoint corral reads. `canonical` presents per-expert and FP8 layouts as
-    the fused bf16 layout transformers uses (see `toolbox.tensors.canonical`)."""
-    from toolbox.demo import resolve_checkpoint
-    from toolbox.tensors.safetensors_source import SafetensorsSource
-
-    resolved = resolve_checkpoint(path)
-    source: TensorSource = SafetensorsSource(resolved)
-    if canonical:
-        from toolbox.tensors.canonical import CanonicalView
-
-        source = CanonicalView(source)
-    return source
-
-
 def raw_file_source(source: TensorSource, name: str) -> Any:
     """The safetensors file reader holding `name` byte for byte as the output wants it (same name, same
     dtype: not a fused per-expert layout or dequantized FP8), or None."""
-    inner = getattr(source, "inner", source)
+    inner = source.stored()
     if not hasattr(inner, "byte_range") or name not in inner.infos():
         return None
     if inner.infos()[name].dtype != source.infos()[name].dtype:

@@ -54,20 +54,48 @@ def _errors(slices: Any, source: Any, name: str) -> tuple[float, float]:
     return rel, max_abs
 
 
+def _rebuilt(g: Any, name: str, want_shape: tuple[int, ...], report: Any, global_map: Any,
+             vision_map: dict[str, str] | None, mm: Any) -> tuple[str, Any] | None:
+    """(GGUF type, slices of the tensor rebuilt in the reference's layout), or None after a finding."""
+    from converters.gguf_to_hf import gguf_sources, hf_slices
+
+    if vision_map is not None:
+        gg = vision_map[name]
+        if math.prod(g.shape(gg)) != math.prod(want_shape):
+            report.add("against.shape", "error", f"{name}: the mmproj holds {list(g.shape(gg))}, the "
+                       f"reference {list(want_shape)}", tensor=name)
+            return None
+        return g.type_name(gg), [(None, mm.load(gg).reshape(want_shape))]
+    sources = gguf_sources(name, global_map)
+    absent = [s for s in sources if s not in g.tensors]
+    if absent:
+        report.add("against.missing", "error", f"{', '.join(absent)} (for {name}) is not in the GGUF", tensor=name)
+        return None
+    rebuilt = tuple(g.shape(sources[0]))
+    if name.endswith("experts.gate_up_proj"):
+        rebuilt = (rebuilt[0], rebuilt[2], 2 * rebuilt[1])
+    elif name.endswith("experts.down_proj"):
+        rebuilt = (rebuilt[0], rebuilt[2], rebuilt[1])
+    if rebuilt != want_shape:
+        report.add("against.shape", "error", f"{name}: the GGUF holds {list(rebuilt)}, the reference "
+                   f"{list(want_shape)}", tensor=name)
+        return None
+    return g.type_name(sources[0]), hf_slices(g, name, want_shape, global_map)
+
+
 def verify_against(gguf_path: str | Path, reference: str | Path, report: Any,
                    progress: Progress = NULL_PROGRESS) -> None:
     """Add `against.*` findings (and per-tensor errors in `report.tensor_stats`) to `report`.
 
     A text GGUF is compared on the text tensors, an mmproj on the vision tower and projector."""
-    from converters.gguf_to_hf import gguf_sources, global_names, hf_slices
+    from converters.gguf_to_hf import global_names
     from toolbox.checkpoint import load_checkpoint
-    from toolbox.demo import resolve_checkpoint
+    from toolbox.reference import open_source, resolve_path
     from toolbox.tensors.gguf.reader import GGUFFile
-    from toolbox.tensors.source import open_source
 
     try:
         g = GGUFFile(gguf_path)
-        ref_root = resolve_checkpoint(reference, progress=progress)
+        ref_root = resolve_path(reference, progress=progress)
         ckpt = load_checkpoint(ref_root)
         source = open_source(ref_root)
     except CorralError as exc:
@@ -80,6 +108,8 @@ def verify_against(gguf_path: str | Path, reference: str | Path, report: Any,
     if ckpt.text.tie_embeddings:
         text_names = [n for n in text_names if n != ckpt.lm_head_name]
     mmproj = g.architecture == "clip"
+    mm: Any = None
+    vision_map: dict[str, str] = {}
     if mmproj:  # the vision tower and projector, in llama.cpp's mmproj layout
         from converters.gguf_mmproj_to_hf import MmprojFile
 
@@ -94,40 +124,18 @@ def verify_against(gguf_path: str | Path, reference: str | Path, report: Any,
         names = text_names
     skipped = len(expected) - len(names)
     compared, worst = 0, (0.0, "")
-    with source, progress.task("comparing (tensors)", total=len(names)) as task:
+    with source, progress.task("comparing", total=len(names), unit="tensors") as task:
         for name in names:
             task.advance()
             if name not in infos:
                 report.add("against.reference-missing", "error", f"the reference has no tensor {name}", tensor=name)
                 continue
             info = infos[name]
-            want_shape = tuple(info.shape)
-            if mmproj:
-                gg = vision_map[name]
-                gguf_type = g.type_name(gg)
-                if math.prod(g.shape(gg)) != math.prod(want_shape):
-                    report.add("against.shape", "error", f"{name}: the mmproj holds {list(g.shape(gg))}, the "
-                               f"reference {list(want_shape)}", tensor=name)
-                    continue
-                slices: Any = [(None, mm.load(gg).reshape(want_shape))]
-            else:
-                sources = gguf_sources(name, global_map)
-                absent = [s for s in sources if s not in g.tensors]
-                if absent:
-                    report.add("against.missing", "error", f"{', '.join(absent)} (for {name}) is not in the GGUF",
-                               tensor=name)
-                    continue
-                gguf_type = g.type_name(sources[0])
-                rebuilt = tuple(g.shape(sources[0]))
-                if name.endswith("experts.gate_up_proj"):
-                    rebuilt = (rebuilt[0], rebuilt[2], 2 * rebuilt[1])
-                elif name.endswith("experts.down_proj"):
-                    rebuilt = (rebuilt[0], rebuilt[2], rebuilt[1])
-                if rebuilt != want_shape:
-                    report.add("against.shape", "error", f"{name}: the GGUF holds {list(rebuilt)}, the reference "
-                               f"{list(want_shape)}", tensor=name)
-                    continue
-                slices = hf_slices(g, name, want_shape, global_map)
+            rebuilt = _rebuilt(g, name, tuple(info.shape), report, global_map, vision_map if mmproj else None,
+                               mm if mmproj else None)
+            if rebuilt is None:
+                continue
+            gguf_type, slices = rebuilt
             rel, max_abs = _errors(slices, source, name)
             exact = _exact(gguf_type, info.dtype)
             tol = 0.0 if exact else TOLERANCE.get(gguf_type, 1.0)

@@ -1,0 +1,164 @@
+"""The one conversion entry point: a `ConvertRequest` in, a `ConvertResult` out.
+
+`corral convert` and the recipe `convert` step only build a request; this module resolves the
+source once (a `demo:*` is generated, the config read, at most once), applies the rules that
+are not a converter's (the split size, the `--mmproj` pairing), and
+dispatches through `converters.registry.PAIRS`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from license.stamp import LicenseOptions
+from toolbox.errors import UsageError
+from toolbox.progress import NULL_PROGRESS, Progress
+from toolbox.reference import ModelLike, ModelReference, ResolvedModel, resolve
+
+
+@dataclass(frozen=True)
+class ConvertRequest:
+    """What to convert, into what, and how. Options a pair does not take are ignored, as on the CLI."""
+
+    source: ModelLike
+    to: str  # gguf, hf or onnx
+    output: Path
+    outtype: str = "auto"  # GGUF tensor type
+    dtype: str = "auto"  # HF output dtype; ONNX: fp32, fp16, bf16 (auto = fp32)
+    split_max_size: str | int = 0  # GGUF: split above this size ("50G"); 0: one file
+    opset: int | None = None  # ONNX opset (18-23)
+    kv_cache: bool = True  # ONNX past/present inputs and outputs
+    vision: bool = False  # ONNX vision encoder (refused: not supported yet)
+    mmproj: str | None = None  # to gguf: auto|none (write OUT.mmproj.gguf); gguf to hf: the mmproj FILE to merge
+    mmproj_outtype: str | None = None  # mmproj tensor type (default: the text type where it fits, else f16)
+    allow_lossy_config: bool = False
+    force: bool = False
+    license: LicenseOptions = field(default_factory=LicenseOptions)
+
+
+@dataclass
+class ConvertResult:
+    """What was written: `paths` (the main artifact first), the JSON document the CLI prints, a one-line
+    human summary, and warnings to show."""
+
+    format: str
+    paths: list[Path]
+    data: dict[str, Any]
+    summary: str
+    warnings: list[str] = field(default_factory=list)
+    name: str = ""
+
+
+def source_format(request: ConvertRequest) -> str:
+    """The format of the request's source, from its name alone (a demo is not generated for this)."""
+    from converters.registry import detect_format
+
+    src = request.source
+    if isinstance(src, ResolvedModel):
+        return detect_format(src.path)
+    ref = ModelReference.parse(src)
+    return "hf" if ref.kind == "demo" else detect_format(ref.text)
+
+
+def convert(request: ConvertRequest, progress: Progress = NULL_PROGRESS) -> ConvertResult:
+    """Convert as `request` says; UsageError (exit 2) for a pair or option corral does not support."""
+    from converters.registry import converter_for
+
+    target = request.to.lower()
+    fmt = source_format(request)
+    conv = converter_for(fmt, target)  # refuses an unsupported pair before any work
+    kwargs = _converter_options(request, fmt, target)
+    model = resolve(request.source, progress)
+    mm_path = _mmproj_preflight(request, model) if (fmt, target) == ("hf", "gguf") else None
+    if mm_path is not None:
+        kwargs["multimodal"] = True
+    src: Any = model if fmt == "hf" else model.path
+    result = conv.load()(src, request.output, force=request.force, license_options=request.license,
+                         progress=progress, **{k: v for k, v in kwargs.items() if k in conv.options})
+    out = _describe(target, str(request.source if not isinstance(request.source, ResolvedModel)
+                                else request.source.label), result)
+    if mm_path is not None:
+        _write_mmproj(request, model, mm_path, out, progress)
+    return out
+
+
+def _converter_options(request: ConvertRequest, fmt: str, target: str) -> dict[str, Any]:
+    """The request's options as the converters take them (validated here, before any work)."""
+    from toolbox.tensors.sink import MIN_SPLIT_BYTES, parse_size
+
+    opts: dict[str, Any] = {"outtype": request.outtype, "allow_lossy_config": request.allow_lossy_config,
+                            "opset": request.opset, "kv_cache": request.kv_cache, "vision": request.vision,
+                            "multimodal": False}
+    if target == "gguf":
+        try:
+            opts["split_max_size"] = parse_size(request.split_max_size or 0, minimum=MIN_SPLIT_BYTES)
+        except ValueError:
+            raise UsageError(f"--split-max-size {request.split_max_size!r} is not a size",
+                             hint="e.g. 50G or 500M") from None
+        want = (request.mmproj or "none").lower()
+        if want not in ("auto", "none"):
+            raise UsageError(f"--mmproj {request.mmproj!r}: with --to gguf use --mmproj auto (or none)",
+                             hint="the mmproj file is written beside the output as OUT.mmproj.gguf")
+    opts["dtype"] = request.dtype  # the ONNX exporter reads auto as fp32 (converters.onnx_export.DTYPES)
+    mm = request.mmproj
+    opts["mmproj"] = mm if fmt == "gguf" and mm and mm.lower() not in ("auto", "none") else None
+    return opts
+
+
+def _mmproj_outtype(request: ConvertRequest) -> str:
+    from converters.gguf_mmproj import mmproj_outtype_for
+
+    return request.mmproj_outtype or mmproj_outtype_for(request.outtype)
+
+
+def _mmproj_preflight(request: ConvertRequest, model: ResolvedModel) -> Path | None:
+    """With --mmproj auto: both outputs and the vision config are checked before any work, so that the text
+    GGUF and its mmproj are written as a pair or not at all."""
+    if (request.mmproj or "none").lower() != "auto":
+        return None
+    from converters.gguf_mmproj import mmproj_path_for, preflight
+    from toolbox.tensors.atomic import check_output_path
+
+    mm_path = mmproj_path_for(request.output)
+    check_output_path(Path(request.output).absolute(), force=request.force)
+    check_output_path(mm_path.absolute(), force=request.force)
+    preflight(model, _mmproj_outtype(request), allow_lossy_config=request.allow_lossy_config)
+    return mm_path
+
+
+def _write_mmproj(request: ConvertRequest, model: ResolvedModel, mm_path: Path, out: ConvertResult,
+                  progress: Progress) -> None:
+    """The vision tower beside the text GGUF, under the text model's name (one model, two files)."""
+    from dataclasses import replace
+
+    from converters.gguf_mmproj import convert_hf_to_mmproj
+
+    mm = convert_hf_to_mmproj(model, mm_path, outtype=_mmproj_outtype(request),
+                              allow_lossy_config=request.allow_lossy_config, force=request.force,
+                              license_options=replace(request.license, name=out.name), progress=progress)
+    out.warnings.extend(mm.warnings)
+    out.data["mmproj"] = {"path": str(mm.paths[0]), "outtype": mm.outtype, "tensors": mm.tensors, "bytes": mm.bytes}
+    out.paths.append(mm.paths[0])
+    out.summary = (f"wrote {', '.join(map(str, out.paths))} ({out.data['outtype']}, {out.data['tensors']} tensors, "
+                   f"{out.data['bytes'] / 2**20:.1f} MiB)")
+
+
+def _describe(target: str, source: str, res: Any) -> ConvertResult:
+    """A converter's result as the CLI's JSON document and summary line."""
+    if target == "gguf":
+        data = {"source": source, "format": "gguf", "outtype": res.outtype, "tensors": res.tensors,
+                "bytes": res.bytes, "paths": [str(p) for p in res.paths]}
+        summary = (f"wrote {', '.join(map(str, res.paths))} ({res.outtype}, {res.tensors} tensors, "
+                   f"{res.bytes / 2**20:.1f} MiB)")
+        return ConvertResult("gguf", list(res.paths), data, summary, list(res.warnings), res.name)
+    if target == "onnx":
+        data = {"source": source, "format": "onnx", "path": str(res.path), "tensors": res.tensors,
+                "bytes": res.bytes, "dtype": res.dtype, "kv_cache": res.kv_cache, "opset": res.opset}
+        summary = (f"wrote {res.path} ({res.dtype}, opset {res.opset}, "
+                   f"{'with' if res.kv_cache else 'without'} KV cache, {res.tensors} tensors, "
+                   f"{res.bytes / 2**20:.1f} MiB)")
+        return ConvertResult("onnx", [res.path], data, summary, list(res.warnings))
+    data = {"source": source, "format": "hf", "path": str(res.path), "tensors": res.tensors, "dtype": res.dtype}
+    return ConvertResult("hf", [res.path], data, f"wrote {res.path} ({res.tensors} tensors, {res.dtype})")

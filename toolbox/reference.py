@@ -1,0 +1,131 @@
+"""What a user names as a model (a path, `demo:scout`), resolved once at the edge.
+
+Commands and library entry points turn their argument into a `ResolvedModel` here; everything
+below them (converters, writers, the tensor floor) receives that, or the plain path it holds,
+and never resolves again. The checkpoint config is read at most once per resolved model.
+
+A Hub `repo_id@revision` reference and the `original/` layout belong here too, when they come:
+a new kind of reference is one more branch in `ModelReference.parse` and `resolve`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+from toolbox.errors import BadInputError
+from toolbox.progress import NULL_PROGRESS, Progress
+
+if TYPE_CHECKING:
+    from license.stamp import StampInput
+    from toolbox.checkpoint import Llama4Checkpoint
+    from toolbox.tensors.source import TensorSource
+
+DEMO_PREFIX = "demo:"
+Kind = Literal["path", "demo"]
+
+
+@dataclass(frozen=True)
+class ModelReference:
+    """A model as the user named it, not yet resolved (nothing is read or generated)."""
+
+    text: str
+    kind: Kind
+
+    @classmethod
+    def parse(cls, spec: str | Path | ModelReference) -> ModelReference:
+        if isinstance(spec, ModelReference):
+            return spec
+        text = str(spec)
+        return cls(text, "demo" if text.startswith(DEMO_PREFIX) else "path")
+
+    @property
+    def label(self) -> str:
+        """How provenance names the input: `demo:scout`, else the file or directory name."""
+        return self.text if self.kind == "demo" else (Path(self.text).name or self.text)
+
+    def resolve(self, progress: Progress = NULL_PROGRESS) -> ResolvedModel:
+        """A demo is generated into the cache on first use; a path passes through."""
+        if self.kind == "demo":
+            from toolbox.demo import resolve_checkpoint
+
+            return ResolvedModel(self, resolve_checkpoint(self.text, progress=progress))
+        return ResolvedModel(self, Path(self.text))
+
+
+@dataclass
+class ResolvedModel:
+    """A reference with its local path; the HF config is read on first use and kept."""
+
+    reference: ModelReference
+    path: Path
+    _checkpoint: Llama4Checkpoint | None = field(default=None, repr=False)
+
+    @property
+    def label(self) -> str:
+        return self.reference.label
+
+    @property
+    def checkpoint(self) -> Llama4Checkpoint:
+        """The HF checkpoint's understood config (read once)."""
+        if self._checkpoint is None:
+            from toolbox.checkpoint import load_checkpoint as load_path
+
+            self._checkpoint = load_path(self.path)
+        return self._checkpoint
+
+    @property
+    def directory(self) -> Path:
+        """The checkpoint directory (the parent of a lone .safetensors file)."""
+        return self.path if self.path.is_dir() else self.path.parent
+
+    def stamp_input(self, source: TensorSource | None = None, *, carried_name: str | None = None) -> StampInput:
+        """What an output made from this model inherits: its label, a download manifest's origin, and
+        (from `source`'s metadata) the stamp corral wrote on it, with that stamp's history."""
+        from license.stamp import StampInput
+        from toolbox.hub.manifest import source_origin
+
+        family = self._checkpoint.family if self._checkpoint is not None else ""
+        return StampInput(self.label, origin=source_origin(self.directory),
+                          prior=dict(source.metadata) if source is not None else {},
+                          carried_name=carried_name, family=family)
+
+    def open_source(self, *, canonical: bool = True) -> TensorSource:
+        """The tensors of an HF checkpoint. `canonical` presents per-expert and FP8 layouts as the
+        fused bf16 layout transformers uses (see `toolbox.tensors.canonical`)."""
+        from toolbox.tensors.safetensors_source import SafetensorsSource
+
+        source: TensorSource = SafetensorsSource(self.path)
+        if canonical:
+            from toolbox.tensors.canonical import CanonicalView
+
+            source = CanonicalView(source)
+        return source
+
+
+ModelLike = str | Path | ModelReference | ResolvedModel
+
+
+def resolve(spec: ModelLike, progress: Progress = NULL_PROGRESS) -> ResolvedModel:
+    """The one resolution step: a ResolvedModel passes through unchanged (no second read)."""
+    if isinstance(spec, ResolvedModel):
+        return spec
+    return ModelReference.parse(spec).resolve(progress)
+
+
+def resolve_path(spec: ModelLike, progress: Progress = NULL_PROGRESS) -> Path:
+    return resolve(spec, progress).path
+
+
+def load_checkpoint(spec: ModelLike) -> Llama4Checkpoint:
+    """The config of a checkpoint directory, a .safetensors file or `demo:*`."""
+    model = resolve(spec)
+    if not model.path.exists():
+        raise BadInputError(f"{model.path}: no such file or directory", path=model.path)
+    return model.checkpoint
+
+
+def open_source(spec: ModelLike, *, canonical: bool = True) -> TensorSource:
+    """Open any checkpoint corral reads (see `ResolvedModel.open_source`)."""
+    return resolve(spec).open_source(canonical=canonical)
