@@ -10,18 +10,20 @@ import json
 import math
 import os
 import shutil
-import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from converters import gguf_mix
 from converters.gguf_names import F32_KINDS, gguf_name, kind_of, text_name_map
-from toolbox.tensors.gguf.quant import FLOAT_TYPES, LLAMA_CPP_OUTTYPES, PY_OUTTYPES, can_encode, encode, nbytes
-from toolbox.checkpoint import Llama4Checkpoint, load_checkpoint
+from license.stamp import LicenseOptions
+from toolbox.checkpoint import Llama4Checkpoint
 from toolbox.errors import BadInputError, UnsupportedModelError, UsageError
 from toolbox.progress import NULL_PROGRESS, Progress
-from toolbox.tensors.atomic import PARTIAL_MARK, check_output_path
+from toolbox.reference import ModelLike, resolve
+from toolbox.tensors.atomic import check_output_path, ensure_free_space, new_partial
+from toolbox.tensors.gguf.quant import FLOAT_TYPES, LLAMA_CPP_OUTTYPES, PY_OUTTYPES, can_encode, encode, nbytes
 from toolbox.tensors.source import TensorSource
 from toolbox.tensors.transpose import transpose2d
 
@@ -56,7 +58,8 @@ class GGUFResult:
 
 
 def llama_cpp_incompatibilities(ckpt: Llama4Checkpoint) -> list[str]:
-    """What llama.cpp would silently run differently from transformers (FIELD_NOTES section 3)."""
+    """What llama.cpp would silently run differently from transformers (its llama4 graph hard-codes the
+    chunk size, the NoPE interval and temperature tuning: src/models/llama4.cpp)."""
     t = ckpt.text
     tc = ckpt.config.get("text_config") or ckpt.config
     problems = []
@@ -92,6 +95,8 @@ def resolve_outtype(outtype: str, source: TensorSource) -> str:
                 return gg
         return "BF16"
     key = outtype.lower()
+    if key in LLAMA_CPP_OUTTYPES:
+        return key.upper()  # a llama.cpp mix (Q4_K_M): converters.gguf_mix gives each tensor its type
     if key not in PY_OUTTYPES:
         raise UsageError(f"unknown --outtype {outtype!r}",
                          hint=f"choose from auto, {', '.join(PY_OUTTYPES)}, {', '.join(LLAMA_CPP_OUTTYPES)}")
@@ -144,29 +149,9 @@ def _gate_up_pairs(source: TensorSource, name: str, width: int) -> Callable[[], 
     return gen
 
 
-def prior_stamp(source: TensorSource) -> dict[str, Any]:
-    """What a corral-made source's stamp says about its origin: base model, relation, the operations
-    that made it, source hashes (empty for checkpoints corral did not write)."""
-    from license import keys as K
-
-    meta = getattr(getattr(source, "inner", source), "metadata", None) or {}
-    if K.PROVENANCE not in meta:
-        return {}
-    try:
-        prov = json.loads(meta[K.PROVENANCE])
-    except ValueError:
-        return {}
-    ops = prov.get("operations") if isinstance(prov, dict) else None
-    return {"base_model": meta.get(K.BASE_MODEL), "base_revision": meta.get(K.BASE_REVISION),
-            "relation": meta.get(K.BASE_RELATION), "operations": ops if isinstance(ops, list) else [],
-            "sources": prov.get("sources") if isinstance(prov.get("sources"), dict) else {}}
-
-
 def read_once(source: TensorSource) -> None:
-    """Tell a safetensors source (through a CanonicalView) that each byte will be read once."""
-    inner = getattr(source, "inner", source)
-    if hasattr(inner, "drop_after_read"):
-        inner.drop_after_read = True
+    """Tell the source that each byte will be read once (it may keep them out of the page cache)."""
+    source.drop_after_read = True
 
 
 def _rope_freqs(ckpt: Llama4Checkpoint) -> Any | None:
@@ -274,21 +259,10 @@ def add_text_kv(writer: Any, ckpt: Llama4Checkpoint, outtype: str) -> None:
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 
-def default_name(ckpt: Llama4Checkpoint, outtype: str) -> str:
-    """A license-compliant model name derived from the source (begins with "Llama")."""
-    base = ckpt.path.name if ckpt.path is not None else "Llama-4"
-    if base.startswith(("demo", "scout-v", "maverick-v")) or ckpt.path is None:
-        base = f"Llama-4-{ckpt.family.split('-')[0].capitalize()}-demo"
-    if not base.lower().startswith("llama"):
-        base = f"Llama-4-{base}"
-    return f"{base}-{outtype}"
-
-
-def convert_hf_to_gguf(src: str | Path, out: str | Path, *, outtype: str = "auto", split_max_size: int = 0,
-                       name: str | None = None, mau_declaration: str | None = None, fix_name: bool = False,
-                       base_model: str | None = None, allow_lossy_config: bool = False, force: bool = False,
-                       multimodal: bool = False, direct_io: bool = True,
-                       progress: Progress = NULL_PROGRESS) -> GGUFResult:
+def convert_hf_to_gguf(src: ModelLike, out: str | Path, *, outtype: str = "auto", split_max_size: int = 0,
+                       allow_lossy_config: bool = False, force: bool = False, multimodal: bool = False,
+                       direct_io: bool = True, license_options: LicenseOptions | None = None,
+                       progress: Progress = NULL_PROGRESS, **legacy: Any) -> GGUFResult:
     """Convert an HF Llama 4 checkpoint to a GGUF file (or split set) for llama.cpp.
 
     `direct_io` lays tensors out at 4096-byte alignment (general.alignment) and writes their data
@@ -299,50 +273,34 @@ def convert_hf_to_gguf(src: str | Path, out: str | Path, *, outtype: str = "auto
     `multimodal` marks the stamp as part of a multimodal model (set when its mmproj file ships
     beside it, so that the pair carries the same obligations, the EU clause included).
     The license stamp goes into the file: a name beginning with "Llama" and a declaration
-    about the 700M MAU threshold are required (LicensePolicyError, exit 5, otherwise).
+    about the 700M MAU threshold are required (LicensePolicyError, exit 5, otherwise);
+    `license_options` (or the keywords name=, mau_declaration=, fix_name=, base_model=) give them.
     """
     import gguf
 
     from converters.gguf_vocab import add_vocab
+    from license.stamp import apply_to_gguf_writer, derive_stamp
     from toolbox.tensors.gguf.writer import GGUFWriter
-    from license.stamp import Stamp, apply_to_gguf_writer
-    from toolbox.hub.manifest import source_origin
-    from toolbox.tensors.source import open_source
 
-    if outtype.lower() in LLAMA_CPP_OUTTYPES:
-        return _via_llama_cpp(src, Path(out), outtype.lower(), split_max_size=split_max_size, name=name,
-                              mau_declaration=mau_declaration, fix_name=fix_name, base_model=base_model,
-                              allow_lossy_config=allow_lossy_config, force=force, multimodal=multimodal,
-                              progress=progress)
-    ckpt = load_checkpoint(src)
+    opts = LicenseOptions.of(license_options, **legacy)
+    model = resolve(src)
+    ckpt = model.checkpoint
     assert ckpt.path is not None
-    warnings: list[str] = []
-    problems = llama_cpp_incompatibilities(ckpt)
-    if problems:
-        msg = f"{ckpt.path}: llama.cpp cannot represent this config: {'; '.join(problems)}"
-        if not allow_lossy_config:
-            raise UnsupportedModelError(msg, hint="pass --allow-lossy-config to convert anyway (llama.cpp will "
-                                        "run the model differently from transformers)", path=ckpt.path)
-        warnings.append(msg)
+    warnings = _lossy_config(ckpt, allow_lossy_config)
     out = Path(out).absolute()
     if out.suffix != ".gguf":
         raise UsageError(f"output {out} must end in .gguf")
     check_output_path(out, force=force)
-    source = open_source(ckpt.path)
+    source = model.open_source()
     gg_type = resolve_outtype(outtype, source)
-    origin = source_origin(ckpt.path)  # a `corral download` directory names its repo, commit and hashes
-    prior = prior_stamp(source)  # a source corral made (a merge, a prune) keeps its history and relation
-    stamp = Stamp.create(name or default_name(ckpt, gg_type.lower()), declaration=mau_declaration, fix=fix_name,
-                         base_model=base_model or origin.get("base_model") or prior.get("base_model"),
-                         base_revision=origin.get("base_revision") or prior.get("base_revision"),
-                         relation=prior.get("relation") or (None if gg_type in FLOAT_TYPES else "quantized"),
-                         multimodal=multimodal,
-                         provenance={"operations": [*prior.get("operations", []),
-                                                    {"op": "convert", "to": "gguf", "outtype": gg_type}],
-                                     "sources": origin.get("sources") or prior.get("sources", {}),
-                                     "source": str(src) if str(src).startswith("demo:") else Path(src).name})
-    plan = plan_text(ckpt, source, gg_type)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}{PARTIAL_MARK}", dir=out.parent))
+    # a source corral made (a merge, a prune) keeps its history and relation
+    stamp = derive_stamp(model.stamp_input(source), {"op": "convert", "to": "gguf", "outtype": gg_type}, opts,
+                         suffix=gg_type.lower(), multimodal=multimodal,
+                         relation=None if gg_type in FLOAT_TYPES else "quantized")
+    plan = plan_text(ckpt, source, gguf_mix.unquantized(gg_type))
+    gguf_mix.apply(plan, ckpt, gg_type)  # llama.cpp's per-tensor types of a mix (q4_k_m, ...); else no-op
+    ensure_free_space(out.parent, sum(p.nbytes + 4096 for p in plan), f"the GGUF output {out.name}")  # + alignment
+    staging = new_partial(out, directory=True)  # owned by this run: a later run removes it if this one dies
     try:
         writer = GGUFWriter(staging / out.name, "llama4", split_max_size=split_max_size, direct_io=direct_io)
         apply_to_gguf_writer(writer, stamp)
@@ -354,52 +312,75 @@ def convert_hf_to_gguf(src: str | Path, out: str | Path, *, outtype: str = "auto
         for p in plan:
             writer.add_tensor_info(p.name, p.shape, np.dtype(np.float32), p.nbytes, raw_dtype=getattr(
                 gguf.GGMLQuantizationType, p.qtype))
-        from toolbox.tensors.gguf.stream import begin_data, prefetch, write_expert_pair, write_tensor_pieces
-
-        begin_data(writer)
+        writer.begin_data()
         total = sum(p.nbytes for p in plan)
         read_once(source)  # every byte is read exactly once below: keep it out of the page cache
-        with progress.task(f"writing {out.name} (bytes)", total=total) as task:
-            i = 0
-            while i < len(plan):
-                p = plan[i]
-                nxt = plan[i + 1] if i + 1 < len(plan) else None
-                if nxt is not None and p.name.endswith("ffn_gate_exps.weight") and \
-                        nxt.name.endswith("ffn_up_exps.weight") and p.source == nxt.source:
-
-                    def pairs(gate: Planned = p, up: Planned = nxt) -> Iterator[Any]:
-                        for g, u in _gate_up_pairs(source, gate.source, gate.shape[1])():
-                            data = (encode(g, gate.qtype), encode(u, up.qtype))
-                            task.advance(data[0].nbytes + data[1].nbytes)
-                            yield data
-
-                    if write_expert_pair(writer, (p.name, nxt.name), prefetch(pairs())) is not None:
-                        i += 2
-                        continue
-
-                def pieces(p: Planned = p) -> Iterator[Any]:
-                    for t in p.pieces():
-                        data = encode(t, p.qtype)
-                        task.advance(data.nbytes)
-                        yield data
-
-                write_tensor_pieces(writer, p.name, prefetch(pieces()))  # read+encode overlap the write
-                i += 1
+        with progress.task(f"writing {out.name}", total=total, unit="bytes") as task:
+            _write_tensors(writer, plan, source, task)
         writer.close()
-        produced = sorted(staging.iterdir())
-        for f in produced:
-            with open(f, "rb+") as fh:
-                os.fsync(fh.fileno())
-        finals = [out.parent / f.name for f in produced]
-        check_output_path(out, force=force)
-        # first shard last: until it lands, nothing llama.cpp would open exists
-        for f in sorted(produced, key=lambda f: "-00001-of-" in f.name or f.name == out.name):
-            os.replace(f, out.parent / f.name)
+        finals = _publish(staging, out, force=force)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
         source.close()
     return GGUFResult(paths=finals, outtype=gg_type, tensors=len(plan), bytes=total, warnings=warnings,
                       name=stamp.name)
+
+
+def _lossy_config(ckpt: Llama4Checkpoint, allow_lossy_config: bool) -> list[str]:
+    """The warning for a config llama.cpp cannot represent, or UnsupportedModelError without the opt-in."""
+    problems = llama_cpp_incompatibilities(ckpt)
+    if not problems:
+        return []
+    msg = f"{ckpt.path}: llama.cpp cannot represent this config: {'; '.join(problems)}"
+    if not allow_lossy_config:
+        raise UnsupportedModelError(msg, hint="pass --allow-lossy-config to convert anyway (llama.cpp will "
+                                    "run the model differently from transformers)", path=ckpt.path)
+    return [msg]
+
+
+def _write_tensors(writer: Any, plan: list[Planned], source: TensorSource, task: Any) -> None:
+    """Every planned tensor in order, encoded piece by piece; a gate/up expert pair in one pass when the
+    writer can (both halves come from one fused source tensor)."""
+    from toolbox.tensors.prefetch import prefetch
+
+    i = 0
+    while i < len(plan):
+        p = plan[i]
+        nxt = plan[i + 1] if i + 1 < len(plan) else None
+        if nxt is not None and p.name.endswith("ffn_gate_exps.weight") and \
+                nxt.name.endswith("ffn_up_exps.weight") and p.source == nxt.source:
+
+            def pairs(gate: Planned = p, up: Planned = nxt) -> Iterator[Any]:
+                for g, u in _gate_up_pairs(source, gate.source, gate.shape[1])():
+                    data = (encode(g, gate.qtype), encode(u, up.qtype))
+                    task.advance(data[0].nbytes + data[1].nbytes)
+                    yield data
+
+            if writer.write_expert_pair((p.name, nxt.name), prefetch(pairs())) is not None:
+                i += 2
+                continue
+
+        def pieces(p: Planned = p) -> Iterator[Any]:
+            for t in p.pieces():
+                data = encode(t, p.qtype)
+                task.advance(data.nbytes)
+                yield data
+
+        writer.write_tensor_pieces(p.name, prefetch(pieces()))  # read+encode overlap the write
+        i += 1
+
+
+def _publish(staging: Path, out: Path, *, force: bool) -> list[Path]:
+    """Move the finished file (or split set) from `staging` beside `out`, synced, the first shard last:
+    until it lands, nothing llama.cpp would open exists."""
+    produced = sorted(staging.iterdir())
+    for f in produced:
+        with open(f, "rb+") as fh:
+            os.fsync(fh.fileno())
+    check_output_path(out, force=force)
+    for f in sorted(produced, key=lambda f: "-00001-of-" in f.name or f.name == out.name):
+        os.replace(f, out.parent / f.name)
+    return [out.parent / f.name for f in produced]
 
 
 def expected_gguf_shapes(ckpt: Llama4Checkpoint) -> dict[str, tuple[int, ...]]:
@@ -417,26 +398,3 @@ def expected_gguf_shapes(ckpt: Llama4Checkpoint) -> dict[str, tuple[int, ...]]:
         out[gguf_name("FFN_UP_EXP", bid)] = (t.experts, t.expert_width, t.hidden)
         out[gguf_name("FFN_DOWN_EXP", bid)] = (t.experts, t.hidden, t.expert_width)
     return out
-
-
-def _via_llama_cpp(src: str | Path, out: Path, outtype: str, *, split_max_size: int, force: bool,
-                   name: str | None, **kwargs: Any) -> GGUFResult:
-    """Write a BF16 GGUF beside the output, then let llama.cpp quantize it into place."""
-    from converters.llama_cpp_quant import _llama_cpp, quantize_file
-
-    _llama_cpp()  # fail before any work when the extra is missing
-    out = out.absolute()
-    if split_max_size:
-        raise UsageError("--split-max-size is not supported with llama.cpp quant types yet",
-                         hint="quantize to one file, then split it with llama.cpp's gguf-split")
-    check_output_path(out, force=force)
-    ckpt = load_checkpoint(src)
-    tmp = out.parent / f".{out.stem}{PARTIAL_MARK}bf16.gguf"
-    try:
-        first = convert_hf_to_gguf(src, tmp, outtype="bf16", name=name or default_name(ckpt, outtype), force=True,
-                                   direct_io=False, **kwargs)
-        quantize_file(tmp, out, outtype)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return GGUFResult(paths=[out], outtype=outtype.upper(), tensors=first.tensors, bytes=out.stat().st_size,
-                      warnings=first.warnings, name=first.name)

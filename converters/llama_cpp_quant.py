@@ -1,21 +1,22 @@
-"""K- and I-quants (q4_k_m and friends) through llama.cpp's own quantizer.
+"""llama.cpp's own two-step quantizer, kept as the reference for corral's one-pass mixes.
 
-corral first writes a BF16/F32 GGUF (streamed, stamped), then `llama_model_quantize` from
-llama-cpp-python (an optional extra) turns it into the requested type tensor by tensor,
-copying every KV key, so the license stamp survives. The intermediate file lives beside the
-output under a hidden partial name and is removed in every case.
+`corral convert --outtype q4_k_m` no longer goes through here: it writes the final file in one
+streamed pass (converters.gguf_mix for the types, toolbox.tensors.gguf.ggml for the bytes). Tests
+and bench/bench_quantize.py run `llama_model_quantize` from llama-cpp-python on corral's BF16 GGUF
+(written with `direct_io=False`: llama.cpp copies general.alignment but lays its output out at 32)
+and compare. It copies every KV key, so the license stamp survives; the output is written under a
+hidden partial name beside `dst` and renamed into place.
 """
 
 from __future__ import annotations
 
 import ctypes
 import os
-import tempfile
 from pathlib import Path
 
-from toolbox.tensors.gguf.quant import LLAMA_CPP_OUTTYPES
 from toolbox.errors import CorralError, UsageError
-from toolbox.tensors.atomic import PARTIAL_MARK
+from toolbox.tensors.atomic import new_partial
+from toolbox.tensors.gguf.quant import LLAMA_CPP_OUTTYPES
 
 
 def _llama_cpp():  # type: ignore[no-untyped-def]
@@ -34,8 +35,7 @@ def quantize_file(src: Path, dst: Path, outtype: str, *, threads: int | None = N
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{key}")
     params.nthread = threads or os.cpu_count() or 1
-    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}{PARTIAL_MARK}", dir=dst.parent)
-    os.close(fd)
+    tmp = str(new_partial(dst, directory=False))
     try:
         rc = llama_cpp.llama_model_quantize(str(src).encode(), tmp.encode(), ctypes.byref(params))
         if rc != 0:

@@ -3,14 +3,24 @@
 F32/F16/BF16 are plain casts. Q8_0 has a torch implementation (multi-threaded, bit-exact
 with gguf-py's numpy reference, checked in tests) because gguf-py's is single-threaded numpy.
 The other types gguf-py implements are computed by gguf-py on row groups in a thread pool
-(numpy releases the GIL in its kernels). K- and I-quants need llama.cpp's own quantizer
-(`converters.llama_cpp_quant`).
+(numpy releases the GIL in its kernels). K- and I-quants (every other ggml type) are encoded
+in-process by ggml's own kernels (`toolbox.tensors.gguf.ggml`).
+
+Every encoding checks that it did not create non-finite values (toolbox.tensors.finite): F32 ->
+F16 overflows to Inf above 65504, and the F16 block scales of Q8_0/Q4_x/Q5_x/TQx_0 overflow when a
+block's largest magnitude passes ~65504 times the type's code range. `encode` then raises
+NonFiniteError (exit 3); the GGUF writer names the tensor and the caller removes its partial.
+Values already NaN/Inf in the source are carried as the encoding carries them, not refused.
 """
 
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
+
+from toolbox.tensors.finite import NonFiniteError, check_cast, overflow
+
+__all__ = ["NonFiniteError", "decode", "encode"]
 
 if TYPE_CHECKING:
     import numpy as np
@@ -21,11 +31,14 @@ PY_OUTTYPES = {
     "f32": "F32", "f16": "F16", "bf16": "BF16", "q8_0": "Q8_0", "q4_0": "Q4_0", "q4_1": "Q4_1",
     "q5_0": "Q5_0", "q5_1": "Q5_1", "tq1_0": "TQ1_0", "tq2_0": "TQ2_0", "mxfp4": "MXFP4",
 }
-# corral --outtype name -> llama.cpp LLAMA_FTYPE_MOSTLY_* suffix, for types llama.cpp computes
+# corral --outtype name -> llama.cpp LLAMA_FTYPE_MOSTLY_* suffix, for llama.cpp's quantization mixes
+# (per-tensor types: converters/gguf_mix.yaml; encoded in-process by ggml, toolbox.tensors.gguf.ggml)
 LLAMA_CPP_OUTTYPES = {
-    "q2_k": "Q2_K", "q3_k_s": "Q3_K_S", "q3_k_m": "Q3_K_M", "q3_k_l": "Q3_K_L", "q4_k_s": "Q4_K_S",
-    "q4_k_m": "Q4_K_M", "q5_k_s": "Q5_K_S", "q5_k_m": "Q5_K_M", "q6_k": "Q6_K", "iq4_xs": "IQ4_XS",
-    "iq4_nl": "IQ4_NL", "iq3_m": "IQ3_M", "iq3_xxs": "IQ3_XXS", "iq2_m": "IQ2_M",
+    "q2_k": "Q2_K", "q2_k_s": "Q2_K_S", "q3_k_s": "Q3_K_S", "q3_k_m": "Q3_K_M", "q3_k_l": "Q3_K_L",
+    "q4_k_s": "Q4_K_S", "q4_k_m": "Q4_K_M", "q5_k_s": "Q5_K_S", "q5_k_m": "Q5_K_M", "q6_k": "Q6_K",
+    "iq4_xs": "IQ4_XS", "iq4_nl": "IQ4_NL", "iq3_s": "IQ3_S", "iq3_m": "IQ3_M", "iq3_xs": "IQ3_XS",
+    "iq3_xxs": "IQ3_XXS", "iq2_m": "IQ2_M", "iq2_s": "IQ2_S", "iq2_xs": "IQ2_XS", "iq2_xxs": "IQ2_XXS",
+    "iq1_m": "IQ1_M", "iq1_s": "IQ1_S", "mxfp4_moe": "MXFP4_MOE",
 }
 ALL_OUTTYPES = ("auto", *PY_OUTTYPES, *LLAMA_CPP_OUTTYPES)
 FLOAT_TYPES = frozenset({"F32", "F16", "BF16"})
@@ -92,18 +105,36 @@ def q8_0(x: torch.Tensor) -> torch.Tensor:
 
 
 def _gguf_py(x: np.ndarray, name: str, workers: int) -> np.ndarray:
-    import gguf
     import numpy as np
 
     rows = x.reshape(-1, x.shape[-1])
     groups = np.array_split(rows, max(1, min(workers * 4, rows.shape[0])))
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        parts = list(pool.map(lambda g: gguf.quants.quantize(g, qtype(name)).reshape(-1), groups))
+        parts = list(pool.map(lambda g: _quantize_quietly(g, name), groups))
     return np.concatenate(parts)
 
 
+# block bytes and the byte offsets of its float16 scale fields, for the types computed here
+F16_SCALES: dict[str, tuple[int, tuple[int, ...]]] = {
+    "Q8_0": (34, (0,)), "Q4_0": (18, (0,)), "Q4_1": (20, (0, 2)), "Q5_0": (22, (0,)), "Q5_1": (24, (0, 2)),
+    "TQ1_0": (54, (52,)), "TQ2_0": (66, (64,)),
+}
+
+
+def _quantize_quietly(rows: np.ndarray, name: str) -> np.ndarray:
+    """gguf-py's quantize without numpy's overflow warnings (per thread): `_check_finite` reports them."""
+    import gguf
+    import numpy as np
+
+    with np.errstate(over="ignore", invalid="ignore"):
+        return gguf.quants.quantize(rows, qtype(name)).reshape(-1)
+
+
 def encode(t: torch.Tensor, qtype_name: str, *, workers: int = 2) -> memoryview:
-    """The bytes of `t` (rows along the last dim) in GGUF type `qtype_name`."""
+    """The bytes of `t` (rows along the last dim) in GGUF type `qtype_name`.
+
+    NonFiniteError when the encoding creates Inf/NaN that `t` does not hold (see the module docstring)."""
+    import numpy as np
     import torch
 
     if qtype_name == "F32":
@@ -114,10 +145,35 @@ def encode(t: torch.Tensor, qtype_name: str, *, workers: int = 2) -> memoryview:
         out = t.to(torch.bfloat16)
     elif qtype_name == "Q8_0":
         out = q8_0(t.to(torch.float32))
+    elif qtype_name not in PY_OUTTYPES.values():  # K-, I-quants and the rest: ggml's own kernels, all cores
+        from toolbox.tensors.gguf import ggml
+
+        return memoryview(ggml.quantize(t.to(torch.float32).numpy(), qtype_name))
     else:
         arr = _gguf_py(t.to(torch.float32).numpy(), qtype_name, workers)
-        return memoryview(arr.view("uint8").reshape(-1))
+        raw = np.ascontiguousarray(arr).view(np.uint8).reshape(-1)
+        _check_finite(t, qtype_name, torch.from_numpy(raw))
+        return memoryview(raw)
+    _check_finite(t, qtype_name, out)
     return memoryview(out.contiguous().view(torch.uint8).reshape(-1).numpy())
+
+
+def _check_finite(t: torch.Tensor, qtype_name: str, out: torch.Tensor) -> None:
+    """Raise NonFiniteError when `out` (the encoding of `t`) holds Inf/NaN and `t` holds none."""
+    import torch
+
+    if qtype_name in FLOAT_TYPES:
+        check_cast(t, out)
+        return
+    if qtype_name not in F16_SCALES:
+        return  # MXFP4: a power-of-two scale covers every finite float32
+    block, offsets = F16_SCALES[qtype_name]
+    blocks = out.reshape(-1, block)
+    if all(bool(torch.isfinite(blocks[:, o:o + 2].contiguous().view(torch.float16)).all()) for o in offsets):
+        return
+    if not bool(torch.isfinite(t).all()):
+        return  # already non-finite in the source: carried, not created
+    raise overflow(f"encoding to {qtype_name} needs a block scale beyond float16's range (65504)", t, None)
 
 
 def decode(raw: np.ndarray, qtype_name: str, shape: tuple[int, ...]) -> torch.Tensor:

@@ -1,0 +1,175 @@
+"""ggml's own quantizer, in-process: ctypes on the libggml-base that llama-cpp-python ships.
+
+Every ggml type (K-quants, I-quants, legacy and ternary) is encoded by the same C kernels
+llama.cpp's `llama-quantize` calls (`ggml_quantize_chunk`), so the bytes are the ones llama.cpp
+would write. The kernels quantize rows independently and release the GIL (ctypes calls do), so
+a slice is cut into row blocks and encoded by a small thread pool, one block per core at a time.
+The library is found next to the `llama_cpp` package without importing it (that would also load
+libllama and initialise its backends).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.util
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor, wait
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from toolbox.errors import BadInputError, CorralError, UsageError
+
+if TYPE_CHECKING:
+    import numpy as np
+
+INSTALL_HINT = "pip install 'llama-cpp-python==0.3.36' (compiles llama.cpp once)"
+BLOCK_BYTES = 4 * 1024**2  # float32 input per task: big enough to amortise the call, small enough to balance
+# ggml type ids (ggml.h, enum ggml_type) of types gguf-py 0.19 has no name for
+EXTRA_TYPE_IDS = {"Q2_0": 42}
+
+_lib: ctypes.CDLL | None = None
+_lock = threading.Lock()
+_pool: ThreadPoolExecutor | None = None
+_initialised: set[int] = set()
+
+
+def library_path() -> Path:
+    """libggml-base.so inside the installed llama_cpp package (CorralError with the install hint if absent)."""
+    spec = importlib.util.find_spec("llama_cpp")
+    if spec is None or spec.origin is None:
+        raise UsageError("GGUF quantization needs ggml, which llama-cpp-python ships", hint=INSTALL_HINT)
+    libdir = Path(spec.origin).parent / "lib"
+    for name in ("libggml-base.so", "libggml-base.dylib", "ggml-base.dll"):
+        if (libdir / name).is_file():
+            return libdir / name
+    raise UsageError(f"{libdir}: llama-cpp-python has no libggml-base library", hint=INSTALL_HINT)
+
+
+def lib() -> ctypes.CDLL:
+    """The loaded library with the prototypes corral calls."""
+    global _lib
+    with _lock:
+        if _lib is None:
+            dll = ctypes.CDLL(str(library_path()))
+            i64, sz, c_int, vp = ctypes.c_int64, ctypes.c_size_t, ctypes.c_int, ctypes.c_void_p
+            protos: dict[str, tuple[Any, list[Any]]] = {
+                "ggml_quantize_chunk": (sz, [c_int, vp, vp, i64, i64, i64, vp]),
+                "ggml_quantize_requires_imatrix": (ctypes.c_bool, [c_int]),
+                "ggml_quantize_init": (None, [c_int]),
+                "ggml_row_size": (sz, [c_int, i64]),
+                "ggml_type_size": (sz, [c_int]),
+                "ggml_blck_size": (i64, [c_int]),
+                "ggml_is_quantized": (ctypes.c_bool, [c_int]),
+                "ggml_validate_row_data": (ctypes.c_bool, [c_int, vp, sz]),
+                "ggml_type_name": (ctypes.c_char_p, [c_int]),
+            }
+            for fname, (res, args) in protos.items():
+                fn = getattr(dll, fname)
+                fn.restype, fn.argtypes = res, args
+            _lib = dll
+        return _lib
+
+
+def type_id(name: str) -> int:
+    """The ggml type id of a GGML type name (Q4_K, IQ4_XS, ...): gguf-py's enum has ggml's numbering."""
+    import gguf
+
+    key = name.upper()
+    if key in EXTRA_TYPE_IDS:
+        return EXTRA_TYPE_IDS[key]
+    try:
+        return int(gguf.GGMLQuantizationType[key])
+    except KeyError:
+        raise UsageError(f"unknown ggml type {name!r}") from None
+
+
+def block_size(name: str) -> int:
+    """Elements per block of a ggml type (256 for K-quants)."""
+    return int(lib().ggml_blck_size(type_id(name)))
+
+
+def type_size(name: str) -> int:
+    """Bytes per block of a ggml type."""
+    return int(lib().ggml_type_size(type_id(name)))
+
+
+def row_size(name: str, n_per_row: int) -> int:
+    """Bytes of one row of `n_per_row` elements."""
+    return int(lib().ggml_row_size(type_id(name), n_per_row))
+
+
+def requires_imatrix(name: str) -> bool:
+    """True for types ggml refuses to quantize without an importance matrix (it would abort the process)."""
+    return bool(lib().ggml_quantize_requires_imatrix(type_id(name)))
+
+
+def _workers() -> ThreadPoolExecutor:
+    global _pool
+    with _lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1), thread_name_prefix="corral-ggml")
+        return _pool
+
+
+def _init(tid: int) -> None:
+    """Grid tables of the I-quants, built once before the threads start (ggml would do it under a spinlock)."""
+    if tid not in _initialised:
+        lib().ggml_quantize_init(tid)
+        _initialised.add(tid)
+
+
+def quantize(x: np.ndarray, qtype_name: str, *, imatrix: np.ndarray | None = None, what: str = "tensor",
+             workers: int | None = None) -> np.ndarray:
+    """The bytes of float rows `x` ([..., n_per_row]) in ggml type `qtype_name`, as uint8.
+
+    `imatrix`: one importance weight per column (float32, n_per_row), or None. `what` names the tensor
+    in errors. Row blocks are encoded in parallel; the result equals one `ggml_quantize_chunk` over all rows.
+    """
+    import numpy as np
+
+    dll = lib()
+    tid = type_id(qtype_name)
+    n_per_row = int(x.shape[-1])
+    block = int(dll.ggml_blck_size(tid))
+    if n_per_row % block:
+        raise UsageError(f"{what}: rows of {n_per_row} are not a multiple of {qtype_name}'s block of {block}")
+    if imatrix is None and dll.ggml_quantize_requires_imatrix(tid):
+        raise UsageError(f"{what}: type {qtype_name} needs an importance matrix", hint="choose another --outtype")
+    if imatrix is not None:
+        imatrix = np.ascontiguousarray(imatrix, dtype=np.float32)
+        if imatrix.shape != (n_per_row,):
+            raise BadInputError(f"{what}: importance matrix has {imatrix.size} values, rows have {n_per_row}")
+    rows = np.ascontiguousarray(x.reshape(-1, n_per_row), dtype=np.float32)
+    nrows = rows.shape[0]
+    rsize = int(dll.ggml_row_size(tid, n_per_row))
+    out = np.empty(nrows * rsize, dtype=np.uint8)
+    if nrows == 0:
+        return out
+    _init(tid)
+    n_workers = workers or max(1, os.cpu_count() or 1)
+    step = max(1, min(BLOCK_BYTES // (4 * n_per_row), -(-nrows // n_workers)))
+    src0, dst0 = rows.ctypes.data, out.ctypes.data
+    imat = imatrix.ctypes.data if imatrix is not None else None
+
+    def run(r0: int) -> None:
+        n = min(step, nrows - r0)
+        dst = dst0 + r0 * rsize
+        size = dll.ggml_quantize_chunk(tid, src0 + r0 * n_per_row * 4, dst, 0, n, n_per_row, imat)
+        if size != n * rsize:
+            raise CorralError(f"{what}: ggml wrote {size} bytes for {n} rows of {qtype_name}, expected {n * rsize}")
+        if not dll.ggml_validate_row_data(tid, dst, size):
+            raise BadInputError(f"{what}: rows {r0}..{r0 + n - 1} quantize to non-finite {qtype_name} scales "
+                                "(weights beyond float16's range, or Inf)",
+                                hint="run `corral verify --deep` on the source, or write bf16/f32")
+
+    starts = range(0, nrows, step)
+    if len(starts) == 1 or n_workers == 1:
+        for r0 in starts:
+            run(r0)
+    else:
+        futures = [_workers().submit(run, r0) for r0 in starts]
+        wait(futures)  # every writer into `out` has finished before an error propagates and frees it
+        for f in futures:
+            f.result()
+    return out
