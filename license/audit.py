@@ -103,11 +103,6 @@ class AuditReport:
                 "recognised_by": self.recognised_by, "multimodal": self.multimodal, "files": self.files,
                 "findings": [asdict(f) for f in self.findings], "notes": self.notes}
 
-    def to_sarif(self) -> dict[str, Any]:
-        from license.sarif import to_sarif
-
-        return to_sarif(self)
-
 
 def check_artifact(path: str | Path, *, policy_id: str | None = None) -> AuditReport:
     """Audit an HF/adapter/ONNX directory, a GGUF file or split set, or a lone .onnx/.safetensors file."""

@@ -10,6 +10,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("CORRAL_CACHE_DIR", str(REPO / ".pytest_cache" / "corral"))
+# the developer's own corral settings (~/.config/corral/config.toml) must not change what tests see
+os.environ["XDG_CONFIG_HOME"] = str(REPO / ".pytest_cache" / "no-user-config")
 
 
 @pytest.fixture(scope="session")

@@ -59,7 +59,8 @@ def test_usage_errors_exit_2(capsys, tmp_path: Path) -> None:
     code, _, err = run(["inspect", "--no-such-flag", "x"], capsys)
     assert code == 2 and "No such option" in err
     code, _, err = run(["demo", "create", str(tmp_path / "d"), "--variant", "llama2"], capsys)
-    assert code == 2 and "unknown demo variant" in err
+    assert code == 2 and "'llama2' is not one of 'scout', 'maverick'" in err  # a closed set, checked by the CLI
+    assert not (tmp_path / "d").exists()
 
 
 def test_existing_output_is_not_overwritten(tmp_path: Path, capsys) -> None:
@@ -147,3 +148,127 @@ def test_json_version_is_a_document(capsys) -> None:
 
     code, out, _ = run(["--json", "--version"], capsys)
     assert code == 0 and json.loads(out) == {"name": "corral", "version": __version__}
+
+
+def test_global_options_after_the_subcommand(scout_dir: Path, capsys) -> None:
+    """`corral inspect X --json` is `corral --json inspect X`; a flag that is an option's value stays one."""
+    code, out, _ = run(["inspect", str(scout_dir), "--json"], capsys)
+    assert code == 0 and json.loads(out)["experts"]["count"] == 16
+    code, out, err = run(["inspect", str(scout_dir), "-q"], capsys)
+    assert code == 0 and out == "" and err == ""
+    from toolbox.cli.app import command, hoist_global_options
+
+    cli = command()
+    assert hoist_global_options(["convert", "x", "--name", "-v", "--json", "--", "-q"], cli) == \
+        ["--json", "convert", "x", "--name", "-v", "--", "-q"]
+    assert hoist_global_options(["experts", "stats", "x", "--no-progress", "--top", "3"], cli) == \
+        ["--no-progress", "experts", "stats", "x", "--top", "3"]
+
+
+def test_every_command_has_one_json_contract(capsys) -> None:
+    code, out, _ = run(["recipe", "show", "scout-gguf", "--json"], capsys)
+    doc = json.loads(out)  # one document, not YAML
+    assert code == 0 and doc["recipe"] == "scout-gguf" and "steps:" in doc["yaml"]
+    code, out, _ = run(["--version", "--json"], capsys)
+    assert code == 0 and json.loads(out)["name"] == "corral"
+
+
+@pytest.mark.parametrize("argv", [["--json", "license", "check", "demo:scout", "--format", "text"],
+                                  ["license", "check", "demo:scout", "--format", "sarif", "--json"],
+                                  ["experts", "stats", "demo:scout", "--calibration", "x.txt", "--csv", "--json"]])
+def test_conflicting_formats_are_refused(argv: list[str], capsys) -> None:
+    code, out, err = run(argv, capsys)
+    assert code == 2 and "exclude each other" in err
+    assert json.loads(out)["exit_code"] == 2
+
+
+def test_closed_sets_suggest_the_nearest(capsys, tmp_path: Path) -> None:
+    code, _, err = run(["convert", "demo:scout", "--to", "ggfu", "-o", str(tmp_path / "x.gguf")], capsys)
+    assert code == 2 and "did you mean 'gguf'?" in err and "'ggfu' is not one of" in err
+    assert "Value error" not in err and not (tmp_path / "x.gguf").exists()
+    code, _, err = run(["convert", "demo:scout", "--to", "gguf", "--outtype", "q4km", "-o", str(tmp_path / "y")],
+                       capsys)
+    assert code == 2 and "did you mean 'q4_k_m'?" in err
+    code, _, err = run(["experts", "prune", "demo:scout", "-o", str(tmp_path / "p"), "--keep-count", "8",
+                        "--criterion", "reep"], capsys)
+    assert code == 2 and "did you mean 'reap'?" in err
+    code, _, _ = run(["convert", "demo:scout", "--to", "GGUF", "--outtype", "nope", "-o", str(tmp_path / "z")],
+                     capsys)
+    assert code == 2  # case does not matter for the target; the bad --outtype is what is refused
+
+
+def test_missing_optional_dependency_is_an_install_hint() -> None:
+    """`verify --run` without onnxruntime: exit 2 and the pip command, never 'internal error' (exit 70)."""
+    code = ("import sys; sys.modules['onnxruntime'] = None\n"
+            "from toolbox.cli.main import main\n"
+            "sys.exit(main(['--json', 'verify', 'demo:scout', '--run']))\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert "pip install 'onnxruntime" in res.stderr and "internal error" not in res.stderr
+    assert json.loads(res.stdout)["error"] == "MissingDependencyError"
+
+
+def test_import_error_of_an_optional_package_anywhere_is_exit_2(monkeypatch, capsys) -> None:
+    from toolbox.cli import inspect_cmd
+
+    def broken(*_a: object, **_k: object) -> None:
+        raise ModuleNotFoundError("No module named 'llama_cpp'", name="llama_cpp")
+
+    monkeypatch.setattr(inspect_cmd, "inspect_checkpoint", broken, raising=False)
+    monkeypatch.setattr("toolbox.inspect.inspect_checkpoint", broken)
+    code, _, err = run(["inspect", "demo:scout"], capsys)
+    assert code == 2 and "llama-cpp-python" in err
+
+
+def test_third_party_output_follows_quiet_and_verbose(capfd: pytest.CaptureFixture[str]) -> None:
+    """llama-cpp-python prints llama.cpp's log unless its logger's level says no; transformers' bars
+    ("Loading weights" is its logging.tqdm) and warnings are held back without -v, the bars also with
+    -v --no-progress, and everything is restored after the command."""
+    import logging
+
+    import transformers
+
+    from toolbox.cli.thirdparty import third_party_output
+
+    tf = transformers.utils.logging
+    lg = logging.getLogger("llama-cpp-python")
+    before, bars_before = lg.level, tf.is_progress_bar_enabled()
+    capfd.readouterr()
+    with third_party_output(verbose=False, quiet=True, progress=False):
+        assert lg.level > logging.CRITICAL and os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "1"
+        list(tf.tqdm(range(3), desc="Loading weights"))
+        tf.get_logger("transformers.modeling_utils").warning("some advisory")
+    assert capfd.readouterr().err == ""
+    assert lg.level == before and tf.is_progress_bar_enabled() == bars_before
+    with third_party_output(verbose=True, quiet=False, progress=False):
+        assert lg.level == logging.DEBUG and not tf.is_progress_bar_enabled()
+    with third_party_output(verbose=True, quiet=False, progress=True):
+        assert tf.is_progress_bar_enabled() == bars_before
+
+
+def test_sizes_and_plurals() -> None:
+    from toolbox.cli.output import human_size, plural
+
+    assert [human_size(n) for n in (0, 1023, 1024, 65_798_144, 3 * 2**30)] == \
+        ["0 B", "1023 B", "1.00 KiB", "62.75 MiB", "3.00 GiB"]
+    assert plural(1, "shard") == "1 shard" and plural(2, "file") == "2 files" and plural(0, "file") == "0 files"
+
+
+@pytest.mark.slow  # two layer-streamed forward passes (~10 s on 2 cores)
+def test_experts_stats_top_shows_the_most_used(scout_dir: Path, tmp_path: Path, capsys, monkeypatch) -> None:
+    from experts_ref import calibration_text
+
+    monkeypatch.setenv("COLUMNS", "160")
+    cal = calibration_text(tmp_path / "cal.txt", words=60, seed=3)
+    base = ["experts", "stats", str(scout_dir), "--calibration", str(cal), "--max-tokens", "32", "--seq-len", "32"]
+    code, out, _ = run(["--json", *base], capsys)
+    doc = json.loads(out)
+    layer, rows = next(iter(doc["layers"].items()))
+    top = sorted(rows, key=lambda e: -e["frequency"])[:3]
+    code, out, _ = run([*base, "--top", "3"], capsys)
+    assert code == 0 and f"MoE layer {layer} (the 3 most used of 16)" in out
+    table = out.split(f"MoE layer {layer} ")[1].split("MoE layer")[0]
+    shown = [int(line.split()[1]) for line in table.splitlines() if line.strip().startswith("│")
+             and line.split()[1].isdigit()]
+    assert shown == [e["expert"] for e in top]

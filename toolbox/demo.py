@@ -21,7 +21,7 @@ from toolbox.errors import OutputExistsError, UsageError
 from toolbox.progress import NULL_PROGRESS, Progress
 
 DEMO_PREFIX = "demo:"
-DEMO_FORMAT_VERSION = 4  # bump when what a demo contains changes; invalidates the cache
+DEMO_FORMAT_VERSION = 5  # bump when what a demo contains changes; invalidates the cache
 VARIANTS = ("scout", "maverick")
 EOS_IDS = [200001, 200007, 200008]
 
@@ -102,15 +102,15 @@ def _init_tensor(name: str, shape: tuple[int, ...], seed: int) -> Any:
     return noise * fan_in**-0.5
 
 
-def _license_files(directory: Path) -> None:
-    """The demo ships the real Llama 4 tokenizer (Llama Materials): the agreement and the Notice go with
-    it. No model card or declaration: a demo is a local test fixture, not a model anyone distributes."""
-    from license.policy import load_policy
+def _demo_stamp(variant: str) -> Any:
+    """The demo ships the real Llama 4 tokenizer (Llama Materials), so it carries the full Llama 4 stamp
+    and passes corral's own audit: a "Llama" name, the Notice, agreement, use policy and a model card
+    ("Built with Llama"). The declaration is the one a local fixture that nobody distributes can truthfully
+    make; no operations are recorded, so outputs made from a demo start their history at themselves."""
+    from license.stamp import BELOW, Stamp
 
-    policy = load_policy("llama4")
-    (directory / "NOTICE").write_text(policy.notice + "\n", encoding="utf-8")
-    for filename in policy.texts:
-        (directory / filename).write_bytes(policy.text_bytes(filename))
+    return Stamp.create(f"Llama-4-{variant.capitalize()}-demo", declaration=BELOW, policy_id="llama4",
+                        multimodal=True)
 
 
 def create_demo(out: str | Path, variant: str = "scout", *, force: bool = False, seed: int = 0,
@@ -118,6 +118,7 @@ def create_demo(out: str | Path, variant: str = "scout", *, force: bool = False,
     """Write a demo checkpoint (config, safetensors, tokenizer, generation config) to `out`."""
     import torch
 
+    from license.stamp import write_sidecars
     from toolbox.checkpoint import from_config
     from toolbox.tensors.atomic import atomic_directory
     from toolbox.tensors.sink import SafetensorsWriter
@@ -133,9 +134,10 @@ def create_demo(out: str | Path, variant: str = "scout", *, force: bool = False,
                "do_sample": True, "temperature": 0.6, "top_p": 0.9}
         (staging / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
         save_llama4_tokenizer(staging, cache_dir=cache_dir() / "tokenizer")
-        _license_files(staging)
+        stamp = _demo_stamp(variant)
+        write_sidecars(staging, stamp)
         writer = SafetensorsWriter(staging, max_shard_bytes=32 * 1024**2,
-                                   metadata={"format": "pt", "corral.demo": variant})
+                                   metadata={**stamp.safetensors_metadata(), "corral.demo": variant})
         for name, shape in inventory.items():
             writer.add(name, shape, "BF16")
         writer.begin()

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from toolbox import __version__
 from toolbox.cli import (
+    cache_cmd,
+    config_cmd,
     convert_cmd,
     demo_cmd,
     download_cmd,
@@ -23,7 +25,8 @@ EPILOG = """\
 Exit codes: 0 ok, 1 checks found problems, 2 usage error (or an unusable output
 location), 3 bad input, 4 the environment refused (access, auth, network, permission,
 read-only file system, disk full), 5 refused by license policy. --json prints one JSON
-document on stdout for every exit, errors included.
+document on stdout for every exit, errors included. The options above may also follow the
+subcommand (corral inspect X --json). Persistent settings: corral config set KEY VALUE.
 
 Examples:
 
@@ -34,6 +37,8 @@ Examples:
   corral inspect demo:scout
 
   corral --json verify ./Llama-4-Scout-17B-16E-Instruct
+
+  corral config set mau_declaration below-700m
 """
 
 app = typer.Typer(
@@ -74,6 +79,56 @@ def _global(
     ctx.obj = output_for(json_mode=json_mode, quiet=quiet, verbose=verbose, progress=not no_progress)
 
 
+GLOBAL_FLAGS = frozenset({"--json", "--quiet", "-q", "--verbose", "-v", "--no-progress"})
+
+
+def command() -> Any:
+    """The Click command tree of `app` (built per run: tests and plugins may register commands)."""
+    return typer.main.get_command(app)
+
+
+def hoist_global_options(args: list[str], root: Any) -> list[str]:
+    """Move global flags given after a subcommand (`corral inspect X --json`) to the front.
+
+    The command tree is walked as Click will parse it, so a flag that is the value of an option
+    (`--name -v`) or comes after `--` stays where it is, as does a flag a subcommand defines itself.
+    """
+    hoisted: list[str] = []
+    kept: list[str] = []
+    current = root
+    tokens = iter(args)
+    for token in tokens:
+        if token == "--":
+            kept.append(token)
+            kept.extend(tokens)
+            break
+        commands = getattr(current, "commands", None)
+        if commands is not None and not token.startswith("-") and token in commands:
+            current = commands[token]
+        elif current is not root and token in GLOBAL_FLAGS and _option(current, token) is None:
+            hoisted.append(token)
+            continue
+        else:
+            opt = _option(current, token)
+            if opt is not None and not (opt.is_flag or opt.count) and "=" not in token:
+                kept.append(token)
+                kept.extend(next(tokens, None) for _ in range(max(opt.nargs, 1)))
+                kept[:] = [k for k in kept if k is not None]
+                continue
+        kept.append(token)
+    return hoisted + kept
+
+
+def _option(cmd: Any, token: str) -> Any:
+    """The option of `cmd` that `token` (`--to`, `-o`, `--to=gguf`) names, or None."""
+    name = token.split("=", 1)[0]
+    for param in getattr(cmd, "params", ()):
+        if name in (*getattr(param, "opts", ()), *getattr(param, "secondary_opts", ())) and \
+                getattr(param, "param_type_name", "") == "option":
+            return param
+    return None
+
+
 app.command("inspect", epilog=inspect_cmd.EPILOG)(inspect_cmd.inspect)
 app.command("verify", epilog=verify_cmd.EPILOG)(verify_cmd.verify)
 app.command("convert", epilog=convert_cmd.EPILOG)(convert_cmd.convert)
@@ -83,3 +138,5 @@ app.add_typer(demo_cmd.app, name="demo")
 app.add_typer(experts_cmd.app, name="experts")
 app.add_typer(license_cmd.app, name="license")
 app.add_typer(recipe_cmd.app, name="recipe")
+app.add_typer(config_cmd.app, name="config")
+app.add_typer(cache_cmd.app, name="cache")

@@ -39,8 +39,16 @@ Output types computed here: auto (the source's float type), f32, f16, bf16, q8_0
 q4_1, q5_0, q5_1, tq1_0, tq2_0, mxfp4. Norms and the router stay F32.
 llama.cpp's mixes, in the same single pass (each tensor the type llama-quantize gives it, the
 bytes from ggml's own kernels): q2_k, q3_k_s, q3_k_m, q3_k_l, q4_k_s, q4_k_m, q5_k_s, q5_k_m,
-q6_k, iq4_xs, iq4_nl, iq3_s, iq3_m, mxfp4_moe. Mixes that need an importance matrix (iq3_xs,
-iq3_xxs, iq2_*, iq1_*, q2_k_s) are refused (exit 2).
+q6_k, iq4_xs, iq4_nl, iq3_s, iq3_m, mxfp4_moe; with --imatrix FILE also iq3_xs, iq3_xxs, iq2_*,
+iq1_* and q2_k_s (refused without one, exit 2).
+
+Per-tensor types and importance matrices, as llama-quantize takes them (the file equals
+llama-quantize's from corral's BF16 GGUF):
+
+  corral convert ./Llama-4-Scout --to gguf --outtype q4_k_m -o scout-q4_k_m.gguf \
+      --tensor-type 'ffn_(gate|up|down)_exps=q3_k' --tensor-type attn_v=q8_0 --output-tensor-type q8_0
+
+  corral convert ./Llama-4-Scout --to gguf --outtype iq2_xs --imatrix scout.imatrix.gguf -o scout-iq2_xs.gguf
 
 ONNX (--to onnx): the text model with KV cache (input_ids, attention_mask, position_ids,
 past_key_values.N.key/value -> logits, present.N.key/value), routed experts computed sparsely,
@@ -84,6 +92,29 @@ def convert(
     mmproj_outtype: Annotated[MmprojOutType | None, typer.Option(
         "--mmproj-outtype", show_default=False, case_sensitive=False,
         help="mmproj tensor type: f32, f16, bf16, q8_0 (default: the text type where it fits, else f16).")] = None,
+    tensor_type: Annotated[list[str] | None, typer.Option(
+        "--tensor-type", metavar="REGEX=TYPE", show_default=False,
+        help="With a mix --outtype: tensors whose GGUF name matches REGEX (searched, lower-cased) get ggml "
+        "TYPE; repeatable, the first match wins (llama-quantize's --tensor-type).")] = None,
+    output_tensor_type: Annotated[str | None, typer.Option(
+        "--output-tensor-type", metavar="TYPE", show_default=False,
+        help="With a mix --outtype: ggml type of output.weight (and of a tied token_embd).")] = None,
+    token_embedding_type: Annotated[str | None, typer.Option(
+        "--token-embedding-type", metavar="TYPE", show_default=False,
+        help="With a mix --outtype: ggml type of token_embd.weight.")] = None,
+    pure: Annotated[bool, typer.Option("--pure", help="With a mix --outtype: every quantized tensor gets the "
+                                       "mix's default type (no per-layer rules; --tensor-type still applies).")
+                    ] = False,
+    imatrix: Annotated[Path | None, typer.Option(
+        "--imatrix", metavar="FILE", show_default=False,
+        help="Importance matrix (llama-imatrix's GGUF output or a legacy .dat) for a mix --outtype; "
+        "enables the types that need one (iq2_*, iq1_*, iq3_xxs, q2_k_s).")] = None,
+    include_weights: Annotated[list[str] | None, typer.Option(
+        "--include-weights", metavar="NAME", show_default=False,
+        help="Use imatrix entries only for tensors whose name contains NAME (repeatable).")] = None,
+    exclude_weights: Annotated[list[str] | None, typer.Option(
+        "--exclude-weights", metavar="NAME", show_default=False,
+        help="Do not use imatrix entries for tensors whose name contains NAME (repeatable).")] = None,
     force: ForceOpt = False,
 ) -> None:
     """Convert a Llama 4 checkpoint between formats, streaming one tensor slice at a time."""
@@ -96,7 +127,11 @@ def convert(
                              opset=opset, kv_cache=not no_kv_cache, vision=vision, mmproj=mmproj,
                              mmproj_outtype=mmproj_outtype, allow_lossy_config=allow_lossy_config, force=force,
                              license=LicenseOptions(name=name, mau_declaration=mau_declaration, fix_name=fix_name,
-                                                    base_model=base_model))
+                                                    base_model=base_model),
+                             tensor_types=tuple(tensor_type or ()), output_tensor_type=output_tensor_type,
+                             token_embedding_type=token_embedding_type, pure=pure, imatrix=imatrix,
+                             include_weights=tuple(include_weights or ()),
+                             exclude_weights=tuple(exclude_weights or ()))
     result = run_convert(request, progress=out.progress())
     for w in result.warnings:
         out.warn(w)

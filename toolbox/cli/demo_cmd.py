@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated
 
 from toolbox.cli._typer import typer
+from toolbox.cli.choices import Variant
 from toolbox.cli.options import ForceOpt
 
 app = typer.Typer(help="Tiny random Llama 4 checkpoints with the real tokenizer (no Hub, no token).",
@@ -26,8 +27,8 @@ Anywhere a checkpoint path is accepted, demo:scout and demo:maverick name cached
 def create(
     ctx: typer.Context,
     out_dir: Annotated[Path, typer.Argument(help="Directory to create.", metavar="OUT", show_default=False)],
-    variant: Annotated[str, typer.Option("--variant", help="scout (16 experts) or maverick (128 experts).")]
-    = "scout",
+    variant: Annotated[Variant, typer.Option("--variant", case_sensitive=False,
+                                             help="scout (16 experts) or maverick (128 experts).")] = "scout",
     force: ForceOpt = False,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the random weights.")] = 0,
 ) -> None:

@@ -90,7 +90,7 @@ def download(
 
 
 def _render(result: DownloadResult, console: Console) -> None:
-    from toolbox.hub.client import human_size
+    from toolbox.cli.output import human_size, plural
 
     head = esc(f"{result.repo_id} @ {result.commit[:12]} ({result.revision}) -> {result.out_dir}")
     console.print(("[bold]dry run[/bold] " if result.dry_run else "") + head, highlight=False)
@@ -101,14 +101,14 @@ def _render(result: DownloadResult, console: Console) -> None:
     if result.dry_run:
         fits = "" if result.free_bytes is None or result.bytes_to_fetch <= result.free_bytes else \
             " [red](does not fit)[/red]"
-        console.print(f"{len(result.files)} files, {human_size(result.bytes_total)}; would fetch {n_fetch} "
+        console.print(f"{plural(len(result.files), 'file')}, {human_size(result.bytes_total)}; would fetch {n_fetch} "
                       f"({human_size(result.bytes_to_fetch)}), {human_size(result.free_bytes or 0)} free{fits}",
                       highlight=False)
         if result.license_required:
             console.print(f"[yellow]license:[/yellow] {esc(result.license.display_name)} must be accepted: add "
                           "--accept-license", highlight=False)
         return
-    console.print(f"[green]OK[/green] {len(result.files)} files, {human_size(result.bytes_total)} "
+    console.print(f"[green]OK[/green] {plural(len(result.files), 'file')}, {human_size(result.bytes_total)} "
                   f"(fetched {n_fetch}, {human_size(result.bytes_fetched)}; sha256 verified); manifest "
                   f"{esc(result.manifest)}", highlight=False)
     for note in result.notes:  # e.g. a transfer resumed after a cut connection: said once, here

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 from toolbox.cli._typer import typer
+from toolbox.cli.choices import ComputeDtype, Criterion
 from toolbox.cli.options import BaseModelOpt, FixNameOpt, ForceOpt, MauDeclarationOpt, NameOpt, OutputDirOpt
 
 if TYPE_CHECKING:
@@ -14,16 +15,25 @@ if TYPE_CHECKING:
 app = typer.Typer(help="Expert surgery on Llama 4 MoE checkpoints: statistics, pruning, dense extraction.",
                   no_args_is_help=True)
 
-EPILOG = """\
+_CALIBRATION = """\
 Calibration data: a .txt file, a .jsonl file with a "text" field per line, or a chat .jsonl
 with "messages" [{role, content}, ...] per line (rendered with the model's chat template).
 The forward pass runs one decoder layer at a time, so memory is one layer plus activations.
+"""
+_LICENSE = "Outputs carry the Llama 4 license stamp; the operation, criterion and kept experts are in the provenance.\n"
 
+STATS_EPILOG = _CALIBRATION + """
 Examples:
 
-  corral experts stats demo:scout --calibration notes.txt --max-tokens 512
+  corral experts stats demo:scout --calibration notes.txt --max-tokens 512 --top 4
 
   corral experts stats demo:maverick --calibration chats.jsonl --csv > maverick-stats.csv
+
+  corral --json experts stats demo:scout --calibration notes.txt > scout-stats.json
+"""
+
+PRUNE_EPILOG = _CALIBRATION + """
+Examples:
 
   corral experts prune demo:scout -o ./scout-8e --keep 0-7 --mau-declaration below-700m
 
@@ -32,26 +42,42 @@ Examples:
   corral experts prune ./Llama-4-Scout-17B-16E-Instruct -o ./scout-12e --keep-count 12 --criterion reap \\
       --calibration code.jsonl --mau-declaration below-700m
 
-  corral experts extract demo:maverick -o ./maverick-dense --dense auto --calibration notes.txt
-
-  corral experts compare demo:scout ./scout-8e --calibration heldout.txt
+  corral experts prune demo:scout -o ./scout-12e --keep-count 12 --stats scout-stats.json
 
 Expert lists: "0,2,5-7" for every MoE layer, or "LAYER:LIST;LAYER:LIST" naming each MoE layer.
 The same number of experts must remain in every MoE layer, and at least num_experts_per_tok.
-Outputs carry the Llama 4 license stamp; the operation, criterion and kept experts are in the provenance.
+""" + _LICENSE
+
+EXTRACT_EPILOG = _CALIBRATION + """
+Examples:
+
+  corral experts extract demo:maverick -o ./maverick-dense --dense auto --calibration notes.txt
+
+  corral experts extract demo:scout -o ./scout-dense --dense "0:3;1:5;2:0;3:7" --mau-declaration below-700m
+
+--dense auto folds each layer's most used routed expert (measured on --calibration, or read from --stats).
+""" + _LICENSE
+
+COMPARE_EPILOG = _CALIBRATION + """
+Examples:
+
+  corral experts compare demo:scout ./scout-8e --calibration heldout.txt
+
+  corral --json experts compare ./Llama-4-Scout-17B-16E-Instruct ./scout-12e --calibration heldout.jsonl
 """
 
 CalibrationOpt = Annotated[Path | None, typer.Option("--calibration", help="Calibration text (.txt, .jsonl).",
                                                      show_default=False)]
 MaxTokensOpt = Annotated[int, typer.Option("--max-tokens", help="Use at most this many calibration tokens.")]
 SeqLenOpt = Annotated[int, typer.Option("--seq-len", help="Tokens per calibration sequence.")]
-DtypeOpt = Annotated[str, typer.Option("--dtype", help="Compute dtype of the layer-streamed forward pass: float32, "
-                                         "bfloat16 (half the memory per layer) or float16.")]
+DtypeOpt = Annotated[ComputeDtype, typer.Option(
+    "--dtype", case_sensitive=False,
+    help="Compute dtype of the layer-streamed forward pass (bfloat16: half the memory per layer).")]
 StatsOpt = Annotated[Path | None, typer.Option("--stats", help="Statistics saved by 'corral --json experts stats' "
                                                "(instead of measuring them now).", show_default=False)]
 
 
-@app.command("stats", epilog=EPILOG)
+@app.command("stats", epilog=STATS_EPILOG)
 def stats(
     ctx: typer.Context,
     src: Annotated[str, typer.Argument(help="HF checkpoint directory or demo:scout|demo:maverick.", metavar="SRC",
@@ -60,8 +86,11 @@ def stats(
     max_tokens: MaxTokensOpt = 2048,
     seq_len: SeqLenOpt = 512,
     dtype: DtypeOpt = "float32",
-    json_out: Annotated[bool, typer.Option("--json", help="One JSON document on stdout.")] = False,
-    csv_out: Annotated[bool, typer.Option("--csv", help="CSV on stdout, one row per layer and expert.")] = False,
+    csv_out: Annotated[bool, typer.Option("--csv", help="CSV on stdout, one row per layer and expert (all of "
+                                          "them; not with --json).")] = False,
+    top: Annotated[int | None, typer.Option("--top", min=1, show_default=False,
+                                            help="Show only the N most used experts of each layer (text "
+                                            "output; --json and --csv keep every row).")] = None,
 ) -> None:
     """Per-layer, per-expert router statistics: frequency, router score, REAP saliency, output norm."""
     import sys
@@ -70,11 +99,10 @@ def stats(
     from toolbox.experts.stats import router_stats, stats_csv
 
     out = ctx.obj
-    if json_out and csv_out:
-        raise UsageError("--json and --csv exclude each other")
+    if out.json_mode and csv_out:
+        raise UsageError("--json and --csv exclude each other", hint="one output format per run: drop one")
     if calibration is None:
         raise UsageError("statistics need calibration data", hint="pass --calibration FILE (.txt or .jsonl)")
-    out.json_mode = out.json_mode or json_out
     result = router_stats(src, calibration, max_tokens=max_tokens, seq_len=seq_len, dtype=dtype,
                           progress=out.progress())
     if csv_out:
@@ -85,8 +113,10 @@ def stats(
         from rich.table import Table
 
         c.print(f"{result.tokens} calibration tokens, {result.experts} experts, top-{result.top_k}")
-        for layer, rows in result.layers.items():
-            table = Table(title=f"MoE layer {layer}")
+        for layer, all_rows in result.layers.items():
+            rows = all_rows if top is None else sorted(all_rows, key=lambda e: -e.frequency)[:top]
+            shown = "" if len(rows) == len(all_rows) else f" (the {len(rows)} most used of {len(all_rows)})"
+            table = Table(title=f"MoE layer {layer}{shown}")
             for col in ("expert", "freq", "mean prob", "mean score", "out norm", "REAP", "EAN"):
                 table.add_column(col, justify="right")
             for e in rows:
@@ -96,7 +126,7 @@ def stats(
     out.result(result.to_dict(), render)
 
 
-@app.command("prune", epilog=EPILOG)
+@app.command("prune", epilog=PRUNE_EPILOG)
 def prune(
     ctx: typer.Context,
     src: Annotated[str, typer.Argument(help="HF checkpoint directory or demo:scout|demo:maverick.", metavar="SRC",
@@ -108,12 +138,14 @@ def prune(
     = None,
     keep_count: Annotated[int | None, typer.Option("--keep-count", help="Keep this many experts per MoE layer, "
                                                    "chosen by --criterion.", show_default=False)] = None,
-    criterion: Annotated[str, typer.Option("--criterion", help="frequency, reap, ean, or random (with --seed).")]
-    = "reap",
+    criterion: Annotated[Criterion, typer.Option("--criterion", case_sensitive=False,
+                                                  help="How experts are ranked (random: with --seed).")] = "reap",
     seed: Annotated[int, typer.Option("--seed", help="Seed of --criterion random.")] = 0,
     calibration: CalibrationOpt = None,
     stats_file: StatsOpt = None,
     max_tokens: MaxTokensOpt = 2048,
+    seq_len: SeqLenOpt = 512,
+    dtype: DtypeOpt = "float32",
     name: NameOpt = None,
     base_model: BaseModelOpt = None,
     mau_declaration: MauDeclarationOpt = None,
@@ -137,7 +169,7 @@ def prune(
             raise UsageError(f"--criterion {criterion} needs --calibration DATA (or --stats FILE)")
         result = prune_by_criterion(src, output, count=keep_count, criterion=criterion, calibration=calibration,
                                     stats=load_stats(stats_file) if stats_file else None, seed=seed,
-                                    max_tokens=max_tokens, **common)
+                                    max_tokens=max_tokens, seq_len=seq_len, dtype=dtype, **common)
     else:
         result = prune_experts(src, output, keep=parse_spec(keep) if keep is not None else None,
                                drop=parse_spec(drop) if drop is not None else None, **common)
@@ -148,7 +180,7 @@ def prune(
                                        f"experts per MoE layer, {result.bytes / 2**20:.1f} MiB)", markup=False))
 
 
-@app.command("extract", epilog=EPILOG)
+@app.command("extract", epilog=EXTRACT_EPILOG)
 def extract(
     ctx: typer.Context,
     src: Annotated[str, typer.Argument(help="HF checkpoint directory or demo:scout|demo:maverick.", metavar="SRC",
@@ -196,7 +228,7 @@ def extract(
                                        f"{', '.join(f'{k}:{v}' for k, v in result.experts.items())})", markup=False))
 
 
-@app.command("compare", epilog=EPILOG)
+@app.command("compare", epilog=COMPARE_EPILOG)
 def compare(
     ctx: typer.Context,
     original: Annotated[str, typer.Argument(help="The original checkpoint.", metavar="ORIGINAL", show_default=False)],

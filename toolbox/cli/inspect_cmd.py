@@ -9,7 +9,7 @@ from rich.table import Table
 
 from toolbox.cli._typer import typer
 from toolbox.cli.options import CheckpointArg
-from toolbox.cli.output import plain
+from toolbox.cli.output import human_size, plain, plural
 
 EPILOG = """\
 Examples:
@@ -31,11 +31,6 @@ def _human_count(n: int) -> str:
     return str(n)
 
 
-def _human_bytes(n: int) -> str:
-    for unit, div in (("TiB", 1024**4), ("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
-        if n >= div:
-            return f"{n / div:.2f} {unit}"
-    return f"{n} B"
 
 
 def _row(table: Table, label: str, value: object, style: str = "") -> None:
@@ -56,7 +51,7 @@ def _render_gguf(info: dict[str, Any], console: Console) -> None:
         _row(t, "layers", f"{layers['count']}: MoE {layers['moe']}, dense {layers['dense']}, NoPE {layers['nope']}")
         _row(t, "experts", f"{e['count']} routed (top-{e['top_k']}, width {e['width']})")
     _row(t, "tensor types", ", ".join(f"{k}×{v}" for k, v in sorted(info["types"].items())))
-    _row(t, "size", _human_bytes(info["bytes"]))
+    _row(t, "size", human_size(info["bytes"]))
     tok = info["tokenizer"]
     _row(t, "tokenizer", f"{tok['model']}/{tok['pre']}, {tok['vocab_size']} tokens, bos {tok['bos_id']}, "
               f"eos {tok['eos_id']}, chat template {'yes' if tok['chat_template'] else 'no'}")
@@ -89,7 +84,7 @@ def _render(info: dict[str, Any], console: Console) -> None:
               f"qk-norm {'on' if a['qk_norm'] else 'off'}, chunk {a['chunk_size']}, rope {a['rope']}")
     _row(t, "dtypes", ", ".join(f"{k}×{v}" for k, v in sorted(info["dtypes"].items())) +
               f"; layout {info['layout']}{', FP8' if info['fp8'] else ''}")
-    _row(t, "shards", f"{info['shards']['count']} files, {_human_bytes(info['shards']['bytes'])}")
+    _row(t, "shards", f"{plural(info['shards']['count'], 'file')}, {human_size(info['shards']['bytes'])}")
     tok = info["tokenizer"]
     if "error" in tok:
         _row(t, "tokenizer", tok["error"], "red")
@@ -102,7 +97,7 @@ def _render(info: dict[str, Any], console: Console) -> None:
 
 
 def inspect(ctx: typer.Context, path: CheckpointArg) -> None:
-    """Summarise a Llama 4 checkpoint (HF directory or GGUF file): variant, parameters, layers,
+    """Summarise a Llama 4 checkpoint (HF directory, GGUF file or ONNX export): variant, parameters, layers,
     experts, dtypes, shards, tokenizer and license metadata. Reads headers only."""
     from toolbox.inspect import inspect_checkpoint
 

@@ -13,19 +13,22 @@ from typing import Annotated
 from rich.console import Console
 
 from toolbox.cli._typer import typer
-from toolbox.cli.options import BaseModelOpt, FixNameOpt, ForceOpt, MauDeclarationOpt, NameOpt
-from toolbox.cli.output import esc
+from toolbox.cli.choices import CheckFormat, Policy, Relation
+from toolbox.cli.options import BaseModelOpt, FixNameOpt, MauDeclarationOpt, NameOpt
+from toolbox.cli.output import esc, plural
 
 app = typer.Typer(help="Llama license obligations: audit artifacts, stamp them onto existing ones.",
                   no_args_is_help=True)
 
-ArtifactArg = Annotated[str, typer.Argument(
-    help="An HF checkpoint directory, a PEFT adapter directory, an ONNX model directory or .onnx file, "
-    "a .gguf file (any part of a split set), or a directory of .gguf files (check: also demo:scout).",
-    metavar="PATH", show_default=False)]
-PolicyOpt = Annotated[str | None, typer.Option(
-    "--policy", help="License policy: llama4 (default for Llama 4 models), llama3_1, llama3_2, llama3_3.",
-    show_default=False)]
+_ARTIFACTS = ("An HF checkpoint directory, a PEFT adapter directory, an ONNX model directory or .onnx file, "
+              "a .gguf file (any part of a split set), or a directory of .gguf files")
+CheckedArg = Annotated[str, typer.Argument(help=f"{_ARTIFACTS}; or demo:scout / demo:maverick.", metavar="PATH",
+                                           show_default=False)]
+StampedArg = Annotated[str, typer.Argument(help=f"{_ARTIFACTS}, stamped in place.", metavar="PATH",
+                                           show_default=False)]
+PolicyOpt = Annotated[Policy | None, typer.Option(
+    "--policy", case_sensitive=False, help="License policy (default: recognised from the model; llama4 for "
+    "Llama 4).", show_default=False)]
 
 CHECK_EPILOG = """\
 Checks the obligations of the Llama license that covers the model (recognised from its
@@ -73,9 +76,11 @@ _STYLE = {"error": "red", "warning": "yellow"}
 @app.command("check", epilog=CHECK_EPILOG)
 def check(
     ctx: typer.Context,
-    path: ArtifactArg,
-    fmt: Annotated[str, typer.Option("--format", help="Output: text, json or sarif (SARIF 2.1.0 for code "
-                                     "scanning).")] = "text",
+    path: CheckedArg,
+    fmt: Annotated[CheckFormat | None, typer.Option(
+        "--format", case_sensitive=False, show_default=False,
+        help="Output: text (default), json (as the global --json) or sarif (SARIF 2.1.0 for code scanning; "
+        "not with --json).")] = None,
     policy: PolicyOpt = None,
 ) -> int:
     """Audit an artifact against the obligations of its Llama license."""
@@ -83,16 +88,18 @@ def check(
     from toolbox.errors import UsageError
 
     out = ctx.obj
-    fmt = fmt.lower()
-    if fmt not in ("text", "json", "sarif"):
-        raise UsageError(f"--format {fmt!r} is not one of text, json, sarif")
+    if out.json_mode and fmt not in (None, "json"):
+        raise UsageError(f"--json and --format {fmt} exclude each other", hint="give one of them")
+    fmt = fmt or ("json" if out.json_mode else "text")
     if path.startswith("demo:"):
         from toolbox.reference import resolve_path
 
         path = str(resolve_path(path))
     report = check_artifact(path, policy_id=policy)
     if fmt == "sarif":
-        sys.stdout.write(json.dumps(report.to_sarif(), indent=2) + "\n")
+        from license.sarif import to_sarif
+
+        sys.stdout.write(json.dumps(to_sarif(report), indent=2) + "\n")
     elif fmt == "json" and not out.json_mode:
         sys.stdout.write(json.dumps(report.to_dict(), indent=2) + "\n")
     else:
@@ -124,27 +131,24 @@ def _render(console: Console, report: object) -> None:
 @app.command("stamp", epilog=STAMP_EPILOG)
 def stamp(
     ctx: typer.Context,
-    path: ArtifactArg,
+    path: StampedArg,
     mau_declaration: MauDeclarationOpt = None,
     name: NameOpt = None,
     fix_name: FixNameOpt = False,
     base_model: BaseModelOpt = None,
     base_revision: Annotated[str | None, typer.Option("--base-revision", help="Revision (commit) of the base "
                                                       "model.", show_default=False)] = None,
-    relation: Annotated[str | None, typer.Option("--relation", help="How it derives from the base model: "
-                                                 "finetune, quantized, merge or adapter.", show_default=False)]
-    = None,
+    relation: Annotated[Relation | None, typer.Option("--relation", case_sensitive=False, show_default=False,
+                                                      help="How it derives from the base model.")] = None,
     policy: PolicyOpt = None,
-    force: ForceOpt = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace another license's label or a LICENSE that is "
+                                        "not the verbatim text.")] = False,
 ) -> None:
     """Stamp the license obligations onto an existing artifact, in place."""
     from license.retrofit import describe, stamp_artifact
-    from license.stamp import RELATIONS, Stamp
-    from toolbox.errors import UsageError
+    from license.stamp import Stamp
 
     out = ctx.obj
-    if relation is not None and relation not in RELATIONS:
-        raise UsageError(f"--relation {relation!r} is not one of {', '.join(RELATIONS)}")
     facts = describe(path)
     policy_id = policy or facts.policy_id or "llama4"
     s = Stamp.create(
@@ -162,6 +166,7 @@ def stamp(
         for p in result.written:
             console.print(f"[green]stamped[/green] {esc(p)}", highlight=False)
         console.print(f"{esc(result.path)}: {esc(s.name)} under the {esc(s.policy.display_name)}; "
-                      f"{len(result.written)} files written, {len(result.unchanged)} already right", highlight=False)
+                      f"{plural(len(result.written), 'file')} written, {len(result.unchanged)} already right",
+                      highlight=False)
 
     out.result(data, render)

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated
 
 from toolbox.cli._typer import typer
+from toolbox.cli.choices import OUTTYPES, MergeDtype, MergeTarget, OutType
 from toolbox.cli.options import BaseModelOpt, FixNameOpt, ForceOpt, MauDeclarationOpt, NameOpt
 from toolbox.cli.output import plain
 
@@ -14,7 +15,9 @@ Merges PEFT LoRA adapters (attention, shared expert, dense MLPs, vision tower; r
 through target_parameters in today's and the peft 0.17-0.19.0 layout, or per-expert keys;
 rsLoRA, DoRA on linear layers, rank/alpha patterns, modules_to_save) into the base, one
 tensor or expert slice at a time. Several adapters add up as a weighted sum of their deltas.
-Any adapter key that matches no base tensor, or does not fit it, is an error (exit 3).
+Any adapter key that matches no base tensor, or does not fit it, is an error (exit 3), as is an
+adapter_config.json field of the wrong type or out of bounds, a rank/alpha pattern RE2 cannot
+compile, NaN/Inf in an adapter tensor, or a merged tensor that overflows to NaN/Inf.
 
 The output is a license-stamped HF checkpoint: its name must begin with "Llama" and you must
 declare where you stand on the 700M monthly-active-user threshold.
@@ -45,9 +48,13 @@ def merge(
     weight: Annotated[list[float] | None, typer.Option("--weight", "-w", help="Weight of each adapter's delta, "
                                                        "once per adapter in order (default 1).",
                                                        show_default=False)] = None,
-    dtype: Annotated[str, typer.Option("--dtype", help="Output dtype: auto (the base's), bf16, f16, f32.")] = "auto",
-    to: Annotated[str, typer.Option("--to", help="Output format: hf, or gguf (merged, then converted).")] = "hf",
-    outtype: Annotated[str, typer.Option("--outtype", help="GGUF tensor type with --to gguf.")] = "auto",
+    dtype: Annotated[MergeDtype, typer.Option("--dtype", case_sensitive=False,
+                                              help="Output dtype (auto: the base's).")] = "auto",
+    to: Annotated[MergeTarget, typer.Option("--to", case_sensitive=False, help="Output format: hf, or gguf "
+                                            "(merged, then converted; onnx: merge, then corral convert).")] = "hf",
+    outtype: Annotated[OutType, typer.Option("--outtype", case_sensitive=False,
+                                             help=f"GGUF tensor type with --to gguf: {', '.join(OUTTYPES)}.")]
+    = "auto",
     name: NameOpt = None,
     mau_declaration: MauDeclarationOpt = None,
     fix_name: FixNameOpt = False,
@@ -55,14 +62,10 @@ def merge(
     force: ForceOpt = False,
 ) -> None:
     """Merge LoRA adapters into a Llama 4 checkpoint, streaming one tensor slice at a time."""
-    from toolbox.errors import UsageError
     from toolbox.merge.merge import merge_adapters
 
     out = ctx.obj
-    target = to.lower()
-    if target not in ("hf", "gguf"):
-        raise UsageError(f"unknown --to {to!r}", hint="choose hf or gguf (onnx: merge, then `corral convert`)")
-    if target == "gguf":
+    if to == "gguf":
         from toolbox.merge.chain import merge_to_gguf
 
         gres = merge_to_gguf(base, list(adapters), output, weights=weight, dtype=dtype, outtype=outtype, name=name,
@@ -85,7 +88,10 @@ def merge(
 
         rows = res.merged if out.verbose or len(res.merged) <= SHOW_ROWS else sorted(
             res.merged, key=lambda t: -t.lost_share)[:SHOW_ROWS]
-        table = Table("tensor", "adapters", "delta norm", "lost to rounding", box=None)
+        table = Table(box=None)  # whole tensor names (q/k/v/o differ only at the end): wrapped, never cut
+        table.add_column("tensor", overflow="fold", min_width=min(max((len(t.name) for t in rows), default=6), 90))
+        for col in ("adapters", "delta norm", "lost to rounding"):
+            table.add_column(col, overflow="fold")
         for t in rows:
             table.add_row(plain(t.name), ",".join(str(i) for i in t.adapters), f"{t.delta_norm:.4g}",
                           f"{t.lost_share:.2%}")

@@ -29,7 +29,8 @@ MauDeclarationOpt = Annotated[
     str | None,
     typer.Option("--mau-declaration", envvar="CORRAL_MAU_DECLARATION",
                  help="Your declaration about the Llama license's 700M monthly-active-user threshold: "
-                 "below-700m, or meta-license:REFERENCE.", show_default=False),
+                 "below-700m, or meta-license:REFERENCE (kept with: corral config set mau_declaration ...).",
+                 show_default=False),
 ]
 FixNameOpt = Annotated[
     bool,

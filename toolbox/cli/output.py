@@ -58,6 +58,21 @@ def _finite(value: Any, depth: int = 0) -> Any:
     return value
 
 
+def plural(count: int, noun: str, plural_form: str | None = None) -> str:
+    """ "1 file", "2 files", "0 shards": the count with its noun in the right number."""
+    return f"{count} {noun if count == 1 else (plural_form or noun + 's')}"
+
+
+def human_size(n: float) -> str:
+    """Bytes in binary units (B, KiB, MiB, GiB, TiB): the one unit system of corral's output, bars included."""
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(value) < 1024 or unit == "TiB":
+            return f"{int(value)} B" if unit == "B" else f"{value:.2f} {unit}"
+        value /= 1024
+    return f"{value:.2f} TiB"  # pragma: no cover
+
+
 def plain(value: object, style: str = "") -> Text:
     """Data as a rich `Text` (table cells): printed verbatim, whatever brackets it holds."""
     return Text(one_line(value), style=style)
@@ -133,16 +148,18 @@ class RichProgress:
             DownloadColumn,
             MofNCompleteColumn,
             Progress,
+            SpinnerColumn,
             TextColumn,
+            TimeElapsedColumn,
             TimeRemainingColumn,
         )
 
-        columns = [
-            TextColumn("{task.description}"),
-            BarColumn(),
-            DownloadColumn() if unit == "bytes" else MofNCompleteColumn(),
-            TimeRemainingColumn(),
-        ]
+        if total is None:  # a stage with no count (tracing a graph): a spinner and the time it has taken
+            columns: list[Any] = [SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn()]
+        else:  # sizes in binary units (MiB, GiB), as every other size corral prints
+            columns = [TextColumn("{task.description}"), BarColumn(),
+                       DownloadColumn(binary_units=True) if unit == "bytes" else MofNCompleteColumn(),
+                       TimeRemainingColumn()]
         with Progress(*columns, console=self._console, transient=True) as progress:
             task_id = progress.add_task(esc(description), total=total)  # the label holds a file name
             yield _RichTask(progress, task_id)

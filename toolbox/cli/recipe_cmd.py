@@ -10,14 +10,16 @@ from typing import Annotated
 from rich.console import Console
 
 from toolbox.cli._typer import typer
+from toolbox.cli.choices import complete_recipe
 from toolbox.cli.options import MauDeclarationOpt
 from toolbox.cli.output import esc
 
 app = typer.Typer(help="Declarative, reproducible pipelines for CI: source -> merge/prune/convert -> gates -> "
                   "outputs.", no_args_is_help=True)
 
-RecipeArg = Annotated[str, typer.Argument(help="A recipe file (.yaml) or the name of a built-in recipe.",
-                                          metavar="RECIPE", show_default=False)]
+RecipeArg = Annotated[str, typer.Argument(help="A recipe file (.yaml) or the name of a built-in recipe "
+                                          "(corral recipe list).", metavar="RECIPE", show_default=False,
+                                          autocompletion=complete_recipe)]
 
 RUN_EPILOG = """\
 Each step is keyed by its operation, parameters and the content of its inputs; built steps are
@@ -40,16 +42,38 @@ Examples:
   corral recipe run scout-gguf --set 'steps.gguf.matrix.quant=[q8_0, q5_k_m, q4_k_m]'
 """
 
-OTHER_EPILOG = """\
+VALIDATE_EPILOG = """\
+Exit status: 0 valid, 3 invalid (the message names the file, line and field).
+
+Examples:
+
+  corral recipe validate my-recipe.yaml --set source=demo:scout
+
+  corral --json recipe validate my-recipe.yaml | jq .steps
+"""
+
+LIST_EPILOG = """\
 Examples:
 
   corral recipe list
 
+  corral --json recipe list | jq -r '.recipes[].name'
+"""
+
+SHOW_EPILOG = """\
+Examples:
+
   corral recipe show scout-gguf > my-recipe.yaml
 
-  corral recipe validate my-recipe.yaml --set source=demo:scout
+  corral --json recipe show scout-gguf | jq -r .path
+"""
+
+SCHEMA_EPILOG = """\
+Examples:
 
   corral recipe schema > corral-recipe.schema.json
+
+  # yaml-language-server: $schema=./corral-recipe.schema.json   (first line of a recipe, for editors)
 """
 
 
@@ -85,7 +109,7 @@ def run(
                         accept_license=accept_license, mau_declaration=mau_declaration, progress=out.progress())
 
     def render(console: Console) -> None:
-        from toolbox.hub.client import human_size
+        from toolbox.cli.output import human_size
 
         head = "plan" if result.dry_run else "ran"
         console.print(f"[bold]{head}[/bold] {esc(result.name)} ({esc(result.recipe)}) -> {esc(result.output_dir)}",
@@ -113,7 +137,7 @@ def run(
     return 0
 
 
-@app.command("validate", epilog=OTHER_EPILOG)
+@app.command("validate", epilog=VALIDATE_EPILOG)
 def validate(
     ctx: typer.Context,
     recipe: RecipeArg,
@@ -134,7 +158,7 @@ def validate(
     return 0
 
 
-@app.command("list", epilog=OTHER_EPILOG)
+@app.command("list", epilog=LIST_EPILOG)
 def list_(ctx: typer.Context) -> int:
     """The built-in recipes."""
     from toolbox.recipe import builtin_recipes, load_recipe
@@ -152,16 +176,21 @@ def list_(ctx: typer.Context) -> int:
     return 0
 
 
-@app.command("show", epilog=OTHER_EPILOG)
-def show(recipe: RecipeArg) -> int:
-    """Print a recipe's YAML (a starting point for your own)."""
+@app.command("show", epilog=SHOW_EPILOG)
+def show(ctx: typer.Context, recipe: RecipeArg) -> int:
+    """Print a recipe's YAML (a starting point for your own); with --json, a document holding it."""
     from toolbox.recipe.load import find_recipe
 
-    sys.stdout.write(find_recipe(recipe).read_text(encoding="utf-8"))
+    path = find_recipe(recipe)
+    text = path.read_text(encoding="utf-8")
+    if ctx.obj.json_mode:
+        ctx.obj.result({"recipe": recipe, "path": str(path), "yaml": text})
+    else:
+        sys.stdout.write(text)
     return 0
 
 
-@app.command("schema", epilog=OTHER_EPILOG)
+@app.command("schema", epilog=SCHEMA_EPILOG)
 def schema() -> int:
     """Print the JSON Schema of recipe files (for editors and linters)."""
     from toolbox.recipe import json_schema

@@ -8,7 +8,7 @@ from rich.console import Console
 
 from toolbox.cli._typer import typer
 from toolbox.cli.options import CheckpointArg
-from toolbox.cli.output import esc
+from toolbox.cli.output import esc, plural
 
 EPILOG = """\
 Exit status: 0 clean (info findings only), 1 errors or warnings found,
@@ -48,6 +48,10 @@ def verify(
     from toolbox.verify.checks import verify_checkpoint
 
     out = ctx.obj
+    if run:
+        from toolbox.cli.deps import require
+
+        require("onnxruntime")
     report = verify_checkpoint(path, deep=deep, against=against, run=run, progress=out.progress())
 
     def render(console: Console) -> None:
@@ -60,8 +64,9 @@ def verify(
         summary = ", ".join(f"{n} {s}" for s, n in counts.items() if n) or "no findings"
         verdict = "[green]OK[/green]" if report.ok else "[red]FAILED[/red]"
         checked = report.checked
-        console.print(f"{verdict} {esc(report.path)}: {checked.get('tensors', '?')} tensors in "
-                      f"{checked.get('shards', '?')} shards checked; {summary}", highlight=False)
+        counted = [plural(checked[k], k[:-1]) for k in ("tensors", "shards") if isinstance(checked.get(k), int)]
+        what = f"{' in '.join(counted)} checked" if counted else "not readable"
+        console.print(f"{verdict} {esc(report.path)}: {what}; {summary}", highlight=False)
 
     out.result(report.to_dict(), render)
     return int(report.exit_code)

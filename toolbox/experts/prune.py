@@ -112,16 +112,18 @@ def choose_keep(count: int, criterion: str, *, moe_layers: tuple[int, ...], expe
 
 def prune_by_criterion(src: ModelLike, out: str | Path, *, count: int, criterion: str,
                        calibration: str | Path | None = None, stats: Any = None, seed: int = 0,
-                       max_tokens: int = 2048, progress: Progress = NULL_PROGRESS, **kwargs: Any) -> PruneResult:
+                       max_tokens: int = 2048, seq_len: int = 512, dtype: str = "float32",
+                       progress: Progress = NULL_PROGRESS, **kwargs: Any) -> PruneResult:
     """Keep `count` experts per MoE layer chosen by `criterion` from statistics (given, or measured
-    on `calibration` now), then `prune_experts`."""
+    on `calibration` now, as `router_stats` with `seq_len` and `dtype`), then `prune_experts`."""
     from toolbox.experts.stats import router_stats
     from toolbox.reference import resolve
 
     model = resolve(src)
     t = model.checkpoint.text
     if criterion != "random" and stats is None:
-        stats = router_stats(model.path, calibration, max_tokens=max_tokens, progress=progress)
+        stats = router_stats(model.path, calibration, max_tokens=max_tokens, seq_len=seq_len, dtype=dtype,
+                             progress=progress)
     keep = choose_keep(count, criterion, moe_layers=t.moe_layers, experts=t.experts, stats=stats, seed=seed)
     extra: dict[str, Any] = {"seed": seed} if criterion == "random" else {"calibration_tokens": stats.tokens}
     if criterion != "random" and calibration is not None:
