@@ -70,11 +70,11 @@ def main() -> None:
     args = ap.parse_args()
     import numpy as np
     import torch
+    from llama_cpp_mtmd import MtmdRuntime, relative_error
     from transformers import Llama4ForConditionalGeneration
 
     from converters.gguf_mmproj import convert_hf_to_mmproj
     from converters.hf_to_gguf import convert_hf_to_gguf
-    from llama_cpp_mtmd import MtmdRuntime, relative_error
     from toolbox.demo import resolve_checkpoint
 
     work = args.work / "mmproj"

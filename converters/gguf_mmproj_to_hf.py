@@ -9,7 +9,6 @@ for the rest). A file written by llama.cpp's own converter holds the pre-MLP nor
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -36,8 +35,7 @@ class MmprojFile:
             raise UnsupportedModelError(f"{self.path}: not a Llama 4 mmproj (architecture {self.g.architecture!r}, "
                                         f"projector {projector!r})",
                                         hint="give the mmproj GGUF written for a Llama 4 model", path=self.path)
-        stored = self.g.get(PROVENANCE_KEY)
-        self.stored: dict[str, Any] | None = json.loads(stored) if stored else None
+        self.stored: dict[str, Any] | None = self.g.json_field(PROVENANCE_KEY)
 
     @property
     def projection_dim(self) -> int:

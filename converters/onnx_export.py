@@ -177,9 +177,8 @@ def convert_hf_to_onnx(src: ModelLike, out_dir: str | Path, *, dtype: str = "fp3
         tmap = tensor_map(list(params), ckpt.multimodal)
         infos = source.infos()
         _check_weights(ckpt.path, tmap, params, infos)
-        with progress.task("tracing the graph", total=1, unit="steps") as task:
+        with progress.task("tracing the graph (torch.onnx, about a minute)", total=None):  # spinner + elapsed
             model = export_graph(module, kv_cache=kv_cache, opset=opset)
-            task.advance()
         total, placed = _write(model, module, tmap, source, torch_dtype, Path(out_dir), stamp, tc, ckpt.path,
                                extra={KEY_TENSOR_MAP: json.dumps(tmap, separators=(",", ":")), KEY_DTYPE: dtype_name,
                                       KEY_KV_CACHE: "true" if kv_cache else "false",

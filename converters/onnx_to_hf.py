@@ -15,12 +15,13 @@ from pathlib import Path
 from typing import Any
 
 from converters.onnx_export import KEY_TENSOR_MAP, MODEL_FILE, copy_tokenizer_files
+from license.stamp import LicenseOptions
 from toolbox.errors import BadInputError, CorruptFileError, UnsupportedModelError
 from toolbox.progress import NULL_PROGRESS, Progress
+from toolbox.tensors.dtypes import FROM_ONNX, TORCH_NAME
 
 PIECE = 64 * 1024**2
-_ST_DTYPES = {1: "F32", 10: "F16", 16: "BF16"}  # onnx.TensorProto FLOAT, FLOAT16, BFLOAT16
-_ITEMSIZE = {"F32": 4, "F16": 2, "BF16": 2}
+_ST_DTYPES = {code: name for code, name in FROM_ONNX.items() if name in ("F32", "F16", "BF16")}  # corral writes
 
 
 @dataclass
@@ -52,7 +53,8 @@ def model_path(src: str | Path) -> Path:
 def read_tensors(path: Path) -> tuple[Any, list[OnnxTensor]]:
     """The ModelProto (no weights) and where each mapped initializer's bytes are; refuses foreign models."""
     from license.artifact import load_onnx
-    from toolbox.tensors.atomic import safe_join
+    from toolbox.tensors.jsonio import loads_json
+    from toolbox.tensors.onnx_external import check_files, external_data
 
     proto = load_onnx(path)
     props = {p.key: p.value for p in proto.metadata_props}
@@ -60,12 +62,11 @@ def read_tensors(path: Path) -> tuple[Any, list[OnnxTensor]]:
         raise UnsupportedModelError(f"{path}: not an ONNX model written by corral (no {KEY_TENSOR_MAP} in "
                                     "metadata_props)", hint="only `corral convert --to onnx` exports can go back "
                                     "to HF: optimizers rename, fuse and transpose weights", path=path)
-    try:
-        mapping = json.loads(props[KEY_TENSOR_MAP])
-    except json.JSONDecodeError as exc:
-        raise CorruptFileError(f"{path}: {KEY_TENSOR_MAP} is not valid JSON", path=path) from exc
+    mapping = loads_json(props[KEY_TENSOR_MAP], what=f"{path}: metadata_props {KEY_TENSOR_MAP}",
+                         max_bytes=64 * 1024**2, expect=dict, path=path)
     inits = {t.name: t for t in proto.graph.initializer}
     out: list[OnnxTensor] = []
+    refs = []
     for name in mapping:
         t = inits.get(name)
         if t is None:
@@ -74,45 +75,27 @@ def read_tensors(path: Path) -> tuple[Any, list[OnnxTensor]]:
         if dtype is None:
             raise UnsupportedModelError(f"{path}: initializer {name} has ONNX type {t.data_type}, not a float type "
                                         "corral writes", path=path)
-        ext = {e.key: e.value for e in t.external_data}
-        if "location" not in ext:
+        ref = external_data(path, t)  # location inside the directory, offset/length checked against dims
+        if ref is None or ref.length is None:
             raise CorruptFileError(f"{path}: initializer {name} is not in external data", path=path)
-        try:
-            data = safe_join(path.parent, ext["location"])
-        except Exception as exc:
-            raise BadInputError(f"{path}: external-data location {ext['location']!r} escapes the model directory",
-                                path=path) from exc
         shape = tuple(int(d) for d in t.dims)
-        length = int(ext.get("length", 0)) or _ITEMSIZE[dtype] * int(_prod(shape))
-        out.append(OnnxTensor(name, shape, dtype, data, int(ext.get("offset", 0)), length))
-    for f in {t.file for t in out}:
-        if not f.is_file():
-            raise BadInputError(f"{f}: external-data file is missing", hint=f"copy {f.name} next to {path.name}",
-                                path=f)
-        size = f.stat().st_size
-        short = [t.name for t in out if t.file == f and t.offset + t.length > size]
-        if short:
-            raise CorruptFileError(f"{f}: truncated ({size} bytes; {short[0]} needs more)", path=f)
+        out.append(OnnxTensor(name, shape, dtype, ref.file, ref.offset, ref.length))
+        refs.append(ref)
+    check_files(path, refs)
     return proto, out
 
 
-def _prod(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
-
-
-def convert_onnx_to_hf(src: str | Path, out: str | Path, *, name: str | None = None,
-                       mau_declaration: str | None = None, fix_name: bool = False, force: bool = False,
-                       progress: Progress = NULL_PROGRESS) -> OnnxToHFResult:
+def convert_onnx_to_hf(src: str | Path, out: str | Path, *, force: bool = False,
+                       license_options: LicenseOptions | None = None, progress: Progress = NULL_PROGRESS,
+                       **legacy: Any) -> OnnxToHFResult:
     """Recover the HF checkpoint (safetensors, config, tokenizer) from a corral ONNX export, stamped."""
     from license import keys as K
-    from license.stamp import Stamp, write_sidecars
+    from license.stamp import StampInput, derive_stamp, write_sidecars
     from toolbox.checkpoint import from_config, read_config
     from toolbox.tensors.atomic import atomic_directory, check_output_path
     from toolbox.tensors.sink import SafetensorsWriter
 
+    opts = LicenseOptions.of(license_options, **legacy)
     path = model_path(src)
     check_output_path(Path(out), force=force)
     proto, tensors = read_tensors(path)
@@ -125,19 +108,18 @@ def convert_onnx_to_hf(src: str | Path, out: str | Path, *, name: str | None = N
         raise CorruptFileError(f"{path}: initializers do not match config.json (first difference: {diff[0]})",
                                path=path)
     props = {p.key: p.value for p in proto.metadata_props}
-    default = props.get(K.MODEL_NAME) or f"Llama-4-{path.parent.name}"
-    stamp = Stamp.create(name or default, declaration=mau_declaration, fix=fix_name, multimodal=False,
-                         provenance={"operations": [{"op": "convert", "to": "hf", "from": "onnx"}],
-                                     "source": path.parent.name})
+    carried = {k: v for k, v in props.items() if K.is_stamp_key(k)}
+    stamp = derive_stamp(StampInput(path.parent.name, prior=carried, carried_name=props.get(K.MODEL_NAME)),
+                         {"op": "convert", "to": "hf", "from": "onnx"}, opts)
     dtypes = {t.dtype for t in tensors}
-    config["dtype"] = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}[next(iter(dtypes))] \
+    config["dtype"] = TORCH_NAME[next(iter(dtypes))] \
         if len(dtypes) == 1 else config.get("dtype", "float32")
     with atomic_directory(out, force=force) as staging:
         writer = SafetensorsWriter(staging, metadata=stamp.safetensors_metadata())
         for t in tensors:
             writer.add(t.name, t.shape, t.dtype)
         writer.begin()
-        with progress.task("copying weights (bytes)", total=sum(t.length for t in tensors)) as task:
+        with progress.task("copying weights", total=sum(t.length for t in tensors), unit="bytes") as task:
             handles: dict[Path, Any] = {}
             try:
                 for t in tensors:

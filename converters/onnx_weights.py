@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from toolbox.errors import CorruptFileError
 from toolbox.progress import NULL_PROGRESS, Progress
+from toolbox.tensors.finite import cast_checked
 
 if TYPE_CHECKING:
     import torch
@@ -58,13 +59,24 @@ def _bytes(t: torch.Tensor) -> memoryview:
     return memoryview(flat.numpy())
 
 
+def _file(source: TensorSource, name: str) -> str | None:
+    """The file a source tensor lives in (for messages), when the source can say."""
+    byte_range = getattr(source, "byte_range", None)  # a computed view (fp8 dequantized) has no single file
+    if byte_range is None:
+        return None
+    try:
+        return str(byte_range(name)[0])
+    except KeyError:
+        return None
+
+
 def write_data(path: Path, placed: list[Placed], source: TensorSource, dtype: torch.dtype,
                values: dict[str, torch.Tensor] | None = None, progress: Progress = NULL_PROGRESS) -> int:
     """Write every placed tensor's bytes in dim-0 pieces: one expert, or ~64 MiB of rows."""
     values = values or {}
     infos = source.infos()
     total = sum(p.length for p in placed)
-    with open(path, "wb") as fh, progress.task("writing weights (bytes)", total=total) as task:
+    with open(path, "wb") as fh, progress.task("writing weights", total=total, unit="bytes") as task:
         for p in placed:
             fh.seek(p.offset)
             if p.source is None:
@@ -81,14 +93,15 @@ def write_data(path: Path, placed: list[Placed], source: TensorSource, dtype: to
             row_bytes = p.length // rows if rows else 0
             step = 1 if len(p.shape) == 3 else max(1, PIECE_BYTES // max(row_bytes, 1))
             if not p.shape or step >= rows:
-                fh.write(_bytes(source.load(p.source).to(dtype)))
+                fh.write(_bytes(cast_checked(source.load(p.source), dtype, p.source, _file(source, p.source))))
                 task.advance(p.length)
                 continue
             for r in range(0, rows, step):
-                piece = source.load_slice(p.source, r if step == 1 else slice(r, min(r + step, rows))).to(dtype)
+                rows_r = source.load_slice(p.source, r if step == 1 else slice(r, min(r + step, rows)))
+                piece = cast_checked(rows_r, dtype, p.source, _file(source, p.source))  # fp16: refuses > 65504
                 fh.write(_bytes(piece))
                 task.advance(piece.numel() * piece.element_size())
-                del piece
+                del piece, rows_r
         end = placed[-1].offset + placed[-1].length if placed else 0
         fh.truncate(end)
     return total

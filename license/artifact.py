@@ -7,7 +7,6 @@ a tensor: safetensors headers, GGUF memory maps, ONNX graphs without external da
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -68,24 +67,26 @@ class Artifact:
             return f.readline().strip() == "---"
 
 
+MAX_JSON_BYTES = 16 * 1024**2  # config.json / adapter_config.json; a real one is a few kB
+
+
 def _json(path: Path) -> dict[str, Any] | None:
     if not path.is_file():
         return None
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CorruptFileError(f"{path}: not valid JSON ({exc})", path=path) from exc
+    from toolbox.tensors.jsonio import load_json
+
+    doc = load_json(path, max_bytes=MAX_JSON_BYTES)  # depth, duplicate keys, NaN and size bounded
     return doc if isinstance(doc, dict) else None
 
 
 def _gguf_heads(files: list[Path]) -> list[Path]:
     """The first part of every GGUF file or split set (only it carries the KV metadata)."""
-    from toolbox.tensors.gguf.reader import SPLIT_RE
+    from toolbox.tensors.gguf.reader import split_numbers
 
     heads = []
     for f in sorted(files):
-        m = SPLIT_RE.match(f.name)
-        if m is None or int(m["i"]) == 1:
+        numbers = split_numbers(f)  # refuses impossible names (-00001-of-00000, part 3 of 2)
+        if numbers is None or numbers[1] == 1:
             heads.append(f)
     return heads
 
@@ -145,9 +146,9 @@ def _safetensors_meta(path: Path) -> FileMeta:
 
 
 def _gguf_meta(path: Path) -> FileMeta:
-    """KV metadata only (toolbox.tensors.gguf.kv; GGUFReader would spend seconds on the vocabulary).
+    """KV metadata only (`read_gguf_kv`; gguf-py's GGUFReader would spend seconds on the vocabulary).
     GGUF models are recognised by general.architecture, so tensor names are not read."""
-    from toolbox.tensors.gguf.kv import read_gguf_kv
+    from toolbox.tensors.gguf.reader import read_gguf_kv
 
     kv = read_gguf_kv(path)
     meta = {k: v if isinstance(v, str) else str(v) for k, v in kv.items() if isinstance(v, (str, int, float))}
@@ -157,14 +158,22 @@ def _gguf_meta(path: Path) -> FileMeta:
 
 
 def load_onnx(path: Path) -> Any:
-    """The ModelProto without its external data (weights stay on disk)."""
+    """The ModelProto without its external data (weights stay on disk); its external-data fields checked."""
     import onnx
 
+    from toolbox.tensors.onnx_external import MAX_MODEL_BYTES, external_refs
+
+    size = path.stat().st_size
+    if size > MAX_MODEL_BYTES:
+        raise CorruptFileError(f"{path}: {size} bytes, more than an ONNX protobuf can hold (2 GiB)",
+                               hint="weights larger than that belong in external data", path=path)
     try:
-        return onnx.load(str(path), load_external_data=False)
+        model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # protobuf DecodeError and friends
-        raise CorruptFileError(f"{path}: not a readable ONNX model ({type(exc).__name__}: {exc})",
+        raise CorruptFileError(f"{path}: not a readable ONNX model ({type(exc).__name__}: {str(exc)[:200]})",
                                hint="the file is truncated or not ONNX; export it again", path=path) from exc
+    external_refs(path, model)  # every external-data location, offset and length checked before use
+    return model
 
 
 def _onnx_meta(path: Path) -> FileMeta:

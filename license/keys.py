@@ -8,8 +8,6 @@ the Hub read; the model card gets the Hub's own fields plus a `corral:` mapping 
 
 from __future__ import annotations
 
-NAMESPACE = "corral."
-
 POLICY = "corral.license.policy"  # policy id: llama4
 LICENSE_NAME = "corral.license.name"  # Llama 4 Community License Agreement
 LICENSE_LINK = "corral.license.link"  # URL of the agreement
@@ -47,8 +45,6 @@ CARD_POLICY = "policy"
 CARD_MODEL_NAME = "model_name"
 CARD_DECLARATION = "mau_declaration"
 CARD_MULTIMODAL = "multimodal"
-
-SIDECARS = ("NOTICE", "LICENSE", "USE_POLICY.md", "README.md")
 
 
 # The parts of the namespace a stamp owns (other corral modules keep their own keys, e.g.

@@ -26,7 +26,6 @@ import json
 import os
 import re
 import struct
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,7 +35,7 @@ from license.artifact import Artifact, FileMeta, detect, read_file_meta, recogni
 from license.card import read_card
 from license.stamp import Stamp, apply_to_gguf_writer, apply_to_onnx, sidecar_contents
 from toolbox.errors import BadInputError, OutputExistsError
-from toolbox.tensors.atomic import PARTIAL_MARK
+from toolbox.tensors.atomic import new_partial
 
 COPY_CHUNK = 16 * 1024**2
 
@@ -218,10 +217,9 @@ class _Staged:
         self.pairs: list[tuple[Path, Path]] = []
 
     def new(self, target: Path) -> Path:
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}{PARTIAL_MARK}", dir=target.parent)
-        os.close(fd)
-        self.pairs.append((Path(tmp), target))
-        return Path(tmp)
+        tmp = new_partial(target, directory=False)  # owned by this run while it exists
+        self.pairs.append((tmp, target))
+        return tmp
 
     def commit(self) -> list[Path]:
         for tmp, target in self.pairs:
@@ -251,12 +249,12 @@ def merged_metadata(old: dict[str, str], new: dict[str, str]) -> dict[str, str]:
 
 def restamp_safetensors(src: Path, dst: Path, stamp: Stamp) -> None:
     """Write `dst` = `src` with its `__metadata__` replaced; the data section is copied, never parsed."""
-    from toolbox.tensors.safetensors_format import read_header
+    from toolbox.tensors.safetensors_format import parse_header_json, read_header
 
     h = read_header(src)
     with open(src, "rb") as fin:
         fin.seek(8)
-        doc = json.loads(fin.read(h.header_len).decode("utf-8"))
+        doc = parse_header_json(src, fin.read(h.header_len))
         doc.pop("__metadata__", None)
         header = {"__metadata__": merged_metadata(h.metadata, stamp.safetensors_metadata()), **doc}
         raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
@@ -303,14 +301,12 @@ def restamp_gguf(src: Path, dst: Path, stamp: Stamp) -> None:
     import gguf
     import numpy as np
 
-    from toolbox.tensors.gguf.stream import begin_data, write_tensor_pieces
-    from toolbox.tensors.gguf.writer import GGUFWriter
     from toolbox.tensors.gguf.reader import GGUFFile
+    from toolbox.tensors.gguf.writer import GGUFWriter
 
     reader = GGUFFile(src).readers[0]
     arch = reader.fields[K.GENERAL_ARCHITECTURE].contents()
-    writer = GGUFWriter(dst, arch, endianess=reader.endianess)
-    writer.data_alignment = reader.alignment
+    writer = GGUFWriter(dst, arch, endianess=reader.endianess, alignment=reader.alignment)
     try:
         for key, fld in reader.fields.items():
             if key.startswith("GGUF.") or key == K.GENERAL_ARCHITECTURE:
@@ -322,10 +318,10 @@ def restamp_gguf(src: Path, dst: Path, stamp: Stamp) -> None:
         for t in reader.tensors:
             shape = tuple(int(d) for d in reversed(t.shape.tolist()))
             writer.add_tensor_info(t.name, shape, np.dtype(np.float32), int(t.n_bytes), raw_dtype=t.tensor_type)
-        begin_data(writer)
+        writer.begin_data()
         with open(src, "rb") as fin:  # plain reads, not the reader's memory map: RSS stays at one piece
             for t in reader.tensors:
-                write_tensor_pieces(writer, t.name, _pieces(fin, int(t.data_offset), int(t.n_bytes)))
+                writer.write_tensor_pieces(t.name, _pieces(fin, int(t.data_offset), int(t.n_bytes)))
     finally:
         writer.close()
 

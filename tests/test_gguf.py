@@ -268,20 +268,20 @@ def test_verify_against_finds_the_changed_expert(gguf_files, scout_copy: Path, c
 
 def test_one_pass_gate_up_writes_the_same_bytes(gguf_files, scout_dir: Path, tmp_path: Path, monkeypatch) -> None:
     """gate and up experts written from one read (positioned writes) == written one tensor after the other."""
-    import toolbox.tensors.gguf.stream as stream
+    from toolbox.tensors.gguf.writer import GGUFWriter
 
     calls = []
-    real = stream.write_expert_pair
+    real = GGUFWriter.write_expert_pair
 
     def spy(*args, **kwargs):
         calls.append(args[1])
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(stream, "write_expert_pair", spy)
+    monkeypatch.setattr(GGUFWriter, "write_expert_pair", spy)
     paired = tmp_path / "paired.gguf"
     convert_hf_to_gguf(scout_dir, paired, outtype="q8_0", mau_declaration=DECL)
     assert len(calls) == 4  # every MoE layer of demo:scout went through the one-pass path
-    monkeypatch.setattr(stream, "write_expert_pair", lambda *a, **k: None)  # force the two-pass fallback
+    monkeypatch.setattr(GGUFWriter, "write_expert_pair", lambda *a, **k: None)  # force the two-pass fallback
     sequential = tmp_path / "sequential.gguf"
     convert_hf_to_gguf(scout_dir, sequential, outtype="q8_0", mau_declaration=DECL)
     assert paired.read_bytes() == sequential.read_bytes() == gguf_files[("scout", "q8_0")].read_bytes()

@@ -10,6 +10,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
+from llama_cpp_mtmd import MtmdRuntime, grid_transposed, relative_error  # libmtmd: the real consumer
 from safetensors.torch import load_file
 from transformers import Llama4ForConditionalGeneration
 
@@ -19,7 +20,6 @@ from converters.gguf_mmproj import convert_hf_to_mmproj
 from converters.gguf_mmproj_to_hf import MmprojFile
 from converters.gguf_to_hf import convert_gguf_to_hf
 from converters.hf_to_gguf import convert_hf_to_gguf
-from llama_cpp_mtmd import MtmdRuntime, grid_transposed, relative_error  # libmtmd: the real consumer
 from license import keys as K
 from license.audit import check_artifact
 from toolbox.cli.main import main
@@ -301,7 +301,7 @@ def test_cli_writes_the_pair_and_merges_it_back(scout_dir: Path, tmp_path: Path,
     assert doc["mmproj"]["path"] == str(mm) and doc["mmproj"]["outtype"] == "Q8_0"
     assert sorted(p.name for p in pair.iterdir()) == sorted([mm.name, text.name])
     # each file passes the audit on its own metadata; the pair carries one name and the multimodal obligations
-    from toolbox.tensors.gguf.kv import read_gguf_kv
+    from toolbox.tensors.gguf.reader import read_gguf_kv
 
     assert main(["license", "check", str(text)]) == 0 and main(["license", "check", str(mm)]) == 0
     kv_text, kv_mm = read_gguf_kv(text), read_gguf_kv(mm)

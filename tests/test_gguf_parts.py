@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import struct
+from pathlib import Path
 
 import gguf
 import numpy as np
@@ -12,8 +13,8 @@ import torch
 from real_configs import maverick_config, scout_config
 
 from converters.gguf_names import text_name_map
-from toolbox.tensors.gguf.quant import decode, encode
 from toolbox.checkpoint import from_config
+from toolbox.tensors.gguf.quant import decode, encode
 
 
 @pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q5_1", "F16", "BF16"])
@@ -49,8 +50,8 @@ def test_fast_writer_packs_metadata_arrays_as_gguf_py_does(scout_dir, tmp_path) 
     """The whole KV section (the real 202k-token vocabulary, types, merges, special ids, mixed arrays,
     big-endian) is byte-identical to the stock GGUFWriter's, and errors stay the stock ones."""
     from converters.gguf_vocab import add_vocab
-    from toolbox.tensors.gguf.writer import GGUFWriter
     from toolbox.checkpoint import load_checkpoint
+    from toolbox.tensors.gguf.writer import GGUFWriter
 
     vocab = load_checkpoint(scout_dir).text.vocab
 
@@ -114,3 +115,63 @@ def test_q8_0_rounding_equals_gguf_py_on_ties_and_near_ties() -> None:
     blocks[:, 0] = 127.0  # scale 1: the values above reach the rounding unchanged
     ref = gguf.quants.quantize(blocks, gguf.GGMLQuantizationType.Q8_0).view(np.uint8).reshape(-1)
     assert np.array_equal(np.frombuffer(encode(torch.from_numpy(blocks), "Q8_0"), dtype=np.uint8), ref)
+
+
+@pytest.mark.parametrize("qtype", ["F16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "TQ1_0", "TQ2_0"])
+def test_encode_refuses_non_finite_values_it_creates(qtype: str) -> None:
+    """f16 overflow and block scales past f16's range are refused; a NaN already in the source is carried."""
+    from toolbox.tensors.finite import NonFiniteError
+
+    x = torch.randn(4, 256) * 0.05
+    x[1, 3] = 1e10  # finite in float32, Inf once an f16 value or an f16 block scale holds it
+    with pytest.raises(NonFiniteError, match=qtype if qtype != "F16" else "float16"):
+        encode(x, qtype)
+    x[1, 3] = float("nan")
+    raw = np.frombuffer(encode(x, qtype), dtype=np.uint8)  # carried: the source was already non-finite
+    back = decode(raw, qtype, (4, 256))
+    assert torch.isfinite(back[0]).all() and not torch.isfinite(back[1]).all()
+
+
+def test_writer_names_the_tensor_and_the_file_when_a_piece_is_refused(tmp_path: Path) -> None:
+    from toolbox.tensors.finite import NonFiniteError
+    from toolbox.tensors.gguf.writer import GGUFWriter
+
+    w = GGUFWriter(tmp_path / "out.gguf", "llama4")
+    w.add_tensor_info("blk.0.attn_q.weight", (2, 32), np.dtype(np.float16), 128,
+                      raw_dtype=gguf.GGMLQuantizationType.F16)
+    w.begin_data()
+
+    def pieces():
+        yield encode(torch.ones(1, 32), "F16")
+        yield encode(torch.full((1, 32), 1e6), "F16")
+
+    with pytest.raises(NonFiniteError, match=r"out.gguf: tensor blk.0.attn_q.weight: casting to float16"):
+        w.write_tensor_pieces("blk.0.attn_q.weight", pieces())
+    w.close()
+
+
+def test_reader_agrees_with_gguf_py_on_tensor_infos(tmp_path: Path) -> None:
+    """GGUFFile (corral's one header parser) and gguf-py's GGUFReader see the same tensors, bytes and keys."""
+    from toolbox.tensors.gguf.reader import GGUFFile
+
+    path = tmp_path / "r.gguf"
+    w = gguf.GGUFWriter(path, "llama4")
+    w.add_uint32("llama4.block_count", 2)
+    w.add_array("llama4.floats", [0.5, 1.5])
+    w.add_tensor("a", np.arange(64, dtype=np.float32).reshape(2, 32))
+    w.add_tensor("b", gguf.quants.quantize(np.ones((2, 64), np.float32), gguf.GGMLQuantizationType.Q8_0),
+                 raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+    w.add_tensor("c", np.ones((3, 5, 7), dtype=np.float16))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    ours, ref = GGUFFile(path), gguf.GGUFReader(path)
+    assert list(ours.tensors) == [t.name for t in ref.tensors]
+    for t in ref.tensors:
+        mine = ours.tensors[t.name]
+        assert (mine.data_offset, mine.n_bytes, mine.tensor_type) == (t.data_offset, t.n_bytes, t.tensor_type)
+        assert mine.shape.tolist() == t.shape.tolist()
+        assert np.array_equal(np.asarray(mine.data), np.asarray(t.data))
+    assert {k: ours.fields[k] for k in ("llama4.block_count", "llama4.floats")} == \
+        {k: ref.fields[k].contents() for k in ("llama4.block_count", "llama4.floats")}

@@ -97,7 +97,7 @@ def test_source_reads_whole_tensors_and_expert_slices(tmp_path: Path) -> None:
 def _per_expert(fused_gu: torch.Tensor, fused_down: torch.Tensor, prefix: str) -> dict[str, torch.Tensor]:
     inter = fused_gu.shape[2] // 2
     out = {}
-    for e in range(fused_gu.shape[0]):  # FIELD_NOTES section 1 mapping, [out, in] per expert
+    for e in range(fused_gu.shape[0]):  # gate_e = gate_up[e, :, :I].T: [E, in, out] -> [out, in]
         out[f"{prefix}.{e}.gate_proj.weight"] = fused_gu[e, :, :inter].T.contiguous()
         out[f"{prefix}.{e}.up_proj.weight"] = fused_gu[e, :, inter:].T.contiguous()
         out[f"{prefix}.{e}.down_proj.weight"] = fused_down[e].T.contiguous()
@@ -233,7 +233,7 @@ def test_blocked_transpose_equals_torch() -> None:
 def test_prefetch_keeps_order_raises_and_stops() -> None:
     import threading
 
-    from toolbox.tensors.gguf.stream import prefetch
+    from toolbox.tensors.prefetch import prefetch
 
     assert list(prefetch(iter(range(50)), depth=2)) == list(range(50))
 
@@ -295,3 +295,89 @@ def test_direct_file_writes_exactly_the_bytes_given(tmp_path: Path, monkeypatch:
             f.copy_from(src, 300_000, 10)
         assert f.tell() == len(expected)
     assert (tmp_path / "out.bin").read_bytes() == bytes(expected)
+
+
+# -- hostile input on the floor: the bounded JSON loader, the dtype table, casts that overflow -----------------
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[" * 10_000 + "]" * 10_000, "nested deeper than 64"),
+        ('{"a": 1, "a": 2}', "'a' appears twice"),
+        ('{"x": NaN}', "NaN is not a JSON number"),
+        ('{"x": -Infinity}', "non-finite"),
+        ("[1e999]", "overflows to infinity"),
+        ("[" + "9" * 5001 + "]", "more than 4300 digits"),
+        ("[" + "9" * 30 + "]", "out of range"),
+        ('["\\ud800"]', "lone UTF-16 surrogate"),
+        ('{"a":', "not valid JSON"),
+    ],
+)
+def test_json_loader_refuses_with_the_file_and_the_rule(tmp_path: Path, text: str, message: str) -> None:
+    from toolbox.tensors.jsonio import load_json
+
+    p = tmp_path / "bad.json"
+    p.write_text(text)
+    with pytest.raises(CorruptFileError, match=message) as info:
+        load_json(p, max_bytes=1 << 20)
+    assert info.value.message.startswith(str(p)) and info.value.path == str(p)
+
+
+def test_json_loader_bounds_size_and_type_and_reads_what_json_reads(tmp_path: Path) -> None:
+    from toolbox.errors import ConfigError
+    from toolbox.tensors.jsonio import load_json, loads_json
+
+    doc = {"a": [1, 2.5, "\U0001f600", None, True], "b": {"c": -(2**63)}, "d": "x" * 100}
+    p = tmp_path / "ok.json"
+    p.write_text(json.dumps(doc))  # ensure_ascii: the emoji is a surrogate pair, which is valid
+    assert load_json(p, max_bytes=1 << 10, expect=dict) == json.loads(p.read_text()) == doc
+    with pytest.raises(CorruptFileError, match="more than the 100 allowed"):
+        load_json(p, max_bytes=100)
+    with pytest.raises(ConfigError, match="not an array"):  # the caller's error class, still exit 3
+        load_json(p, max_bytes=1 << 10, expect=list, error=ConfigError)
+    with pytest.raises(CorruptFileError, match="cannot read"):
+        load_json(tmp_path / "missing.json", max_bytes=10)
+    with pytest.raises(CorruptFileError, match="not UTF-8"):
+        loads_json(b'{"a": "\xff"}', what="x", max_bytes=100)
+
+
+def test_dtype_table_agrees_with_torch_numpy_and_onnx() -> None:
+    import onnx
+
+    from toolbox.tensors import dtypes
+
+    for d in dtypes.TABLE:
+        assert getattr(torch, d.torch).itemsize == d.itemsize, d
+        if d.numpy:
+            assert np.dtype(d.numpy).itemsize == d.itemsize, d
+        assert onnx.helper.tensor_dtype_to_np_dtype(d.onnx).itemsize == d.itemsize or d.numpy is None, d
+    for code, size in dtypes.ONNX_ITEMSIZE.items():
+        assert onnx.helper.tensor_dtype_to_np_dtype(code).itemsize == size, code
+
+
+def test_casts_refuse_the_inf_they_create_and_carry_what_the_source_holds() -> None:
+    from toolbox.tensors.finite import NonFiniteError, check_cast
+
+    x = torch.tensor([1.0, 7e4], dtype=torch.bfloat16)
+    with pytest.raises(NonFiniteError, match="tensor w: casting to float16 overflows") as info:
+        check_cast(x, x.to(torch.float16), name="w")
+    assert info.value.exit_code == 3
+    check_cast(x, x.to(torch.float32))  # widening never overflows
+    big = torch.tensor([3.4e38], dtype=torch.float32)
+    with pytest.raises(NonFiniteError, match="bfloat16"):
+        check_cast(big, big.to(torch.bfloat16))
+    carried = torch.tensor([float("nan"), 7e4])
+    check_cast(carried, carried.to(torch.float16))  # the NaN was there before: not created, not refused
+
+
+def test_onnx_weights_refuse_an_fp16_overflow(tmp_path: Path) -> None:
+    from converters.onnx_weights import layout, write_data
+    from toolbox.tensors.finite import NonFiniteError
+
+    p = tmp_path / "w.safetensors"
+    save_file({"w": torch.tensor([[1.0, 1e5]])}, str(p))
+    source = SafetensorsSource(p)
+    placed = layout([("w", "w", (1, 2))], {"w": 2})
+    with pytest.raises(NonFiniteError, match=r"w.safetensors: tensor w: casting to float16"):
+        write_data(tmp_path / "model.onnx.data", placed, source, torch.float16)
+    source.close()
+

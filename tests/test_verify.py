@@ -204,3 +204,33 @@ def test_per_expert_layout_verifies_clean(scout_copy: Path) -> None:
     report = verify_checkpoint(scout_copy)
     assert report.checked["layout"] == "per-expert"
     assert [f for f in report.findings if f.severity != "info"] == []
+
+
+def test_deep_statistics_match_float64_over_many_pieces(scout_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Small pieces: every tensor is read by several workers in turn; the folded statistics (in file order)
+    are the whole tensor's, against a float64 reference."""
+    monkeypatch.setattr("toolbox.verify.checks.DEEP_CHUNK_BYTES", 8 * 4096 * 2)  # whole bf16 rows per piece
+    report = verify_checkpoint(scout_dir, deep=True)
+    tensors = _load_all(scout_dir)
+    for name in (EXPERTS, NORM, "language_model.model.embed_tokens.weight"):
+        t, st = tensors[name].double(), report.tensor_stats[name]
+        assert st["min"] == float(t.min()) and st["max"] == float(t.max()), name
+        assert st["mean"] == pytest.approx(float(t.mean()), rel=1e-3, abs=1e-5 * float(t.std())), name
+        assert st["std"] == pytest.approx(float(t.std(unbiased=False)), rel=1e-3), name
+    assert report.checked["bytes_read"] > 0
+
+
+def test_chunk_statistics_count_nan_and_inf_and_ignore_them() -> None:
+    from toolbox.verify.checks import BF16_ROW, chunk_stats
+
+    x = (torch.randn(4 * BF16_ROW) * 0.02).to(torch.bfloat16)
+    x[5], x[7], x[9] = float("nan"), float("inf"), float("-inf")
+    n, nan, inf, s, ss, lo, hi = chunk_stats(x)
+    finite = x[torch.isfinite(x)].double()
+    assert (n, nan, inf) == (x.numel() - 3, 1, 2)
+    assert lo == float(finite.min()) and hi == float(finite.max())
+    assert s == pytest.approx(float(finite.sum()), abs=1e-2) and ss == pytest.approx(float((finite**2).sum()), rel=1e-3)
+    rows = (torch.randn(2 * BF16_ROW) + 3).to(torch.bfloat16)  # the bf16 row path: whole rows, no NaN
+    n, _, _, s, ss, _, _ = chunk_stats(rows)
+    assert n == rows.numel() and s == pytest.approx(float(rows.double().sum()), rel=1e-3)
+    assert ss == pytest.approx(float((rows.double() ** 2).sum()), rel=1e-3)

@@ -4,7 +4,7 @@ Meta's PyPI package `llama-models` ships `llama_models/llama4/tokenizer.model` (
 BPE ranks) and `llama_models/llama4/tokenizer.py` (the O200K-style split pattern and the 2,048
 special tokens). Converting those gives the same tokenizer the gated Hub repos carry, so demo
 checkpoints and converted files tokenize like the real models without a Hub token. The check is
-llama.cpp's own fingerprint for meta-llama/Llama-4-Scout-17B-16E-Instruct (FIELD_NOTES 2).
+llama.cpp's own fingerprint for meta-llama/Llama-4-Scout-17B-16E-Instruct (convert_hf_to_gguf_update.py).
 
 Only the standard library is imported here: transformers, tokenizers and tiktoken load inside
 the functions that need them, so that importing the CLI stays fast.

@@ -143,5 +143,20 @@ class CanonicalView(TensorSource):
             return scale.reshape(rows)
         return None
 
+    @property
+    def metadata(self) -> dict[str, str]:
+        return self.inner.metadata
+
+    def stored(self) -> TensorSource:
+        return self.inner.stored()
+
+    @property  # type: ignore[override]
+    def drop_after_read(self) -> bool:
+        return self.inner.drop_after_read
+
+    @drop_after_read.setter
+    def drop_after_read(self, value: bool) -> None:
+        self.inner.drop_after_read = value
+
     def close(self) -> None:
         self.inner.close()

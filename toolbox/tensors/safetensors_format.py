@@ -15,29 +15,21 @@ import itertools
 import json
 import math
 import os
+import stat
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from toolbox.errors import CorruptFileError
+from toolbox.tensors import dtypes
+from toolbox.tensors.jsonio import loads_json
 
-# safetensors dtype name -> (itemsize in bytes, torch dtype attribute name)
-DTYPES: dict[str, tuple[int, str]] = {
-    "F64": (8, "float64"),
-    "F32": (4, "float32"),
-    "F16": (2, "float16"),
-    "BF16": (2, "bfloat16"),
-    "F8_E4M3": (1, "float8_e4m3fn"),
-    "F8_E5M2": (1, "float8_e5m2"),
-    "I64": (8, "int64"),
-    "I32": (4, "int32"),
-    "I16": (2, "int16"),
-    "I8": (1, "int8"),
-    "U8": (1, "uint8"),
-    "BOOL": (1, "bool"),
-}
-FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"})
+# safetensors dtype name -> (itemsize in bytes, torch dtype attribute name), from the floor's one table
+DTYPES: dict[str, tuple[int, str]] = {d.name: (d.itemsize, d.torch) for d in dtypes.TABLE}
+FLOAT_DTYPES = dtypes.FLOAT_NAMES
 MAX_HEADER_BYTES = 100_000_000  # the limit safetensors itself enforces
+MAX_DIMS = 16  # no model tensor has more; a longer shape list is not a checkpoint
+MAX_NAME_CHARS = 4096
 TORCH_TO_ST = {v[1]: k for k, v in DTYPES.items()}
 
 
@@ -85,7 +77,10 @@ def read_header(path: str | Path) -> SafetensorsHeader:
     """Read and validate a safetensors header; raise CorruptFileError naming the broken rule."""
     path = Path(path)
     try:
-        size = os.path.getsize(path)
+        st = os.stat(path)
+        if not stat.S_ISREG(st.st_mode):
+            raise _corrupt(path, "not a regular file")
+        size = st.st_size
         with open(path, "rb") as f:
             prefix = f.read(8)
             if len(prefix) < 8:
@@ -98,17 +93,8 @@ def read_header(path: str | Path) -> SafetensorsHeader:
             raw = f.read(n)
     except OSError as exc:
         raise CorruptFileError(f"{path}: cannot read: {exc.strerror or exc}", path=path) from exc
-    try:
-        doc = json.loads(raw.decode("utf-8").rstrip(" "))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise _corrupt(path, f"header is not valid JSON ({exc})") from exc
-    if not isinstance(doc, dict):
-        raise _corrupt(path, "header is not a JSON object")
-    metadata = doc.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
-    ):
-        raise _corrupt(path, "__metadata__ must map strings to strings")
+    doc = parse_header_json(path, raw)
+    metadata = _metadata(path, doc.pop("__metadata__", None))
     data_start = 8 + n
     tensors: dict[str, TensorEntry] = {}
     for name, spec in doc.items():
@@ -126,23 +112,55 @@ def read_header(path: str | Path) -> SafetensorsHeader:
     return SafetensorsHeader(path=path, header_len=n, file_size=size, tensors=tensors, metadata=metadata)
 
 
+def parse_header_json(path: Path, raw: bytes) -> dict[str, object]:
+    """The header's JSON object, parsed under jsonio's limits (depth, duplicate keys, NaN, huge integers)."""
+    doc = loads_json(raw.rstrip(b" "), what=f"{path}: safetensors header", max_bytes=MAX_HEADER_BYTES,
+                     expect=dict, path=path)
+    if not isinstance(doc, dict):  # (loads_json's expect= already refused it; this narrows the type)
+        raise _corrupt(path, "header is not a JSON object")
+    return doc
+
+
+def _metadata(path: Path, value: object) -> dict[str, str]:
+    """`__metadata__`: absent or null, or an object of strings (safetensors' HashMap<String, String>)."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise _corrupt(path, f"__metadata__ must be an object of strings, not {_short(value)}")
+    for k, v in value.items():
+        if not isinstance(v, str):
+            raise _corrupt(path, f"__metadata__[{k!r}] must be a string, not {type(v).__name__}")
+    return value
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 def _entry(path: Path, name: str, spec: object, data_start: int) -> TensorEntry:
+    if not name or len(name) > MAX_NAME_CHARS or "\x00" in name:
+        raise _corrupt(path, f"tensor name {_short(name)} is empty, longer than {MAX_NAME_CHARS} or holds NUL")
     if not isinstance(spec, dict):
         raise _corrupt(path, f"entry {name!r} is not an object")
     dtype = spec.get("dtype")
     shape = spec.get("shape")
     offsets = spec.get("data_offsets")
-    if dtype not in DTYPES:
-        raise _corrupt(path, f"tensor {name!r} has unknown dtype {dtype!r}")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
-        raise _corrupt(path, f"tensor {name!r} has an invalid shape {shape!r}")
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        raise _corrupt(path, f"tensor {name!r} has unknown dtype {_short(dtype)}")
+    if (
+        not isinstance(shape, list)
+        or len(shape) > MAX_DIMS
+        or not all(type(d) is int and d >= 0 for d in shape)
+    ):
+        raise _corrupt(path, f"tensor {name!r} has an invalid shape {_short(shape)} (at most {MAX_DIMS} integers >= 0)")
     if (
         not isinstance(offsets, list)
         or len(offsets) != 2
-        or not all(isinstance(o, int) and o >= 0 for o in offsets)
+        or not all(type(o) is int and o >= 0 for o in offsets)
         or offsets[0] > offsets[1]
     ):
-        raise _corrupt(path, f"tensor {name!r} has invalid data_offsets {offsets!r}")
+        raise _corrupt(path, f"tensor {name!r} has invalid data_offsets {_short(offsets)}")
     expected = math.prod(shape) * DTYPES[dtype][0]
     if offsets[1] - offsets[0] != expected:
         raise _corrupt(

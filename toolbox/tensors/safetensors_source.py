@@ -8,13 +8,13 @@ while a read of one expert costs exactly that expert's bytes.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from toolbox.errors import BadInputError, CorruptFileError
 from toolbox.tensors.atomic import safe_join
+from toolbox.tensors.jsonio import load_json
 from toolbox.tensors.safetensors_format import DTYPES, SafetensorsHeader, TensorEntry, read_header
 from toolbox.tensors.sink import INDEX_NAME
 from toolbox.tensors.source import TensorInfo, TensorSource
@@ -23,16 +23,37 @@ if TYPE_CHECKING:
     import torch
 
 
+MAX_INDEX_BYTES = 64 * 1024 * 1024  # a 128-expert per-expert-key index is a few MB
+
+
 def read_index(index: Path) -> dict[str, str]:
-    """The weight_map of a model.safetensors.index.json; CorruptFileError when it is not one."""
-    try:
-        doc = json.loads(index.read_text())
-        weight_map = doc["weight_map"]
-        if not isinstance(weight_map, dict):
-            raise TypeError("weight_map is not an object")
-    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as exc:
-        raise CorruptFileError(f"{index}: not a valid safetensors index ({exc})", path=index) from exc
+    """The weight_map of a model.safetensors.index.json; CorruptFileError naming the entry when it is not one.
+
+    Each value must be a `.safetensors` file name (a string, no NUL); `metadata`, when present, an
+    object. Whether a name stays inside the directory is checked where it is joined (`shard_files`;
+    verify reports it as `index.path`).
+    """
+    doc = load_json(index, max_bytes=MAX_INDEX_BYTES, expect=dict)
+    weight_map = doc.get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise _bad_index(index, f"weight_map must be a non-empty object, not {_kind(weight_map)}")
+    if doc.get("metadata") is not None and not isinstance(doc["metadata"], dict):
+        raise _bad_index(index, f"metadata must be an object, not {_kind(doc['metadata'])}")
+    for name, shard in weight_map.items():
+        if not isinstance(shard, str) or not shard.endswith(".safetensors") or "\x00" in shard or len(shard) > 1024:
+            raise _bad_index(index, f"weight_map[{name[:80]!r}] must name a .safetensors file, not {_kind(shard)}")
     return weight_map
+
+
+def _kind(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else f"{type(value).__name__} {text[:50]}..."
+
+
+def _bad_index(index: Path, what: str) -> CorruptFileError:
+    return CorruptFileError(f"{index}: not a valid safetensors index: {what}",
+                            hint="regenerate the index or remove it (shards are then listed from the directory)",
+                            path=index)
 
 
 def shard_files(path: Path) -> tuple[list[Path], dict[str, str] | None]:
@@ -45,7 +66,10 @@ def shard_files(path: Path) -> tuple[list[Path], dict[str, str] | None]:
     if index.is_file():
         weight_map = read_index(index)
         names = sorted(set(weight_map.values()))
-        files = [safe_join(path, n) for n in names]
+        try:
+            files = [safe_join(path, n) for n in names]
+        except BadInputError as exc:
+            raise _bad_index(index, exc.message) from None
         for f in files:
             if not f.is_file():
                 raise CorruptFileError(

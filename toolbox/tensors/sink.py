@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -45,17 +46,37 @@ class _Planned:
         return math.prod(self.shape) * DTYPES[self.dtype][0]
 
 
-def parse_size(text: str | int) -> int:
-    """'50G', '500MB', '2GiB', '1000' -> bytes (decimal units as HF uses them, binary with 'i')."""
+MIN_SPLIT_BYTES = 10**6  # a size limit below 1 MB is a typo (`1` for `1G`), never a plan
+MAX_SIZE_BYTES = 1 << 60
+_SIZE = re.compile(r"(\d{1,15})(?:\.(\d{1,9}))?\s{0,4}(KI|MI|GI|TI|K|M|G|T)?B?")
+
+
+def parse_size(text: str | int, *, minimum: int = 1) -> int:
+    """'50G', '500MB', '2GiB', '1000' -> bytes (decimal units as HF uses them, binary with 'i').
+
+    0 means "no limit" and is always accepted; anything else must lie in [minimum, 2**60] bytes
+    (split sizes pass minimum=MIN_SPLIT_BYTES).
+    Negative numbers, NaN, exponents and other text are refused (UsageError, exit 2)."""
+    from toolbox.errors import InvalidSizeError
+
+    hint = f"write e.g. 50G, 500M or 2GiB (at least {minimum:,} bytes), or 0 for no limit"
+    if isinstance(text, bool) or not isinstance(text, (int, str)):
+        raise InvalidSizeError(f"{text!r} is not a size", hint=hint)
     if isinstance(text, int):
-        return text
-    s = text.strip().upper().removesuffix("B")
-    units = {"K": 1000, "M": 1000**2, "G": 1000**3, "T": 1000**4,
-             "KI": 1024, "MI": 1024**2, "GI": 1024**3, "TI": 1024**4}
-    for suffix in sorted(units, key=len, reverse=True):
-        if s.endswith(suffix):
-            return int(float(s[: -len(suffix)]) * units[suffix])
-    return int(s)
+        value = text
+    else:
+        m = _SIZE.fullmatch(text.strip().upper()[:64])
+        if m is None:
+            raise InvalidSizeError(f"{text[:64]!r} is not a size", hint=hint)
+        units = {"K": 1000, "M": 1000**2, "G": 1000**3, "T": 1000**4,
+                 "KI": 1024, "MI": 1024**2, "GI": 1024**3, "TI": 1024**4}
+        whole, frac, unit = m.group(1), m.group(2) or "", m.group(3)
+        scale = units[unit] if unit else 1
+        value = int(whole) * scale + int(frac or "0") * scale // 10 ** len(frac)
+    if value != 0 and not minimum <= value <= MAX_SIZE_BYTES:
+        why = "negative" if value < 0 else f"below {minimum:,} bytes" if value < minimum else "too large"
+        raise InvalidSizeError(f"{text!r} is not a usable size ({why})", hint=hint)
+    return value
 
 
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:

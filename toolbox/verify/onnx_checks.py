@@ -12,8 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from toolbox.errors import BadInputError, CorralError
+from toolbox.tensors.dtypes import FROM_ONNX
 
-_ONNX_TYPES = {1: "F32", 10: "F16", 16: "BF16", 7: "I64", 6: "I32"}
+_ONNX_TYPES = FROM_ONNX  # TensorProto code -> "F32", "BF16", ...
 LICENSE_FILES = ("LICENSE", "NOTICE", "USE_POLICY.md", "README.md")
 
 
@@ -36,15 +37,11 @@ def _signature(values: Any) -> dict[str, dict[str, Any]]:
     return out
 
 
-def _data_files(model: Any, root: Path) -> dict[str, Path]:
-    from toolbox.tensors.atomic import safe_join
+def _data_files(model: Any, file: Path) -> dict[str, Path]:
+    """{location: path} of the external-data files; every reference checked (toolbox.tensors.onnx_external)."""
+    from toolbox.tensors.onnx_external import external_refs
 
-    files = {}
-    for t in model.graph.initializer:
-        for e in t.external_data:
-            if e.key == "location" and e.value not in files:
-                files[e.value] = safe_join(root, e.value)
-    return files
+    return {ref.location: ref.file for ref in external_refs(file, model)}
 
 
 def inspect_onnx(path: str | Path) -> dict[str, Any]:
@@ -62,7 +59,7 @@ def inspect_onnx(path: str | Path) -> dict[str, Any]:
     ckpt = from_config(read_config(root), root)
     t = ckpt.text
     counts = ckpt.parameter_counts()
-    files = _data_files(model, root)
+    files = _data_files(model, file)
     props = {p.key: p.value for p in model.metadata_props}
     inputs, outputs = _signature(model.graph.input), _signature(model.graph.output)
     info: dict[str, Any] = {
@@ -125,7 +122,7 @@ def verify_onnx(path: str | Path, report: Any) -> None:
     root = file.parent
     try:
         model = load_onnx(file)
-        files = _data_files(model, root)
+        files = _data_files(model, file)
     except CorralError as exc:
         report.add("onnx.corrupt", "fatal", exc.message, path=str(file))
         return
@@ -157,11 +154,12 @@ def verify_onnx(path: str | Path, report: Any) -> None:
         if inits[name] != expected[name]:
             report.add("tensor.shape", "error", f"{name} has shape {list(inits[name])}, config.json implies "
                        f"{list(expected[name])}", tensor=name)
+    from toolbox.tensors.onnx_external import external_refs
+
     sizes = {f: f.stat().st_size for f in files.values()}
-    for t in model.graph.initializer:
-        ext = {e.key: e.value for e in t.external_data}
-        if "location" in ext and int(ext.get("offset", 0)) + int(ext.get("length", 0)) > sizes[files[ext["location"]]]:
-            report.add("onnx.truncated", "fatal", f"{ext['location']} ends before {t.name}", tensor=t.name)
+    for ref in external_refs(file, model):
+        if ref.offset + (ref.length or 0) > sizes[ref.file]:
+            report.add("onnx.truncated", "fatal", f"{ref.location} ends before {ref.tensor}", tensor=ref.tensor)
             break
     props = {p.key: p.value for p in model.metadata_props}
     if "corral.license.policy" not in props:
@@ -182,8 +180,8 @@ def run_against_transformers(path: str | Path, *, steps: int = 4, prompt: str = 
     import torch
     from transformers import AutoTokenizer, Llama4ForCausalLM
 
-    from toolbox.runtime.onnx_decoder import OnnxDecoder
     from converters.onnx_to_hf import convert_onnx_to_hf
+    from toolbox.runtime.onnx_decoder import OnnxDecoder
 
     file = _model_file(path)
     tok = AutoTokenizer.from_pretrained(file.parent)

@@ -1,4 +1,5 @@
-"""GGUF on the format floor: header and KV reading, the streaming writer, quant codecs.
+"""GGUF on the format floor: the one header/KV parser (`reader`), corral's streaming GGUFWriter
+(`writer`) and the tensor codecs (`quant`).
 
-Nothing here imports a converter, the license layer or the CLI.
+Nothing here imports a converter, the license layer or the CLI (tests/test_tensors.py checks it).
 """

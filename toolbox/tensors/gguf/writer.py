@@ -1,38 +1,202 @@
-"""gguf-py's GGUFWriter with metadata arrays packed in one call instead of one per item.
+"""corral's GGUFWriter: gguf-py's writer plus streamed tensor data, faster metadata arrays, direct I/O.
+
+gguf-py's writer holds every tensor until the end (or takes a whole array per call); for an
+expert tensor of 20 GiB we hand it one expert at a time. The writer does everything it does
+well (header, KV, tensor info, split files, alignment); the methods below write a declared
+tensor's bytes in pieces with the same padding rules as its `write_tensor_data`:
+
+    w = GGUFWriter(path, "llama4", direct_io=True)
+    ... add KV and tensor infos ...
+    w.begin_data()
+    w.write_tensor_pieces(name, pieces)             # in declaration order
+    w.write_expert_pair((gate, up), pairs)          # ffn_gate_exps + ffn_up_exps from one pass
+    w.close()
 
 A Llama 4 GGUF carries 202,048 token strings, as many token types and ~440k merges; gguf-py
 packs them item by item (`_pack_val` recursing, about 850k struct calls and bytearray appends),
-which costs ~6 s per file, most of a bf16 conversion's fixed overhead. Packing a whole array at
-once gives the same bytes (tests compare with the stock writer) in a fraction of that. Everything
-else is gguf-py's own code.
+~6 s per file. Packing a whole array at once gives the same bytes (tests compare with the
+stock writer) in a fraction of that.
+
+A piece that `toolbox.tensors.gguf.quant.encode` refuses (non-finite values the encoding
+created) stops the write with a BadInputError naming the tensor; callers write into a partial
+that is removed on error, so nothing is published.
 """
 
 from __future__ import annotations
 
+import os
 import struct
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from itertools import chain
 from typing import Any
 
 import gguf
 from gguf import GGUFValueType
 
+from toolbox.tensors.finite import NonFiniteError
+
 FAST_MIN_ITEMS = 64  # below this the stock per-item path is as fast
+WRITEBACK_BYTES = 1 << 30
 
 
 class GGUFWriter(gguf.GGUFWriter):
-    """Drop-in GGUFWriter: long arrays of strings or numbers packed faster; a custom alignment in every split.
+    """Drop-in GGUFWriter: streamed tensor data, long arrays packed faster, a custom alignment in every split.
 
     `direct_io`: tensors laid out at toolbox.tensors.direct_io.ALIGN (declared as general.alignment), so that
-    `toolbox.tensors.gguf.stream.begin_data` hands their data to DirectFiles (writes around the page cache)."""
+    `begin_data` hands their data to DirectFiles (writes around the page cache). `alignment`: lay data out
+    at that alignment without adding the key (a file copied key by key brings its own general.alignment)."""
 
-    def __init__(self, *args: Any, direct_io: bool = False, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, direct_io: bool = False, alignment: int | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.direct_io = direct_io
+        self._unflushed: dict[int, int] = {}
+        if alignment is not None:
+            self.data_alignment = alignment
         if direct_io:
             from toolbox.tensors.direct_io import ALIGN
 
             self.add_custom_alignment(ALIGN)
+
+    # -- streamed tensor data ------------------------------------------------------------------------
+    def begin_data(self) -> None:
+        """Header, KV and tensor-info sections of every split; with `direct_io`, tensor data of every file
+        then goes through a DirectFile (page-cache bypass, see toolbox.tensors.direct_io)."""
+        self.write_header_to_file()
+        self.write_kv_data_to_file()
+        self.write_ti_data_to_file()
+        if self.direct_io:
+            from toolbox.tensors.direct_io import DirectFile
+
+            assert self.fout is not None
+            for i, fout in enumerate(self.fout):
+                fout.flush()
+                start, path = fout.tell(), fout.name
+                fout.close()
+                self.fout[i] = DirectFile(path, start=start)
+
+    def _file_name(self) -> str | None:
+        """The output's file name (the path itself is a hidden partial until the writer's caller publishes it)."""
+        return self.path.name if self.path is not None else None
+
+    def _next_file(self) -> int:
+        if self.state not in (gguf.WriterState.TI_DATA, gguf.WriterState.WEIGHTS) or self.fout is None:
+            raise RuntimeError(f"GGUF writer is in state {self.state}, not ready for tensor data")
+        for i, tensors in enumerate(self.tensors):
+            if tensors:
+                return i
+        raise RuntimeError("GGUF writer: every declared tensor is already written")
+
+    def write_tensor_pieces(self, name: str, pieces: Iterable[memoryview | bytes]) -> int:
+        """Write the next declared tensor (it must be `name`) from byte pieces; returns bytes written."""
+        file_id = self._next_file()
+        assert self.fout is not None
+        fout = self.fout[file_id]
+        first = next(iter(self.tensors[file_id]))
+        if first != name:
+            raise RuntimeError(f"GGUF tensors out of order: expected {first!r}, got {name!r}")
+        info = self.tensors[file_id].pop(first)
+        self.write_padding(fout, fout.tell())
+        written = 0
+        try:
+            for piece in pieces:
+                fout.write(piece)
+                n = piece.nbytes if isinstance(piece, memoryview) else len(piece)
+                written += n
+                self._writeback(fout, n)
+        except NonFiniteError as exc:
+            raise exc.for_tensor(name, self._file_name()) from None
+        if written != info.nbytes:
+            raise RuntimeError(f"{name}: wrote {written} bytes, declared {info.nbytes}")
+        self.write_padding(fout, written)
+        self.state = gguf.WriterState.WEIGHTS
+        return written
+
+    def write_expert_pair(self, names: tuple[str, str], pieces: Iterable[tuple[Any, Any]]) -> int | None:
+        """Write two consecutive expert tensors (ffn_gate_exps, ffn_up_exps) from one pass over the experts.
+
+        Each item of `pieces` is (gate bytes, up bytes) of one expert; both go straight to their final
+        offsets (positioned writes), so the fused gate_up tensor is read once instead of twice. Returns
+        None, having written nothing, when the two are not the next tensors of one file (a split set
+        boundary between them): the caller then writes them one after the other.
+        """
+        file_id = self._next_file()
+        assert self.fout is not None
+        if list(self.tensors[file_id])[:2] != list(names):
+            return None
+        fout = self.fout[file_id]
+        gate_bytes = self.tensors[file_id].pop(names[0]).nbytes
+        up_bytes = self.tensors[file_id].pop(names[1]).nbytes
+        self.write_padding(fout, fout.tell())
+        try:
+            if hasattr(fout, "region"):  # a DirectFile: every tensor is laid out on a block boundary
+                self._write_pair_direct(fout, names, gate_bytes, up_bytes, pieces)
+            else:
+                self._write_pair_buffered(fout, names, gate_bytes, up_bytes, pieces)
+        except NonFiniteError as exc:
+            raise exc.for_tensor(f"{names[0]} / {names[1]}", self._file_name()) from None
+        self.state = gguf.WriterState.WEIGHTS
+        return gate_bytes + up_bytes
+
+    def _write_pair_buffered(self, fout: Any, names: tuple[str, str], gate_bytes: int, up_bytes: int,
+                             pieces: Iterable[tuple[Any, Any]]) -> None:
+        fout.flush()
+        base = fout.tell()
+        up_base = base + gguf.GGUFWriter.ggml_pad(gate_bytes, self.data_alignment)
+        fd = fout.fileno()
+        offsets = [base, up_base]
+        for pair in pieces:
+            for k, data in enumerate(pair):
+                view = memoryview(data).cast("B")
+                done = 0
+                while done < len(view):
+                    done += os.pwrite(fd, view[done:], offsets[k] + done)
+                offsets[k] += len(view)
+                self._writeback(fout, len(view))
+        if offsets != [base + gate_bytes, up_base + up_bytes]:
+            raise RuntimeError(f"{names}: wrote {offsets[0] - base} and {offsets[1] - up_base} bytes, declared "
+                               f"{gate_bytes} and {up_bytes}")
+        fout.seek(up_base + up_bytes)
+        self.write_padding(fout, up_bytes)
+
+    def _write_pair_direct(self, fout: Any, names: tuple[str, str], gate_bytes: int, up_bytes: int,
+                           pieces: Iterable[tuple[Any, Any]]) -> None:
+        """The pair into a DirectFile: two region writers, one per tensor, both block-aligned."""
+        fout.drain()
+        base = fout.tell()
+        up_base = base + gguf.GGUFWriter.ggml_pad(gate_bytes, self.data_alignment)
+        regions = [fout.region(base), fout.region(up_base)]
+        try:
+            for pair in pieces:
+                for region, data in zip(regions, pair, strict=True):
+                    region.write(data)
+            sizes = [regions[0].tell() - base, regions[1].tell() - up_base]
+            if sizes != [gate_bytes, up_bytes]:
+                raise RuntimeError(f"{names}: wrote {sizes[0]} and {sizes[1]} bytes, declared {gate_bytes} and "
+                                   f"{up_bytes}")
+            for region in regions:
+                region.close()  # each pads its last block with zeros: the GGUF padding up to the next tensor
+        finally:
+            for region in regions:
+                region.abort()
+        fout.skip_to(up_base + gguf.GGUFWriter.ggml_pad(up_bytes, self.data_alignment))
+
+    def _writeback(self, fout: Any, n: int) -> None:
+        """Every WRITEBACK_BYTES written to a buffered file, flush it to disk and drop it from the page
+        cache. Without it a 20-40 GB output fills memory with dirty and cached pages, and on a machine
+        smaller than the model the kernel's reclaim then dominates the run."""
+        if getattr(fout, "direct", False):
+            return  # nothing of it sits in the page cache
+        key = id(fout)
+        self._unflushed[key] = self._unflushed.get(key, 0) + n
+        if self._unflushed[key] >= WRITEBACK_BYTES:
+            self._unflushed[key] = 0
+            fout.flush()
+            fd = fout.fileno()
+            os.fdatasync(fd)
+            if hasattr(os, "posix_fadvise"):
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+
+    # -- metadata arrays ------------------------------------------------------------------------------
 
     def _pack_val(self, val: Any, vtype: GGUFValueType, add_vtype: bool,
                   sub_type: GGUFValueType | None = None) -> bytes:
