@@ -15,11 +15,11 @@ from safetensors import safe_open
 from transformers import Llama4ForCausalLM, Llama4ForConditionalGeneration
 
 from converters.onnx_export import KEY_TENSOR_MAP, convert_hf_to_onnx
-from toolbox.runtime.onnx_decoder import OnnxDecoder
 from converters.onnx_to_hf import convert_onnx_to_hf
 from license import keys as K
 from license.audit import check_artifact
 from toolbox.cli.main import main
+from toolbox.runtime.onnx_decoder import OnnxDecoder
 
 DECL = "below-700m"
 CHUNK = 3  # attention_chunk_size of the test checkpoints: prompts + decoding cross several chunks
@@ -196,10 +196,11 @@ def test_cli_fp16_without_kv_cache(tmp_path: Path, scout_dir: Path) -> None:
     assert main(["convert", "demo:scout", "--to", "onnx", "-o", str(out), "--mau-declaration", DECL]) == 2  # exists
 
 
-@pytest.mark.parametrize("extra", [["--dtype", "int4"], ["--opset", "9"], ["--vision"]])
-def test_cli_refuses_bad_options(tmp_path: Path, extra: list[str]) -> None:
+@pytest.mark.parametrize(("extra", "code"), [(["--dtype", "int4"], 2),  # not among --dtype's choices: usage
+                                             (["--opset", "9"], 3), (["--vision"], 3)])
+def test_cli_refuses_bad_options(tmp_path: Path, extra: list[str], code: int) -> None:
     out = tmp_path / "o"
-    assert main(["convert", "demo:scout", "--to", "onnx", "-o", str(out), "--mau-declaration", DECL, *extra]) == 3
+    assert main(["convert", "demo:scout", "--to", "onnx", "-o", str(out), "--mau-declaration", DECL, *extra]) == code
     assert not out.exists() and not any(tmp_path.iterdir())
 
 
