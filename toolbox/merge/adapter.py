@@ -4,19 +4,21 @@ Only `adapter_config.json` + `adapter_model.safetensors` are read (never a pickl
 `adapter_model.bin`). Tensors are opened lazily; the config gives each target its rank and
 alpha (`rank_pattern` / `alpha_pattern`, matched the way PEFT matches them), rsLoRA, DoRA and
 the peft version that decides the layout of fused-expert factors (see `toolbox.merge.plan`).
+The config is checked field by field first (`toolbox.merge.config`), the safetensors header is
+bounded by the header parser, and every factor is checked finite when it is loaded.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from toolbox.errors import BadInputError, CorruptFileError, UnsupportedModelError
+from toolbox.errors import BadInputError, UnsupportedModelError
+from toolbox.merge.config import CONFIG_MAX_BYTES, pattern_key, validate_config
 
 if TYPE_CHECKING:
     import torch
@@ -42,20 +44,11 @@ def parse_version(text: str | None) -> tuple[int, ...] | None:
     """'0.21.2' -> (0, 21, 2); None when absent or unparsable ('0.19.1.dev0' -> (0, 19, 1))."""
     if not text:
         return None
-    parts = re.findall(r"\d+", str(text).split("+")[0])[:3]
+    parts = re.findall(r"\d{1,9}", str(text)[:64].split("+")[0])[:3]
     return tuple(int(p) for p in parts) if parts else None
 
 
-def pattern_key(patterns: dict[str, Any], name: str) -> str | None:
-    """The first pattern that matches `name` the way PEFT's rank/alpha patterns do (a suffix on a dot boundary,
-    the pattern being a regular expression)."""
-    for key in patterns:
-        try:
-            if re.match(rf"(.*\.)?({key})$", name):
-                return key
-        except re.error:
-            raise BadInputError(f"rank/alpha pattern {key!r} is not a valid regular expression") from None
-    return None
+__all__ = ["Adapter", "load_adapter", "parse_version", "pattern_key"]
 
 
 @dataclass
@@ -125,12 +118,23 @@ class Adapter:
         return self._handle
 
     def load(self, key: str) -> torch.Tensor:
-        """One adapter tensor as float32 (adapters are small: a tensor is at most r x the base's width)."""
-        return self._open().get_tensor(key).float()
+        """One adapter tensor as float32 (adapters are small: a tensor is at most r x the base's width);
+        NaN/Inf is refused (exit 3) naming the file and the tensor."""
+        return self._finite(key, self._open().get_tensor(key).float())
 
     def load_rows(self, key: str, start: int, stop: int) -> torch.Tensor:
         """Rows [start, stop) of an adapter tensor (a modules_to_save lm_head is as large as the base's)."""
-        return self._open().get_slice(key)[start:stop].float()
+        return self._finite(key, self._open().get_slice(key)[start:stop].float())
+
+    def _finite(self, key: str, t: torch.Tensor) -> torch.Tensor:
+        import torch
+
+        if t.numel() and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise BadInputError(f"{self.weights_path}: {key}: {bad} NaN/Inf value(s) in the adapter tensor",
+                                hint="the adapter is corrupt or its training diverged; nothing was written",
+                                path=self.weights_path)
+        return t
 
     def close(self) -> None:
         self._handle = None  # safetensors closes the file when the handle is collected
@@ -159,20 +163,14 @@ def load_adapter(path: str | Path) -> Adapter:
     cfg_path = p / CONFIG_NAME
     if not cfg_path.is_file():
         raise BadInputError(f"{p}: no {CONFIG_NAME}; not a PEFT adapter directory", path=p)
-    try:
-        config = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CorruptFileError(f"{cfg_path}: not valid JSON ({exc})", path=cfg_path) from None
-    if not isinstance(config, dict):
-        raise CorruptFileError(f"{cfg_path}: expected a JSON object", path=cfg_path)
-    method = str(config.get("peft_type", "")).upper()
-    if method != "LORA":
-        raise UnsupportedModelError(f"{cfg_path}: peft_type {config.get('peft_type')!r} cannot be merged by corral",
-                                    hint="only LoRA adapters (incl. rsLoRA, DoRA) are merged", path=cfg_path)
+    from toolbox.tensors.jsonio import load_json
+
+    config = load_json(cfg_path, max_bytes=CONFIG_MAX_BYTES, what=str(cfg_path), expect=dict)
+    validate_config(config, cfg_path)
     for flag in _UNSUPPORTED_FLAGS:
         if config.get(flag):
-            raise UnsupportedModelError(f"{cfg_path}: {flag}={config[flag]!r} is not supported by corral merge",
-                                        path=cfg_path)
+            raise UnsupportedModelError(
+                f"{cfg_path}: {flag}={str(config[flag])[:60]!r} is not supported by corral merge", path=cfg_path)
     if config.get("fan_in_fan_out"):
         raise UnsupportedModelError(f"{cfg_path}: fan_in_fan_out=true is for Conv1D models, not Llama 4", path=cfg_path)
     weights = p / WEIGHTS_NAME

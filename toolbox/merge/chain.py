@@ -9,14 +9,13 @@ tensor source instead of a directory.
 from __future__ import annotations
 
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from toolbox.errors import UsageError
 from toolbox.progress import NULL_PROGRESS, Progress
-from toolbox.tensors.atomic import PARTIAL_MARK, check_output_path
+from toolbox.tensors.atomic import check_output_path, new_partial
 
 
 @dataclass
@@ -47,7 +46,7 @@ def merge_to_gguf(base: str | Path, adapters: list[Any], out: str | Path, *, wei
     out.parent.mkdir(parents=True, exist_ok=True)
     if (dtype or "auto").lower() == "auto" and outtype.lower() == "f32":
         dtype = "f32"  # do not round the merged weights to the base's bf16 on the way to an f32 GGUF
-    holder = Path(tempfile.mkdtemp(prefix=f".{out.name}{PARTIAL_MARK}merge-", dir=out.parent))
+    holder = new_partial(out, directory=True, tag="merge-")  # owned: the GGUF step must not take it for stale
     try:
         merged = merge_adapters(base, adapters, holder / "hf", weights=weights, dtype=dtype, name=name,
                                 mau_declaration=mau_declaration, fix_name=fix_name, base_model=base_model,

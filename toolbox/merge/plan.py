@@ -46,7 +46,7 @@ ALIASES = (
 )
 _LORA = re.compile(r"^(?P<mod>.+)\.(?:lora_(?P<ab>[AB])\.weight|lora_embedding_(?P<eab>[AB])|"
                    r"(?P<mag>lora_magnitude_vector)(?:\.weight)?)$")
-_PER_EXPERT = re.compile(r"^(?P<root>.+\.experts)\.(?P<e>\d+)\.(?P<part>gate|up|down)_proj$")
+_PER_EXPERT = re.compile(r"^(?P<root>.+\.experts)\.(?P<e>\d{1,9})\.(?P<part>gate|up|down)_proj$")
 _BASE_LAYER = ".base_layer"
 
 

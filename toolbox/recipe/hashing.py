@@ -21,9 +21,13 @@ class HashCache:
         self.path = path
         self._lock = threading.Lock()
         try:
-            self._data: dict[str, list] = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            self._data = {}
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError, RecursionError):
+            data = {}
+        # corral's own cache, but a damaged one must cost a re-hash, not a crash: keep well-formed records only
+        self._data: dict[str, list] = {k: v for k, v in data.items() if isinstance(v, list) and len(v) == 3 and
+                                       type(v[0]) is int and type(v[1]) is int and isinstance(v[2], str)
+                                       } if isinstance(data, dict) else {}
 
     def file(self, path: Path) -> str:
         st = path.stat()

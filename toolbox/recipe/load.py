@@ -1,10 +1,16 @@
 """Reading a recipe: YAML with line numbers, `--set` overrides, validation errors that point at
-the line and field that caused them."""
+the line and field that caused them.
+
+A recipe may come from a stranger (a pull request, a shared CI template), so it is read under
+bounds before any YAML object is built: its size, text (no binary), nesting depth, token count,
+the size it expands to through aliases (a "billion laughs" document is refused, as is a
+recursive alias), scalar sizes and duplicate keys; each refusal is exit 3 with FILE:LINE:COL."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,6 +19,12 @@ from toolbox.errors import BadInputError, UsageError
 from toolbox.recipe.schema import Recipe
 
 BUILTIN_DIR = Path(__file__).resolve().parents[2] / "recipes"
+MAX_BYTES = 256 * 1024  # a real recipe is a few KiB
+MAX_DEPTH = 32
+MAX_TOKENS = 50_000
+MAX_NODES = 100_000  # YAML nodes after alias expansion
+MAX_SCALAR_CHARS = 16 * 1024
+MAX_INT_CHARS = 40
 
 
 class RecipeError(BadInputError):
@@ -24,6 +36,14 @@ class LoadedRecipe:
     recipe: Recipe
     path: Path
     document: dict[str, Any]  # after overrides, as validated
+    root: Any = None  # the composed YAML node tree, for FILE:LINE:COL in later checks
+
+    def where(self, loc: tuple[Any, ...]) -> tuple[str, str]:
+        """("FILE:LINE:COL", "steps[2].output") for a field location (the deepest node the file has)."""
+        node, names = _node_at(self.root, loc) if self.root is not None else (None, [])
+        mark = getattr(node, "start_mark", None)
+        where = f"{self.path}:{mark.line + 1}:{mark.column + 1}" if mark else str(self.path)
+        return where, ".".join(names).replace(".[", "[") or "(top level)"
 
     @property
     def digest(self) -> str:
@@ -65,6 +85,124 @@ def _node_at(root: Any, loc: tuple[Any, ...]) -> tuple[Any, list[str]]:
     return node, names
 
 
+def _at(path: Path, mark: Any) -> str:
+    return f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else f"{path}:1:1"
+
+
+def read_text(path: Path) -> str:
+    """The recipe's text, refused (RecipeError, FILE:LINE:COL) when too large, binary or not UTF-8."""
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size > MAX_BYTES:
+                raise RecipeError(f"{path}:1:1: {size} bytes, more than the {MAX_BYTES} a recipe may have", path=path)
+            raw = f.read(MAX_BYTES + 1)
+    except OSError as exc:
+        raise RecipeError(f"{path}: cannot read the recipe: {exc.strerror or exc}", path=path) from None
+    if len(raw) > MAX_BYTES:  # grew while being read
+        raise RecipeError(f"{path}:1:1: more than the {MAX_BYTES} bytes a recipe may have", path=path)
+
+    def position(offset: int) -> str:
+        line = raw.count(b"\n", 0, offset) + 1
+        column = offset - raw.rfind(b"\n", 0, offset)
+        return f"{path}:{line}:{column}"
+
+    nul = raw.find(b"\0")
+    if nul != -1:
+        raise RecipeError(f"{position(nul)}: a binary file (NUL byte), not a YAML recipe", path=path)
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise RecipeError(f"{position(exc.start)}: not UTF-8 text, not a YAML recipe", path=path) from None
+
+
+def parse_yaml(text: str, path: Path) -> tuple[Any, Any]:
+    """(root node, document) of a YAML text, under the bounds of this module; SafeLoader only."""
+    import yaml
+
+    loader_cls = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    opening = (yaml.FlowSequenceStartToken, yaml.FlowMappingStartToken, yaml.BlockSequenceStartToken,
+               yaml.BlockMappingStartToken)
+    closing = (yaml.FlowSequenceEndToken, yaml.FlowMappingEndToken, yaml.BlockEndToken)
+    try:
+        depth = 0
+        for count, token in enumerate(yaml.scan(text, Loader=loader_cls)):  # flat: no recursion, no objects
+            if count >= MAX_TOKENS:
+                raise RecipeError(f"{_at(path, token.start_mark)}: more than {MAX_TOKENS} YAML tokens; "
+                                  "a recipe is small", path=path)
+            if isinstance(token, opening):
+                depth += 1
+                if depth > MAX_DEPTH:
+                    raise RecipeError(f"{_at(path, token.start_mark)}: nested deeper than {MAX_DEPTH} levels",
+                                      path=path)
+            elif isinstance(token, closing):
+                depth -= 1
+        loader = loader_cls(text)
+        try:
+            root = loader.get_single_node()
+            if root is None:
+                return None, None
+            _check_nodes(root, path)
+            return root, loader.construct_document(root)
+        finally:
+            loader.dispose()
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        raise RecipeError(f"{_at(path, mark)}: not valid YAML: {exc.problem or exc.context}", path=path) from None
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"{path}:1:1: not valid YAML: {str(exc)[:200]}", path=path) from None
+    except (ValueError, OverflowError, RecursionError, MemoryError) as exc:
+        raise RecipeError(f"{path}:1:1: YAML value out of range ({type(exc).__name__})", path=path) from None
+
+
+def _check_nodes(root: Any, path: Path) -> None:
+    """Walk the node graph once (iteratively): recursive aliases, the expanded size, scalars, duplicate keys."""
+    import yaml
+
+    sizes: dict[int, int] = {}
+    open_nodes: set[int] = set()  # the ancestors of the node being visited
+    stack: list[tuple[Any, bool]] = [(root, False)]
+    while stack:
+        node, finished = stack.pop()
+        kids = ([n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode) else
+                list(node.value) if isinstance(node, yaml.SequenceNode) else [])
+        if finished:
+            open_nodes.discard(id(node))
+            sizes[id(node)] = 1 + sum(sizes[id(k)] for k in kids)
+            if sizes[id(node)] > MAX_NODES:
+                raise RecipeError(f"{_at(path, node.start_mark)}: expands to more than {MAX_NODES} values "
+                                  "(aliases of aliases)", path=path)
+            continue
+        if id(node) in sizes:
+            continue
+        if id(node) in open_nodes:
+            raise RecipeError(f"{_at(path, node.start_mark)}: a recursive alias (a value that contains itself)",
+                              path=path)
+        _check_node(node, path)
+        open_nodes.add(id(node))
+        stack.append((node, True))
+        stack.extend((k, False) for k in kids if id(k) not in sizes)
+
+
+def _check_node(node: Any, path: Path) -> None:
+    import yaml
+
+    if isinstance(node, yaml.ScalarNode):
+        if len(node.value) > MAX_SCALAR_CHARS:
+            raise RecipeError(f"{_at(path, node.start_mark)}: a value of {len(node.value)} characters "
+                              f"(at most {MAX_SCALAR_CHARS})", path=path)
+        if node.tag.endswith(":int") and len(node.value) > MAX_INT_CHARS:
+            raise RecipeError(f"{_at(path, node.start_mark)}: an integer of {len(node.value)} digits", path=path)
+    elif isinstance(node, yaml.MappingNode):
+        seen: set[str] = set()
+        for key, _value in node.value:
+            if isinstance(key, yaml.ScalarNode) and not key.tag.endswith(":merge"):
+                if key.value in seen:
+                    raise RecipeError(f"{_at(path, key.start_mark)}: key {key.value[:60]!r} appears twice in one "
+                                      "mapping", path=path)
+                seen.add(key.value)
+
+
 def _apply_override(doc: dict[str, Any], assignment: str) -> None:
     """`key=value` with a dotted key; `steps.ID.field` addresses a step by its id; the value is YAML."""
     import yaml
@@ -75,7 +213,9 @@ def _apply_override(doc: dict[str, Any], assignment: str) -> None:
     try:
         value = yaml.safe_load(raw) if raw else ""
     except yaml.YAMLError as exc:
-        raise UsageError(f"--set {key}: value is not valid YAML ({exc.problem})") from None
+        raise UsageError(f"--set {key}: value is not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    except (ValueError, OverflowError, RecursionError):
+        raise UsageError(f"--set {key}: value out of range") from None
     parts = key.split(".")
     target: Any = doc
     for i, part in enumerate(parts[:-1]):
@@ -99,18 +239,10 @@ def load_recipe(name_or_path: str | Path, overrides: list[str] | tuple[str, ...]
     """Parse, override and validate a recipe; RecipeError (exit 3) names FILE:LINE:COL and the field."""
     import copy
 
-    import yaml
     from pydantic import ValidationError
 
     path = find_recipe(name_or_path)
-    text = path.read_text(encoding="utf-8")
-    try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-        doc = yaml.safe_load(text)
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark
-        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
-        raise RecipeError(f"{where}: not valid YAML: {exc.problem}", path=path) from None
+    root, doc = parse_yaml(read_text(path), path)
     if not isinstance(doc, dict):
         raise RecipeError(f"{path}:1:1: a recipe is a YAML mapping (corral: 1, name:, source:, steps:)", path=path)
     original = copy.deepcopy(doc)
@@ -132,7 +264,7 @@ def load_recipe(name_or_path: str | Path, overrides: list[str] | tuple[str, ...]
         raise RecipeError(f"{where}: {field}: {msg}{more}", path=path,
                           hint="corral recipe schema prints the JSON Schema; corral recipe show NAME an example"
                           ) from None
-    return LoadedRecipe(recipe, path, recipe.model_dump(mode="json", by_alias=True, exclude_defaults=False))
+    return LoadedRecipe(recipe, path, recipe.model_dump(mode="json", by_alias=True, exclude_defaults=False), root)
 
 
 def _touched(loc: tuple[Any, ...], overrides: list[str] | tuple[str, ...]) -> bool:

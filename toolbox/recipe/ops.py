@@ -55,7 +55,13 @@ def _convert(p: dict[str, Any], src: Path, workdir: Path, ctx: OpContext) -> Pat
                              split_max_size=p.get("split_max_size") or 0, opset=p.get("opset"),
                              kv_cache=p.get("kv_cache", True), mmproj=p.get("mmproj"),
                              mmproj_outtype=p.get("mmproj_outtype"),
-                             allow_lossy_config=p.get("allow_lossy_config", False), license=_license(ctx, p))
+                             allow_lossy_config=p.get("allow_lossy_config", False), license=_license(ctx, p),
+                             tensor_types=tuple(p.get("tensor_types") or ()),
+                             output_tensor_type=p.get("output_tensor_type"),
+                             token_embedding_type=p.get("token_embedding_type"), pure=bool(p.get("pure")),
+                             imatrix=Path(p["imatrix"]) if p.get("imatrix") else None,
+                             include_weights=tuple(p.get("include_weights") or ()),
+                             exclude_weights=tuple(p.get("exclude_weights") or ()))
     return convert(request, progress=ctx.progress).paths[0]
 
 

@@ -118,7 +118,11 @@ def _render(value: Any, values: dict[str, Any]) -> Any:
 
 
 def expand(loaded: LoadedRecipe) -> list[Instance]:
-    """Step instances in dependency order; a step reading from a fanned-out step fans out with it."""
+    """Step instances in dependency order; a step reading from a fanned-out step fans out with it. The
+    rendered instances are checked (`toolbox.recipe.check`): what a run would refuse is refused here."""
+    from toolbox.recipe.check import check_instances, count_instances
+
+    count_instances(loaded)
     by_step: dict[str, list[Instance | None]] = {"source": [None]}
     out: list[Instance] = []
     for step in loaded.recipe.steps:
@@ -134,6 +138,7 @@ def expand(loaded: LoadedRecipe) -> list[Instance]:
                 made.append(inst)
                 out.append(inst)
         by_step[step.id] = made
+    check_instances(loaded, out)
     return out
 
 
@@ -211,7 +216,7 @@ def _key(inst: Instance, source: Source, against: Instance | str | None, loaded:
     from toolbox import __version__
 
     params = dict(inst.params)
-    for name in ("calibration",):
+    for name in ("calibration", "imatrix"):
         if params.get(name):
             params[name] = _input_hash(loaded, params[name], hashes, inputs)
     if "adapters" in params:
@@ -267,9 +272,9 @@ def run_recipe(loaded: LoadedRecipe, output_dir: str | Path | None = None, *, ca
     hashes = HashCache(cache / "hashes.json")
     lock_path = Path(lock) if lock else None
     lock_doc = _read_lock(lock_path) if lock_path and lock_path.is_file() else None
+    instances = expand(loaded)  # refuses what a run would refuse, before the source is fetched or built
     source = resolve_source(loaded, cache, hashes, dry_run=dry_run, lock=lock_doc, accept_license=accept_license,
                             progress=progress)
-    instances = expand(loaded)
     # the declaration the outputs will carry: --mau-declaration / CORRAL_MAU_DECLARATION, else the recipe's
     ctx_common = {"mau_declaration": mau_declaration or r.license.mau_declaration, "fix_name": r.license.fix_name}
     inputs: dict[str, str] = {}
@@ -282,8 +287,9 @@ def run_recipe(loaded: LoadedRecipe, output_dir: str | Path | None = None, *, ca
         sizes[id(inst)] = _estimate(inst, parent_size) if not inst.gate else parent_size
         inst.estimate = 0 if inst.gate else sizes[id(inst)]
     for inst in instances:  # ops get absolute paths (recipe paths are relative to the recipe file)
-        if inst.params.get("calibration"):
-            inst.params["calibration"] = str(_input_path(loaded, inst.params["calibration"]))
+        for name in ("calibration", "imatrix"):
+            if inst.params.get(name):
+                inst.params[name] = str(_input_path(loaded, inst.params[name]))
         if "adapters" in inst.params:
             inst.params["adapters"] = [{**a, "path": str(_input_path(loaded, a["path"]))}
                                        for a in inst.params["adapters"]]
@@ -417,9 +423,12 @@ def _done(objects: Path, inst: Instance) -> tuple[Path, dict[str, str]] | None:
     record = objects / inst.key / "corral-object.json"
     try:
         data = json.loads(record.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        artifact, files = data["artifact"], data["files"]
+    except (OSError, ValueError, RecursionError, KeyError, TypeError):
+        return None  # a damaged cache record: the instance is rebuilt
+    if not isinstance(artifact, str) or not isinstance(files, dict) or ".." in artifact.split("/"):
         return None
-    return objects / inst.key / data["artifact"], data["files"]
+    return objects / inst.key / artifact, files
 
 
 def _mark_gate(objects: Path, inst: Instance) -> None:
@@ -428,17 +437,27 @@ def _mark_gate(objects: Path, inst: Instance) -> None:
 
 
 # -- publishing ----------------------------------------------------------------------------------
-def artifact_parts(artifact: Path) -> list[Path]:
-    """A file artifact and, for the first file of a split GGUF set, the other parts."""
-    from toolbox.tensors.gguf.reader import split_parts
+MMPROJ_SUFFIX = ".mmproj.gguf"  # X.gguf -> X.mmproj.gguf, as converters.gguf_mmproj.mmproj_path_for names it
 
-    return split_parts(artifact) if artifact.suffix == ".gguf" else [artifact]
+
+def artifact_parts(artifact: Path) -> list[Path]:
+    """A file artifact and, for the first file of a split GGUF set, the other parts (and the mmproj file
+    a convert step with `mmproj: auto` wrote beside it)."""
+    from toolbox.tensors.gguf.reader import SPLIT_RE, split_parts
+
+    if artifact.suffix != ".gguf":
+        return [artifact]
+    m = SPLIT_RE.match(artifact.name)
+    mmproj = artifact.with_name(f"{m['stem'] if m else artifact.stem}{MMPROJ_SUFFIX}")
+    return [*split_parts(artifact), *([mmproj] if mmproj != artifact and mmproj.is_file() else [])]
 
 
 def _published_name(part: Path, first: Path, target: Path) -> Path:
     """`X.gguf` for a single file; `X-0000i-of-0000N.gguf` for the parts of a split set."""
     from toolbox.tensors.gguf.reader import SPLIT_RE
 
+    if part.name.endswith(MMPROJ_SUFFIX) and part != first:
+        return target.with_name(f"{target.name.removesuffix('.gguf')}{MMPROJ_SUFFIX}")
     m = SPLIT_RE.match(part.name)
     if m is None or SPLIT_RE.match(first.name) is None:
         return target
@@ -494,13 +513,27 @@ def _publish(instances: list[Instance], out_dir: Path, name: str, loaded: Loaded
 
 
 # -- lock ----------------------------------------------------------------------------------------
+LOCK_MAX_BYTES = 64 * 1024**2
+
+
 def _read_lock(path: Path) -> dict[str, Any]:
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise BadInputError(f"{path}: unreadable lock file ({exc})", path=path) from None
+    """The lock document, its shape checked (a lock file is an input: it may be damaged or hand-edited)."""
+    from toolbox.tensors.jsonio import load_json
+
+    doc = load_json(path, max_bytes=LOCK_MAX_BYTES, what=f"{path}: lock file", error=BadInputError)
     if not isinstance(doc, dict) or doc.get("corral_lock") != LOCK_VERSION:
         raise BadInputError(f"{path}: not a corral recipe lock (version {LOCK_VERSION})", path=path)
+    steps = doc.get("steps", {})
+    shapes = {"source": isinstance(doc.get("source", {}), dict),
+              "inputs": isinstance(doc.get("inputs", {}), dict)
+              and all(isinstance(v, str) for v in doc.get("inputs", {}).values()),
+              "steps": isinstance(steps, dict) and all(
+                  isinstance(v, dict) and isinstance(v.get("key", ""), str) and isinstance(v.get("files", {}), dict)
+                  for v in steps.values())}
+    bad = next((k for k, ok in shapes.items() if not ok), None)
+    if bad is not None:
+        raise BadInputError(f"{path}: lock file field {bad!r} has the wrong shape",
+                            hint="delete the lock file to re-lock", path=path)
     return doc
 
 

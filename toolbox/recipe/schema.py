@@ -28,7 +28,7 @@ class FieldError(ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True)
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True, allow_inf_nan=False)
 
 
 class LicenseSpec(_Strict):
@@ -51,6 +51,20 @@ class ConvertWith(_Strict):
     split_max_size: str | None = None
     name: str | None = Field(None, description="Model name (must begin with 'Llama')")
     allow_lossy_config: bool = False
+    opset: int | None = Field(None, ge=18, le=23, description="ONNX opset (default 18)")
+    kv_cache: bool = Field(True, description="ONNX past/present KV inputs and outputs")
+    mmproj: Literal["auto", "none"] | None = Field(None, description="to gguf: auto also writes the vision tower "
+                                                   "as OUT.mmproj.gguf, published beside the output")
+    mmproj_outtype: Literal["auto", "f32", "f16", "bf16", "q8_0"] | None = None
+    # to gguf with a mix outtype: llama-quantize's per-tensor options (corral convert --help)
+    tensor_types: list[Annotated[str, Field(max_length=300)]] = Field(
+        [], max_length=64, description="REGEX=TYPE overrides, first match wins (--tensor-type)")
+    output_tensor_type: str | None = None
+    token_embedding_type: str | None = None
+    pure: bool = False
+    imatrix: str | None = Field(None, description="importance matrix file (llama-imatrix's GGUF or legacy .dat)")
+    include_weights: list[Annotated[str, Field(max_length=300)]] = Field([], max_length=64)
+    exclude_weights: list[Annotated[str, Field(max_length=300)]] = Field([], max_length=64)
 
 
 class MergeWith(_Strict):
@@ -59,11 +73,16 @@ class MergeWith(_Strict):
     name: str | None = None
 
 
+MAX_INDEX = 1 << 16  # experts and layers: Maverick has 128 experts and 48 layers
+Layer = Annotated[int, Field(ge=0, le=MAX_INDEX)]
+Experts = Annotated[list[Layer], Field(max_length=MAX_INDEX)]
+
+
 class PruneWith(_Strict):
-    keep: list[int] | dict[int, list[int]] | None = Field(None, description="experts to keep in every MoE layer, "
-                                                          "or {layer: [experts]}")
-    drop: list[int] | dict[int, list[int]] | None = None
-    keep_count: int | None = Field(None, ge=1)
+    keep: Experts | dict[Layer, Experts] | None = Field(None, description="experts to keep in every MoE layer, "
+                                                        "or {layer: [experts]}")
+    drop: Experts | dict[Layer, Experts] | None = None
+    keep_count: int | None = Field(None, ge=1, le=MAX_INDEX)
     criterion: Literal["frequency", "reap", "ean"] | None = None
     calibration: str | None = None
     name: str | None = None
@@ -79,7 +98,7 @@ class PruneWith(_Strict):
 
 
 class ExtractWith(_Strict):
-    expert: int | Literal["auto"]
+    expert: Annotated[int, Field(ge=0, le=MAX_INDEX)] | Literal["auto"]
     calibration: str | None = None
     name: str | None = None
 

@@ -7,9 +7,11 @@ reported but does not fail. Without --deep only headers and the tokenizer are re
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import math
+import os
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -75,9 +77,9 @@ def verify_checkpoint(path: str | Path, *, deep: bool = False, against: str | Pa
     `against` (GGUF only): the HF checkpoint the GGUF was made from, compared tensor by tensor.
     `run` (ONNX only): greedy-decode a few tokens in onnxruntime and in transformers and compare.
     """
-    from toolbox.demo import resolve_checkpoint
+    from toolbox.reference import resolve_path
 
-    root = resolve_checkpoint(path, progress=progress)
+    root = resolve_path(path, progress=progress)
     report = VerifyReport(path=str(root))
     is_gguf = root.suffix == ".gguf" and root.is_file()
     if against is not None and not is_gguf:
@@ -113,14 +115,30 @@ def verify_checkpoint(path: str | Path, *, deep: bool = False, against: str | Pa
         return report
     if run:
         raise UsageError("--run decodes with onnxruntime: give a corral ONNX export directory or .onnx file")
+    from toolbox.reference import ModelReference, ResolvedModel
+
+    model = ResolvedModel(ModelReference.parse(root), root)
+    if model.meta_dir is not None:  # Meta's original format: params.json checked against the shards
+        from toolbox.verify.meta_checks import verify_meta
+
+        verify_meta(model, report, deep=deep, progress=progress)
+        return report
     ckpt = _check_config(root, report)
     headers = _check_shards(root, report)
-    if ckpt is not None and headers is not None:
-        _check_inventory(ckpt, root, report)
-    if ckpt is not None:
-        _check_tokenizer(ckpt, root, report)
-    if deep and headers is not None:
-        _deep_scan(headers, report, progress)
+    with ThreadPoolExecutor(1, thread_name_prefix="corral-deep-scan") as pool:
+        # the byte scan (I/O and torch kernels) runs while the inventory and tokenizer are checked
+        # (Python): its findings are appended after theirs, as if it had run last
+        deep_part = VerifyReport(path=report.path)
+        scan = pool.submit(_deep_scan, headers, deep_part, progress) if deep and headers is not None else None
+        if ckpt is not None and headers is not None:
+            _check_inventory(ckpt, root, report)
+        if ckpt is not None:
+            _check_tokenizer(ckpt, root, report)
+        if scan is not None:
+            scan.result()
+            report.findings.extend(deep_part.findings)
+            report.tensor_stats.update(deep_part.tensor_stats)
+            report.checked.update(deep_part.checked)
     return report
 
 
@@ -340,21 +358,44 @@ def _check_tokenizer(ckpt: Llama4Checkpoint, root: Path, report: VerifyReport) -
 
 
 # -- deep scan ----------------------------------------------------------------------------------
-DEEP_CHUNK_BYTES = 32 * 1024**2
-
-
+DEEP_CHUNK_BYTES = 8 * 1024**2  # read and reduced by one worker while it is still in that core's cache
+DEEP_EXTRA_WORKERS = 2  # workers beyond one per core: reads stay in flight while others compute
 BF16_ROW = 4096
+Part = tuple[int, int, int, float, float, float, float]  # n, nan, inf, sum, sum of squares, min, max
 
 
-@functools.cache
-def _ones_bf16() -> Any:
+def chunk_stats(x: Any) -> Part:
+    """The statistics of one chunk, reduced where it lies, by vectorised kernels that read it and write
+    nothing: min/max (which also tells whether NaN/Inf is present: aminmax propagates NaN, and an Inf is the
+    min or the max), then row sums and row norms. bf16 stays bf16 (a conversion pass costs more than the
+    three reductions); the kernels accumulate in float32 and round each 4096-element row's result to bf16
+    (2**-9 relative), and the rows are summed in float64, where those errors average out: ~4 significant
+    digits for a tensor of many rows, what a health check needs. Only a chunk holding NaN/Inf is counted with masks."""
     import torch
 
-    return torch.ones(BF16_ROW, dtype=torch.bfloat16)
+    nan = inf = 0
+    lo, hi = torch.aminmax(x)
+    lo_f, hi_f = float(lo), float(hi)
+    if not (math.isfinite(lo_f) and math.isfinite(hi_f)):
+        nan_mask, inf_mask = torch.isnan(x), torch.isinf(x)
+        nan, inf = int(nan_mask.sum()), int(inf_mask.sum())
+        x = x[~(nan_mask | inf_mask)]
+        if not x.numel():
+            return 0, nan, inf, 0.0, 0.0, math.inf, -math.inf
+        lo, hi = torch.aminmax(x)
+        lo_f, hi_f = float(lo), float(hi)
+    if x.dtype == torch.bfloat16 and x.numel() % BF16_ROW == 0:
+        rows = x.view(-1, BF16_ROW)
+        s = float(rows.sum(dim=1).double().sum())
+        ss = float(torch.linalg.vector_norm(rows, dim=1).double().square().sum())
+    else:
+        x = x.float()
+        s, ss = float(x.sum()), float(torch.dot(x, x))
+    return x.numel(), nan, inf, s, ss, lo_f, hi_f
 
 
 class _Stats:
-    """Running per-tensor statistics over chunks (float64 accumulators)."""
+    """Running per-tensor statistics over chunks (float64 accumulators), folded in file order."""
 
     def __init__(self) -> None:
         self.n = self.nan = self.inf = 0
@@ -362,35 +403,18 @@ class _Stats:
         self.lo, self.hi = math.inf, -math.inf
 
     def add(self, x: Any) -> None:
-        """Fold in a chunk (bf16 is reduced natively, other floats as float32)."""
-        import torch
+        """Fold in a chunk (bf16 with whole 4096-element rows natively, anything else as float32)."""
+        self.fold(chunk_stats(x))
 
-        lo, hi = torch.aminmax(x)  # NaN propagates, so one fast pass tells whether to count
-        lo_f, hi_f = float(lo), float(hi)
-        if not (math.isfinite(lo_f) and math.isfinite(hi_f)):
-            nan_mask, inf_mask = torch.isnan(x), torch.isinf(x)
-            self.nan += int(nan_mask.sum())
-            self.inf += int(inf_mask.sum())
-            x = x[~(nan_mask | inf_mask)]
-            if not x.numel():
-                return
-            lo, hi = torch.aminmax(x)
-            lo_f, hi_f = float(lo), float(hi)
-        self.n += x.numel()
-        if x.dtype == torch.bfloat16 and x.numel() % BF16_ROW == 0:
-            # bf16 kernels accumulate in float32 and are ~5x faster than converting first; the
-            # statistics keep ~3 significant digits, which is what a health check needs
-            self.s += float(torch.mv(x.view(-1, BF16_ROW), _ones_bf16()).float().sum())
-            self.ss += float(torch.dot(x, x))
-        else:
-            x = x.float()
-            self.s += float(x.sum())
-            self.ss += float(torch.dot(x, x))
-        self.lo, self.hi = min(self.lo, lo_f), max(self.hi, hi_f)
+    def fold(self, part: Part) -> None:
+        n, nan, inf, s, ss, lo, hi = part
+        self.n, self.nan, self.inf = self.n + n, self.nan + nan, self.inf + inf
+        self.s, self.ss = self.s + s, self.ss + ss
+        self.lo, self.hi = min(self.lo, lo), max(self.hi, hi)
 
     def summary(self) -> dict[str, float]:
         mean = self.s / self.n if self.n else 0.0
-        std = math.sqrt(max(self.ss / self.n - mean * mean, 0.0)) if self.n else 0.0
+        std = math.sqrt(max(self.ss / self.n - mean * mean, 0.0)) if self.n and self.lo != self.hi else 0.0
         return {"min": self.lo if self.n else 0.0, "max": self.hi if self.n else 0.0, "mean": mean, "std": std,
                 "nan": self.nan, "inf": self.inf}
 
@@ -407,62 +431,119 @@ def _chunks(headers: list[SafetensorsHeader]) -> list[tuple[SafetensorsHeader, A
     return out
 
 
-def _deep_scan(headers: list[SafetensorsHeader], report: VerifyReport, progress: Progress) -> None:
-    """Read every byte once, in bounded chunks, with the next read overlapping the statistics
-    of the current chunk: NaN/Inf counts and per-tensor statistics."""
-    import os
-    from concurrent.futures import ThreadPoolExecutor
+class _Reader:
+    """Positioned reads of shard files through the page cache with the kernel's sequential read-ahead
+    (on the reference VM, direct reads of the same files were capped at half the buffered rate), each
+    range dropped from the cache once read: a checkpoint is read once, and hundreds of GB passing
+    through would evict everything else."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.fds: dict[Path, int] = {}
+        self.lock = threading.Lock()
+
+    def _fd(self, path: Path) -> int:
+        with self.lock:
+            if path not in self.fds:
+                self.fds[path] = os.open(path, os.O_RDONLY)
+                if hasattr(os, "posix_fadvise"):
+                    os.posix_fadvise(self.fds[path], 0, 0, os.POSIX_FADV_SEQUENTIAL)
+            return self.fds[path]
+
+    def read(self, path: Path, slot: Any, begin: int, length: int) -> tuple[Any, int]:
+        """(uint8 view of the bytes in `slot`, how many were read) for [begin, begin + length)."""
+        fd = self._fd(path)
+        got = _pread_all(fd, slot, begin, length)
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(fd, begin, length, os.POSIX_FADV_DONTNEED)
+        return slot[:length], got
+
+    def close(self) -> None:
+        for fd in self.fds.values():
+            os.close(fd)
+
+
+def _pread_all(fd: int, buf: Any, begin: int, length: int) -> int:
+    view = memoryview(buf.numpy())[:length]
+    done = 0
+    while done < length:
+        n = os.preadv(fd, [view[done:]], begin + done)
+        if n == 0:
+            break
+        done += n
+    return done
+
+
+def _scan_pieces(pieces: list[tuple[SafetensorsHeader, Any, int, int]], task: Any) -> Iterator[tuple[int, Part | None]]:
+    """(bytes read, statistics or None) per piece, in order. Each worker reads a piece into its slot and
+    reduces it at once, single-threaded (torch's own threads wait on each other in lock step, four times
+    slower on a busy machine); a few more workers than cores keep several reads in flight."""
+    from concurrent.futures import Future, ThreadPoolExecutor
 
     import torch
 
     from toolbox.tensors.safetensors_format import DTYPES
 
+    workers = max(1, min(4, os.cpu_count() or 1)) + DEEP_EXTRA_WORKERS
+    window = workers + 1
+    slots = [torch.empty(DEEP_CHUNK_BYTES, dtype=torch.uint8) for _ in range(min(window, len(pieces)))]
+    wide: dict[int, Any] = {}  # slot -> float32 buffer, for chunks that are not bf16
+    reader = _Reader()
+
+    def work(i: int) -> tuple[int, Part | None]:
+        h, e, begin, end = pieces[i]
+        slot = i % window
+        raw, got = reader.read(h.path, slots[slot], begin, end - begin)
+        if got != end - begin or e.dtype not in FLOAT_DTYPES:
+            return got, None
+        x = raw.view(getattr(torch, DTYPES[e.dtype][1]))
+        if x.dtype != torch.bfloat16:  # into a reused buffer: converting into fresh memory is 7x slower
+            if slot not in wide:
+                wide[slot] = torch.empty(DEEP_CHUNK_BYTES, dtype=torch.float32)  # room for 1-byte dtypes
+            x = wide[slot][: x.numel()].copy_(x)
+        return got, chunk_stats(x)
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    futures: dict[int, Future[tuple[int, Part | None]]] = {}
+    try:
+        with ThreadPoolExecutor(workers, thread_name_prefix="corral-deep") as pool:
+            try:
+                for i in range(min(window, len(pieces))):
+                    futures[i] = pool.submit(work, i)
+                for i in range(len(pieces)):
+                    result = futures.pop(i).result()
+                    if i + window < len(pieces):  # slot i % window is free again
+                        futures[i + window] = pool.submit(work, i + window)
+                    task.advance(result[0])
+                    yield result
+            finally:
+                for f in futures.values():
+                    f.cancel()
+    finally:
+        torch.set_num_threads(threads)
+        reader.close()
+
+
+def _deep_scan(headers: list[SafetensorsHeader], report: VerifyReport, progress: Progress) -> None:
+    """Read every byte once, in bounded chunks read and reduced by one worker per core: NaN/Inf counts and
+    per-tensor statistics."""
     pieces = _chunks(headers)
     total = sum(end - begin for _h, _e, begin, end in pieces)
-    bufs = [torch.empty(DEEP_CHUNK_BYTES, dtype=torch.uint8) for _ in range(2)]
-    f32 = torch.empty(DEEP_CHUNK_BYTES, dtype=torch.float32)  # room for 1-byte dtypes
-    fds: dict[Path, int] = {}
-
-    def read(i: int) -> int:
-        h, _e, begin, end = pieces[i]
-        fd = fds.get(h.path)
-        if fd is None:
-            fd = fds[h.path] = os.open(h.path, os.O_RDONLY)
-            if hasattr(os, "posix_fadvise"):
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
-        view = memoryview(bufs[i % 2].numpy())[: end - begin]
-        done = 0
-        while done < len(view):
-            n = os.preadv(fd, [view[done:]], begin + done)
-            if n == 0:
-                break
-            done += n
-        return done
-
     stats: dict[str, _Stats] = {}
-    try:
-        with ThreadPoolExecutor(max_workers=1) as pool, progress.task("reading (bytes)", total=total) as task:
-            pending = pool.submit(read, 0) if pieces else None
-            for i, (h, e, begin, end) in enumerate(pieces):
-                assert pending is not None
-                got = pending.result()
-                pending = pool.submit(read, i + 1) if i + 1 < len(pieces) else None
+    with progress.task("reading (bytes)", total=total) as task:
+        scan = _scan_pieces(pieces, task)
+        try:
+            for (h, e, begin, end), (got, part) in zip(pieces, scan, strict=True):
                 if got != end - begin:
                     report.add("shard.truncated", "fatal", f"{h.path}: short read in {e.name}", path=str(h.path),
                                tensor=e.name)
                     return
-                task.advance(got)
-                if e.dtype not in FLOAT_DTYPES:
-                    continue
-                raw = bufs[i % 2][:got].view(getattr(torch, DTYPES[e.dtype][1]))
-                if raw.dtype != torch.bfloat16:
-                    x = f32[: raw.numel()]
-                    x.copy_(raw)  # into a reused buffer: converting into fresh memory is 7x slower
-                    raw = x
-                stats.setdefault(e.name, _Stats()).add(raw)
-    finally:
-        for fd in fds.values():
-            os.close(fd)
+                if part is not None:
+                    stats.setdefault(e.name, _Stats()).fold(part)
+        finally:
+            scan.close()
     for h in headers:
         for e in h.tensors.values():
             if e.name not in stats:
