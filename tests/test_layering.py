@@ -36,9 +36,7 @@ FORBIDDEN: list[tuple[str, tuple[str, ...]]] = [
     ("toolbox.recipe", ("toolbox.cli",)),
 ]
 # module cycles in other engineers' areas, left for them (each with the reason)
-KNOWN_MODULE_CYCLES = [
-    {"toolbox.recipe.run", "toolbox.recipe.check"},  # check uses run's _against and Instance
-]
+KNOWN_MODULE_CYCLES: list[set[str]] = []  # none left; a new cycle is a design problem, not an exception to list
 
 
 def _module_name(path: Path) -> str:

@@ -19,7 +19,7 @@ from toolbox.errors import CorralError, LicensePolicyError
 from toolbox.recipe.load import LoadedRecipe, RecipeError
 
 if TYPE_CHECKING:
-    from toolbox.recipe.run import Instance
+    from toolbox.recipe.instances import Instance
 
 MAX_INSTANCES = 1024  # step instances after the matrix fan-out
 MAX_OUTPUT_CHARS = 1024
@@ -42,7 +42,7 @@ def count_instances(loaded: LoadedRecipe) -> None:
 
 def check_instances(loaded: LoadedRecipe, instances: list[Instance]) -> None:
     """Everything a run would refuse about the rendered steps; RecipeError (exit 3) or LicensePolicyError (5)."""
-    from toolbox.recipe.run import _against
+    from toolbox.recipe.instances import against_target
 
     index = {s.id: i for i, s in enumerate(loaded.recipe.steps)}
     published: dict[str, Instance] = {}
@@ -58,7 +58,7 @@ def check_instances(loaded: LoadedRecipe, instances: list[Instance]) -> None:
             published[norm] = inst
         _check_params(loaded, i, inst)
         try:
-            _against(inst, instances)
+            against_target(inst, instances)
         except CorralError as exc:  # UsageError: an ambiguous `against`
             where, field = loaded.where(("steps", i, "with", "against"))
             raise RecipeError(f"{where}: {field}: {exc}", path=loaded.path) from None
@@ -135,6 +135,7 @@ def _check_convert(loaded: LoadedRecipe, i: int, inst: Instance) -> None:
             if size <= 0:
                 raise _bad(loaded, i, inst, "split_max_size",
                            f"split_max_size {p['split_max_size']!r} is not a positive size such as 50G")
+        _check_quant_options(loaded, i, inst)
     elif p["to"] == "onnx":
         from converters.onnx_export import DTYPES
 
@@ -142,6 +143,27 @@ def _check_convert(loaded: LoadedRecipe, i: int, inst: Instance) -> None:
             raise _bad(loaded, i, inst, "dtype", f"ONNX dtype {p.get('dtype')!r} is not one of auto, fp32, fp16, bf16")
     elif str(p.get("dtype", "auto")).lower() not in _HF_DTYPES:
         raise _bad(loaded, i, inst, "dtype", f"dtype {p.get('dtype')!r} is not one of {', '.join(_HF_DTYPES)}")
+
+
+def _check_quant_options(loaded: LoadedRecipe, i: int, inst: Instance) -> None:
+    """Per-tensor GGUF options parse as `corral convert` parses them, and need a mix; the imatrix exists."""
+    from converters.gguf_mix import is_mix, overrides_of
+    from toolbox.errors import UsageError
+
+    p = inst.params
+    try:
+        ov = overrides_of(output_tensor_type=p.get("output_tensor_type"),
+                          token_embedding_type=p.get("token_embedding_type"), pure=bool(p.get("pure")),
+                          tensor_types=list(p.get("tensor_types") or ()))
+    except UsageError as exc:
+        field = next((f for f in ("output_tensor_type", "token_embedding_type")
+                      if f"--{f.replace('_', '-')}" in exc.message), "tensor_types")
+        raise _bad(loaded, i, inst, field, exc.message) from None
+    if (ov or p.get("imatrix")) and not is_mix(str(p.get("outtype", "auto"))):
+        raise _bad(loaded, i, inst, "outtype", f"per-tensor types and imatrix need a llama.cpp mix outtype "
+                   f"(q4_k_m, ...), not {p.get('outtype', 'auto')!r}")
+    if p.get("imatrix"):
+        _check_input(loaded, i, inst, "imatrix", p["imatrix"])
 
 
 def _check_input(loaded: LoadedRecipe, i: int, inst: Instance, name: str, spec: str) -> None:

@@ -10,7 +10,6 @@ hard links to the cache objects (read-only) where the filesystem allows, copies 
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 import shutil
@@ -18,15 +17,17 @@ import threading
 import time
 import uuid
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from toolbox.errors import BadInputError, UsageError
+from toolbox.errors import BadInputError
 from toolbox.progress import NULL_PROGRESS, Progress
+from toolbox.recipe.check import check_instances, count_instances
 from toolbox.recipe.hashing import HashCache, digest_of
+from toolbox.recipe.instances import Instance, against_target, expand_steps
 from toolbox.recipe.load import LoadedRecipe
-from toolbox.recipe.ops import GATES_OPS, OpContext, run_op
+from toolbox.recipe.ops import OpContext, run_op
 
 LOCK_VERSION = 1
 RECORD_NAME = "corral-recipe.json"
@@ -39,40 +40,6 @@ _BITS = {"f32": 32, "f16": 16, "bf16": 16, "auto": 16, "q8_0": 8.5, "q6_k": 6.6,
 
 class ReproducibilityError(BadInputError):
     """A step rebuilt under a lock produced different bytes than the lock records."""
-
-
-@dataclass
-class Instance:
-    """One step with one combination of matrix values."""
-
-    step: Any
-    values: dict[str, Any]
-    parent: Instance | None
-    params: dict[str, Any]
-    output: str | None
-    key: str = ""
-    status: str = "pending"  # cached | built | failed | skipped | planned
-    artifact: Path | None = None
-    files: dict[str, str] = field(default_factory=dict)  # artifact file (relative) -> sha256
-    seconds: float = 0.0
-    error: str | None = None
-    estimate: int = 0
-
-    @property
-    def label(self) -> str:
-        if not self.values:
-            return self.step.id
-        return f"{self.step.id}[{','.join(f'{k}={v}' for k, v in self.values.items())}]"
-
-    @property
-    def gate(self) -> bool:
-        return self.step.uses in GATES_OPS
-
-    def to_dict(self, output_dir: Path) -> dict[str, Any]:
-        return {"step": self.step.id, "uses": self.step.uses, "matrix": self.values, "label": self.label,
-                "key": self.key, "status": self.status, "seconds": round(self.seconds, 3),
-                "output": str(output_dir / self.output) if self.output else None,
-                "files": self.files, "error": self.error, "estimated_bytes": self.estimate}
 
 
 @dataclass
@@ -105,60 +72,13 @@ class RecipeResult:
 
 
 # -- expansion -----------------------------------------------------------------------------------
-def _render(value: Any, values: dict[str, Any]) -> Any:
-    if isinstance(value, str):
-        for k, v in values.items():
-            value = value.replace("{" + k + "}", str(v))
-        return value
-    if isinstance(value, list):
-        return [_render(v, values) for v in value]
-    if isinstance(value, dict):
-        return {k: _render(v, values) for k, v in value.items()}
-    return value
-
-
 def expand(loaded: LoadedRecipe) -> list[Instance]:
-    """Step instances in dependency order; a step reading from a fanned-out step fans out with it. The
-    rendered instances are checked (`toolbox.recipe.check`): what a run would refuse is refused here."""
-    from toolbox.recipe.check import check_instances, count_instances
-
+    """Step instances in dependency order, checked (`toolbox.recipe.check`): what a run would refuse is refused
+    here, before anything is built."""
     count_instances(loaded)
-    by_step: dict[str, list[Instance | None]] = {"source": [None]}
-    out: list[Instance] = []
-    for step in loaded.recipe.steps:
-        params = step.with_.model_dump(mode="json")
-        keys = list(step.matrix)
-        combos = [dict(zip(keys, c, strict=True)) for c in itertools.product(*(step.matrix[k] for k in keys))]
-        made: list[Instance | None] = []
-        for parent in by_step[step.from_]:
-            for combo in combos or [{}]:
-                values = {**(parent.values if parent else {}), **combo}
-                inst = Instance(step, values, parent, _render(params, values),
-                                _render(step.output, values) if step.output else None)
-                made.append(inst)
-                out.append(inst)
-        by_step[step.id] = made
+    out = expand_steps(loaded)
     check_instances(loaded, out)
     return out
-
-
-def _against(inst: Instance, instances: list[Instance]) -> Instance | str | None:
-    """The instance a verify step compares with: an ancestor of that step, else the one whose values match."""
-    target = inst.params.get("against")
-    if not target:
-        return "none"
-    if target == "source":
-        return None
-    node = inst.parent
-    while node is not None:
-        if node.step.id == target:
-            return node
-        node = node.parent
-    cands = [i for i in instances if i.step.id == target
-             and all(inst.values.get(k) == v for k, v in i.values.items() if k in inst.values)]
-    if len(cands) != 1:
-        raise UsageError(f"step {inst.step.id}: against {target!r} is ambiguous for {inst.label}")
-    return cands[0]
 
 
 # -- the source ----------------------------------------------------------------------------------
@@ -281,7 +201,7 @@ def run_recipe(loaded: LoadedRecipe, output_dir: str | Path | None = None, *, ca
     against_of: dict[int, Instance | str | None] = {}
     sizes: dict[int, int] = {}
     for inst in instances:
-        against_of[id(inst)] = _against(inst, instances)
+        against_of[id(inst)] = against_target(inst, instances)
         inst.key = _key(inst, source, against_of[id(inst)], loaded, hashes, inputs, ctx_common)
         parent_size = sizes[id(inst.parent)] if inst.parent else source.size
         sizes[id(inst)] = _estimate(inst, parent_size) if not inst.gate else parent_size

@@ -1,0 +1,102 @@
+"""The step instances a recipe expands to: one per step and combination of matrix values.
+
+Shared by the checks (`check.py`) and the run (`run.py`), so neither imports the other.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from toolbox.errors import UsageError
+from toolbox.recipe.load import LoadedRecipe
+from toolbox.recipe.ops import GATES_OPS
+
+
+@dataclass
+class Instance:
+    """One step with one combination of matrix values."""
+
+    step: Any
+    values: dict[str, Any]
+    parent: Instance | None
+    params: dict[str, Any]
+    output: str | None
+    key: str = ""
+    status: str = "pending"  # cached | built | failed | skipped | planned
+    artifact: Path | None = None
+    files: dict[str, str] = field(default_factory=dict)  # artifact file (relative) -> sha256
+    seconds: float = 0.0
+    error: str | None = None
+    estimate: int = 0
+
+    @property
+    def label(self) -> str:
+        if not self.values:
+            return self.step.id
+        return f"{self.step.id}[{','.join(f'{k}={v}' for k, v in self.values.items())}]"
+
+    @property
+    def gate(self) -> bool:
+        return self.step.uses in GATES_OPS
+
+    def to_dict(self, output_dir: Path) -> dict[str, Any]:
+        return {"step": self.step.id, "uses": self.step.uses, "matrix": self.values, "label": self.label,
+                "key": self.key, "status": self.status, "seconds": round(self.seconds, 3),
+                "output": str(output_dir / self.output) if self.output else None,
+                "files": self.files, "error": self.error, "estimated_bytes": self.estimate}
+
+
+
+def render(value: Any, values: dict[str, Any]) -> Any:
+    if isinstance(value, str):
+        for k, v in values.items():
+            value = value.replace("{" + k + "}", str(v))
+        return value
+    if isinstance(value, list):
+        return [render(v, values) for v in value]
+    if isinstance(value, dict):
+        return {k: render(v, values) for k, v in value.items()}
+    return value
+
+
+def expand_steps(loaded: LoadedRecipe) -> list[Instance]:
+    """Step instances in dependency order; a step reading from a fanned-out step fans out with it (not yet
+    checked: `toolbox.recipe.run.expand` checks them)."""
+    by_step: dict[str, list[Instance | None]] = {"source": [None]}
+    out: list[Instance] = []
+    for step in loaded.recipe.steps:
+        params = step.with_.model_dump(mode="json")
+        keys = list(step.matrix)
+        combos = [dict(zip(keys, c, strict=True)) for c in itertools.product(*(step.matrix[k] for k in keys))]
+        made: list[Instance | None] = []
+        for parent in by_step[step.from_]:
+            for combo in combos or [{}]:
+                values = {**(parent.values if parent else {}), **combo}
+                inst = Instance(step, values, parent, render(params, values),
+                                render(step.output, values) if step.output else None)
+                made.append(inst)
+                out.append(inst)
+        by_step[step.id] = made
+    return out
+
+
+def against_target(inst: Instance, instances: list[Instance]) -> Instance | str | None:
+    """The instance a verify step compares with: an ancestor of that step, else the one whose values match."""
+    target = inst.params.get("against")
+    if not target:
+        return "none"
+    if target == "source":
+        return None
+    node = inst.parent
+    while node is not None:
+        if node.step.id == target:
+            return node
+        node = node.parent
+    cands = [i for i in instances if i.step.id == target
+             and all(inst.values.get(k) == v for k, v in i.values.items() if k in inst.values)]
+    if len(cands) != 1:
+        raise UsageError(f"step {inst.step.id}: against {target!r} is ambiguous for {inst.label}")
+    return cands[0]
