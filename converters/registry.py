@@ -28,15 +28,18 @@ class Converter:
 
 PAIRS: dict[tuple[str, str], Converter] = {
     ("hf", "gguf"): Converter("converters.hf_to_gguf:convert_hf_to_gguf",
-                              ("outtype", "split_max_size", "allow_lossy_config", "multimodal")),
+                              ("outtype", "split_max_size", "allow_lossy_config", "multimodal", "overrides",
+                               "imatrix", "include_weights", "exclude_weights")),
     ("gguf", "hf"): Converter("converters.gguf_to_hf:convert_gguf_to_hf", ("dtype", "mmproj")),
     ("hf", "onnx"): Converter("converters.onnx_export:convert_hf_to_onnx", ("dtype", "opset", "kv_cache", "vision")),
     ("onnx", "hf"): Converter("converters.onnx_to_hf:convert_onnx_to_hf", ()),
+    ("hf", "hf"): Converter("converters.hf_to_hf:convert_hf_to_hf", ("dtype",)),
 }
 
 
 def detect_format(path: str | Path) -> str:
-    """hf (a checkpoint directory, a .safetensors file, demo:*), gguf (.gguf file) or onnx."""
+    """hf (a checkpoint directory, a .safetensors file, demo:*, Meta's params.json + consolidated.NN.pth),
+    gguf (.gguf file) or onnx."""
     text = str(path)
     if text.startswith("demo:"):
         return "hf"
@@ -47,9 +50,13 @@ def detect_format(path: str | Path) -> str:
         return "onnx"
     if p.suffix == ".safetensors" or (p.is_dir() and ((p / "config.json").is_file() or any(p.glob("*.safetensors")))):
         return "hf"
+    from toolbox.tensors.meta_source import meta_directory
+
+    if meta_directory(p) is not None:
+        return "hf"  # Meta's original format (or a download's original/ folder): read as an HF-family source
     if not p.exists():
         raise BadInputError(f"{p}: no such file or directory", path=p)
-    raise BadInputError(f"{p}: not an HF checkpoint, GGUF file or ONNX model", path=p)
+    raise BadInputError(f"{p}: not an HF checkpoint, Meta checkpoint, GGUF file or ONNX model", path=p)
 
 
 def converter_for(source_format: str, target: str) -> Converter:

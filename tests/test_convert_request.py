@@ -42,7 +42,7 @@ def test_a_reference_is_parsed_without_work_and_resolved_once(scout_dir: Path) -
 
 
 def test_the_registry_is_the_dispatch() -> None:
-    assert set(PAIRS) == {("hf", "gguf"), ("gguf", "hf"), ("hf", "onnx"), ("onnx", "hf")}
+    assert set(PAIRS) == {("hf", "gguf"), ("gguf", "hf"), ("hf", "onnx"), ("onnx", "hf"), ("hf", "hf")}
     assert converter_for("hf", "gguf").load().__name__ == "convert_hf_to_gguf"
     with pytest.raises(UsageError, match="no converter from gguf to onnx"):
         converter_for("gguf", "onnx")

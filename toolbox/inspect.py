@@ -29,6 +29,13 @@ def inspect_checkpoint(path: str | Path, *, progress: Progress = NULL_PROGRESS) 
     if is_onnx(path):
         return inspect_onnx(path)
     root = resolve_path(path, progress=progress)
+    from toolbox.reference import ModelReference, ResolvedModel
+
+    model = ResolvedModel(ModelReference.parse(root), root)
+    if model.meta_dir is not None:  # Meta's original format: params.json + consolidated.NN.pth
+        from toolbox.verify.meta_checks import inspect_meta
+
+        return inspect_meta(model)
     ckpt = load_checkpoint(root)
     raw = SafetensorsSource(root)
     view = CanonicalView(raw)

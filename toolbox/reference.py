@@ -4,8 +4,10 @@ Commands and library entry points turn their argument into a `ResolvedModel` her
 below them (converters, writers, the tensor floor) receives that, or the plain path it holds,
 and never resolves again. The checkpoint config is read at most once per resolved model.
 
-A Hub `repo_id@revision` reference and the `original/` layout belong here too, when they come:
-a new kind of reference is one more branch in `ModelReference.parse` and `resolve`.
+A Hub `repo_id@revision` reference belongs here too, when it comes: a new kind of reference is one
+more branch in `ModelReference.parse` and `resolve`. Meta's original format (`params.json` +
+`consolidated.NN.pth`, or a download's `original/` folder) resolves like an HF directory: its
+`checkpoint` is derived from params.json and `open_source()` reads the shards (`toolbox.tensors.meta_source`).
 """
 
 from __future__ import annotations
@@ -67,12 +69,27 @@ class ResolvedModel:
         return self.reference.label
 
     @property
-    def checkpoint(self) -> Llama4Checkpoint:
-        """The HF checkpoint's understood config (read once)."""
-        if self._checkpoint is None:
-            from toolbox.checkpoint import load_checkpoint as load_path
+    def meta_dir(self) -> Path | None:
+        """The directory of Meta's original format (`params.json` + `consolidated.NN.pth`) when this model is in
+        it: the path itself, or the `original/` folder of a download that holds no HF checkpoint."""
+        from toolbox.tensors.meta_source import meta_directory
 
-            self._checkpoint = load_path(self.path)
+        p = self.path
+        if not p.is_dir() or (p / "config.json").is_file() or any(p.glob("*.safetensors")):
+            return None
+        return meta_directory(p)
+
+    @property
+    def checkpoint(self) -> Llama4Checkpoint:
+        """The HF checkpoint's understood config (read once; for Meta's format, derived from params.json)."""
+        if self._checkpoint is None:
+            meta = self.meta_dir
+            if meta is not None:
+                self._checkpoint = _meta_checkpoint(meta)
+            else:
+                from toolbox.checkpoint import load_checkpoint as load_path
+
+                self._checkpoint = load_path(self.path)
         return self._checkpoint
 
     @property
@@ -96,6 +113,11 @@ class ResolvedModel:
         fused bf16 layout transformers uses (see `toolbox.tensors.canonical`)."""
         from toolbox.tensors.safetensors_source import SafetensorsSource
 
+        meta = self.meta_dir
+        if meta is not None:
+            from toolbox.tensors.meta_source import MetaSource
+
+            return MetaSource(meta)  # already in the canonical fused layout
         source: TensorSource = SafetensorsSource(self.path)
         if canonical:
             from toolbox.tensors.canonical import CanonicalView
@@ -105,6 +127,22 @@ class ResolvedModel:
 
 
 ModelLike = str | Path | ModelReference | ResolvedModel
+
+
+def _meta_checkpoint(meta: Path) -> Llama4Checkpoint:
+    """The checkpoint of Meta's format: its config derived from params.json and the shards, whose `path` is a
+    cached directory holding that config.json and the tokenizer files (see `toolbox.meta_config`)."""
+    from toolbox.checkpoint import from_config, read_config
+    from toolbox.demo import cache_dir
+    from toolbox.meta_config import sidecar_directory
+    from toolbox.tensors.meta_source import MetaSource
+
+    source = MetaSource(meta)
+    try:
+        side = sidecar_directory(meta, source.infos(), source.params, cache_dir())
+    finally:
+        source.close()
+    return from_config(read_config(side), side)
 
 
 def resolve(spec: ModelLike, progress: Progress = NULL_PROGRESS) -> ResolvedModel:
