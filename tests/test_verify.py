@@ -223,6 +223,7 @@ def test_deep_statistics_match_float64_over_many_pieces(scout_dir: Path, monkeyp
 def test_chunk_statistics_count_nan_and_inf_and_ignore_them() -> None:
     from toolbox.verify.checks import BF16_ROW, chunk_stats
 
+    torch.manual_seed(0)  # the bounds below hold for any draw; a fixed one keeps a failure reproducible
     x = (torch.randn(4 * BF16_ROW) * 0.02).to(torch.bfloat16)
     x[5], x[7], x[9] = float("nan"), float("inf"), float("-inf")
     n, nan, inf, s, ss, lo, hi = chunk_stats(x)
