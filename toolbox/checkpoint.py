@@ -147,6 +147,20 @@ class Llama4Checkpoint:
         text = total - vision
         return {"total": total, "text": text, "vision": vision, "active_text": text - inactive}
 
+    def summary(self) -> dict[str, object]:
+        """What `inspect` reports about the text model in every format: layers, attention, experts, sizes."""
+        t = self.text
+        return {
+            "layers": {"count": t.layers, "moe": list(t.moe_layers), "dense": list(t.dense_layers),
+                       "nope": list(t.nope_layers),
+                       "chunked_attention": [i for i, r in enumerate(t.rope_layers) if r] if t.chunk_size else []},
+            "attention": {"heads": t.heads, "kv_heads": t.kv_heads, "head_dim": t.head_dim, "qk_norm": t.qk_norm,
+                          "chunk_size": t.chunk_size, "rope": t.rope_type},
+            "experts": {"count": t.experts, "top_k": t.top_k, "width": t.expert_width, "dense_width": t.dense_width},
+            "hidden_size": t.hidden,
+            "vocab_size": t.vocab,
+        }
+
 
 def _text_inventory(t: TextSpec, p: str, lm_head: str) -> dict[str, tuple[int, ...]]:
     inv: dict[str, tuple[int, ...]] = {f"{p}embed_tokens.weight": (t.vocab, t.hidden)}

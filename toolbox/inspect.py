@@ -39,7 +39,6 @@ def inspect_checkpoint(path: str | Path, *, progress: Progress = NULL_PROGRESS) 
     ckpt = load_checkpoint(root)
     raw = SafetensorsSource(root)
     view = CanonicalView(raw)
-    t = ckpt.text
     counts = ckpt.parameter_counts()
     stored = sum(info.numel for info in view.infos().values())
     directory = root if root.is_dir() else root.parent
@@ -51,18 +50,7 @@ def inspect_checkpoint(path: str | Path, *, progress: Progress = NULL_PROGRESS) 
         "shaped_like": ckpt.family,
         "multimodal": ckpt.multimodal,
         "parameters": {**counts, "stored": stored},
-        "layers": {
-            "count": t.layers,
-            "moe": list(t.moe_layers),
-            "dense": list(t.dense_layers),
-            "nope": list(t.nope_layers),
-            "chunked_attention": [i for i, r in enumerate(t.rope_layers) if r] if t.chunk_size else [],
-        },
-        "attention": {"heads": t.heads, "kv_heads": t.kv_heads, "head_dim": t.head_dim, "qk_norm": t.qk_norm,
-                      "chunk_size": t.chunk_size, "rope": t.rope_type},
-        "experts": {"count": t.experts, "top_k": t.top_k, "width": t.expert_width, "dense_width": t.dense_width},
-        "hidden_size": t.hidden,
-        "vocab_size": t.vocab,
+        **ckpt.summary(),
         "dtypes": dict(Counter(i.dtype for i in raw.infos().values())),
         "layout": "per-expert" if view.per_expert else "fused",
         "fp8": view.fp8,

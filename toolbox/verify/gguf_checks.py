@@ -27,14 +27,11 @@ def inspect_gguf(path: str | Path) -> dict[str, Any]:
     }
     if g.architecture == "llama4":
         ckpt = from_config(hf_config_for(g))
-        t = ckpt.text
         counts = ckpt.parameter_counts()
         info.update({
             "variant": ckpt.variant, "shaped_like": ckpt.family,
             "parameters": {"text": counts["text"], "active_text": counts["active_text"]},
-            "layers": {"count": t.layers, "moe": list(t.moe_layers), "dense": list(t.dense_layers),
-                       "nope": list(t.nope_layers)},
-            "experts": {"count": t.experts, "top_k": t.top_k, "width": t.expert_width, "dense_width": t.dense_width},
+            **ckpt.summary(),
         })
     elif g.architecture == "clip":  # an mmproj (vision tower + projector for llama.cpp's multimodal runtime)
         from converters.gguf_mmproj_to_hf import mmproj_summary

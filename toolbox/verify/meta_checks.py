@@ -29,18 +29,11 @@ def inspect_meta(model: ResolvedModel) -> dict[str, Any]:
     assert meta is not None
     src = MetaSource(meta)
     try:
-        t = ckpt.text
         info: dict[str, Any] = {
             "path": str(model.path), "format": "meta-original", "architecture": ckpt.architecture,
             "variant": ckpt.variant, "shaped_like": ckpt.family, "multimodal": False,
             "parameters": {**ckpt.parameter_counts(), "stored": sum(i.numel for i in src.infos().values())},
-            "layers": {"count": t.layers, "moe": list(t.moe_layers), "dense": list(t.dense_layers),
-                       "nope": list(t.nope_layers),
-                       "chunked_attention": [i for i, r in enumerate(t.rope_layers) if r] if t.chunk_size else []},
-            "attention": {"heads": t.heads, "kv_heads": t.kv_heads, "head_dim": t.head_dim, "qk_norm": t.qk_norm,
-                          "chunk_size": t.chunk_size, "rope": t.rope_type},
-            "experts": {"count": t.experts, "top_k": t.top_k, "width": t.expert_width, "dense_width": t.dense_width},
-            "hidden_size": t.hidden, "vocab_size": t.vocab,
+            **ckpt.summary(),
             "dtypes": dict(Counter(i.dtype for i in src.infos().values())),
             "layout": "meta-original", "fp8": False,
             "shards": {"count": len(src.files), "bytes": sum(f.stat().st_size for f in src.files),

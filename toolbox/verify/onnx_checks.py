@@ -57,7 +57,6 @@ def inspect_onnx(path: str | Path) -> dict[str, Any]:
     model = load_onnx(file)
     root = file.parent
     ckpt = from_config(read_config(root), root)
-    t = ckpt.text
     counts = ckpt.parameter_counts()
     files = _data_files(model, file)
     props = {p.key: p.value for p in model.metadata_props}
@@ -71,14 +70,7 @@ def inspect_onnx(path: str | Path) -> dict[str, Any]:
         "shaped_like": ckpt.family,
         "multimodal": False,
         "parameters": {**counts, "stored": sum(_numel(i.dims) for i in model.graph.initializer)},
-        "layers": {"count": t.layers, "moe": list(t.moe_layers), "dense": list(t.dense_layers),
-                   "nope": list(t.nope_layers),
-                   "chunked_attention": [i for i, r in enumerate(t.rope_layers) if r] if t.chunk_size else []},
-        "attention": {"heads": t.heads, "kv_heads": t.kv_heads, "head_dim": t.head_dim, "qk_norm": t.qk_norm,
-                      "chunk_size": t.chunk_size, "rope": t.rope_type},
-        "experts": {"count": t.experts, "top_k": t.top_k, "width": t.expert_width, "dense_width": t.dense_width},
-        "hidden_size": t.hidden,
-        "vocab_size": t.vocab,
+        **ckpt.summary(),
         "dtypes": dict(Counter(_ONNX_TYPES.get(i.data_type, str(i.data_type)) for i in model.graph.initializer)),
         "layout": "fused",
         "fp8": False,
