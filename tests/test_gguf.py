@@ -57,6 +57,7 @@ def _cpp_logits(llm: llama_cpp.Llama, ids: list[int]) -> np.ndarray:
     return np.array(llm.scores[: len(ids)])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", ["scout", "maverick"])
 def test_llama_cpp_tokenizes_like_transformers(variant: str, gguf_files, scout_dir, maverick_dir) -> None:
     d = scout_dir if variant == "scout" else maverick_dir
@@ -96,6 +97,7 @@ def test_q8_0_file_is_what_llama_cpp_runs(gguf_files, tmp_path: Path) -> None:
     assert (got.argmax(-1) == deq.argmax(-1)).mean() >= 0.98
 
 
+@pytest.mark.slow
 def test_gguf_layout_as_llama_cpp_expects(gguf_files) -> None:
     import gguf
 
@@ -208,6 +210,7 @@ def test_cli_convert_json_and_refusals(scout_dir: Path, tmp_path: Path, capsys) 
     assert main(["convert", str(tmp_path / "nonexistent"), "--to", "gguf", "-o", str(tmp_path / "y.gguf")]) == 3
 
 
+@pytest.mark.slow
 def test_k_quant_through_llama_cpp_quantizer(maverick_dir: Path, tmp_path: Path) -> None:
     from license.audit import check_artifact
 
@@ -266,6 +269,7 @@ def test_verify_against_finds_the_changed_expert(gguf_files, scout_copy: Path, c
     assert main(["verify", str(scout_copy), "--against", str(scout_copy)]) == 2
 
 
+@pytest.mark.slow
 def test_one_pass_gate_up_writes_the_same_bytes(gguf_files, scout_dir: Path, tmp_path: Path, monkeypatch) -> None:
     """gate and up experts written from one read (positioned writes) == written one tensor after the other."""
     from toolbox.tensors.gguf.writer import GGUFWriter
@@ -287,6 +291,7 @@ def test_one_pass_gate_up_writes_the_same_bytes(gguf_files, scout_dir: Path, tmp
     assert paired.read_bytes() == sequential.read_bytes() == gguf_files[("scout", "q8_0")].read_bytes()
 
 
+@pytest.mark.slow
 def test_direct_io_layout_holds_the_same_tensors(gguf_files, scout_dir: Path, tmp_path: Path, monkeypatch) -> None:
     """Direct writes: every tensor starts on a 4096-byte boundary (declared as general.alignment), the bytes
     equal a buffered write of the same file and, tensor by tensor, a default-aligned (32) conversion."""
@@ -317,6 +322,7 @@ def wide_scout(tmp_path_factory) -> Path:
         "hidden_size": 256, "intermediate_size": 256, "intermediate_size_mlp": 512, "head_dim": 64})
 
 
+@pytest.mark.slow
 def test_k_quants_at_real_block_size(wide_scout: Path, tmp_path: Path) -> None:
     """q4_k_m through llama.cpp's quantizer on rows of 256: K-quant types are used, every tensor stays within
     its tolerance against the source, and llama.cpp's logits follow transformers'."""

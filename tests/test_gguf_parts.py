@@ -46,6 +46,7 @@ def test_name_map_agrees_with_gguf_py_tensor_mapping(make) -> None:
         assert ref == ours, (hf, ref, ours)
 
 
+@pytest.mark.slow
 def test_fast_writer_packs_metadata_arrays_as_gguf_py_does(scout_dir, tmp_path) -> None:
     """The whole KV section (the real 202k-token vocabulary, types, merges, special ids, mixed arrays,
     big-endian) is byte-identical to the stock GGUFWriter's, and errors stay the stock ones."""

@@ -74,6 +74,7 @@ def _hf_reference(d: Path, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
         return model(input_ids=torch.tensor(ids), attention_mask=am, position_ids=pos).logits.numpy()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", ["scout", "maverick"])
 def test_kv_cache_decoding_matches_transformers(variant: str, checkpoints: dict[str, Path],
                                                 exports: dict[str, Path]) -> None:
@@ -176,6 +177,7 @@ def test_onnx_to_hf_is_bit_exact_and_runs(tmp_path: Path, checkpoints: dict[str,
     assert (back / "tokenizer.json").read_bytes() == (src / "tokenizer.json").read_bytes()
 
 
+@pytest.mark.slow
 def test_cli_fp16_without_kv_cache(tmp_path: Path, scout_dir: Path) -> None:
     out = tmp_path / "nokv"
     assert main(["--json", "convert", "demo:scout", "--to", "onnx", "-o", str(out), "--no-kv-cache",
