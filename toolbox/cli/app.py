@@ -6,6 +6,7 @@ from typing import Annotated, Any
 
 from toolbox import __version__
 from toolbox.cli import (
+    bom_cmd,
     cache_cmd,
     config_cmd,
     convert_cmd,
@@ -16,6 +17,7 @@ from toolbox.cli import (
     license_cmd,
     merge_cmd,
     recipe_cmd,
+    sign_cmd,
     verify_cmd,
 )
 from toolbox.cli._typer import typer
@@ -134,6 +136,8 @@ app.command("verify", epilog=verify_cmd.EPILOG)(verify_cmd.verify)
 app.command("convert", epilog=convert_cmd.EPILOG)(convert_cmd.convert)
 app.command("merge", epilog=merge_cmd.EPILOG)(merge_cmd.merge)
 app.command("download", epilog=download_cmd.EPILOG)(download_cmd.download)
+app.command("sign", epilog=sign_cmd.EPILOG)(sign_cmd.sign)
+app.command("bom", epilog=bom_cmd.EPILOG)(bom_cmd.bom)
 app.add_typer(demo_cmd.app, name="demo")
 app.add_typer(experts_cmd.app, name="experts")
 app.add_typer(license_cmd.app, name="license")

@@ -17,6 +17,8 @@ OPTIONAL: dict[str, tuple[str, str]] = {
     "onnxruntime": ("running an ONNX export (verify --run)", "pip install 'onnxruntime>=1.20'"),
     "llama_cpp": ("llama.cpp's K-/I-quant mixes and its runtime",
                   "pip install 'llama-cpp-python==0.3.36' (compiles llama.cpp once)"),
+    "model_signing": ("signing and signature checks (sign, verify --public-key)", "pip install 'corral[supply]'"),
+    "cyclonedx": ("bills of materials (bom)", "pip install 'corral[supply]'"),
 }
 
 

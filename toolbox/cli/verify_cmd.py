@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from pathlib import Path
+from typing import Annotated, Any
 
 from rich.console import Console
 
@@ -12,7 +13,10 @@ from toolbox.cli.output import esc, plural
 
 EPILOG = """\
 Exit status: 0 clean (info findings only), 1 errors or warnings found,
-3 a file could not be read at all (fatal findings).
+3 a file could not be read at all (fatal findings). With --public-key, verify checks the
+model signature only (0 it verifies, 1 a file changed, was added or removed, or the key
+does not match; 3 no signature or an unreadable key). --certificate-chain does the same
+for a signature made with a signing certificate (corral sign --certificate).
 
 Examples:
 
@@ -25,6 +29,12 @@ Examples:
   corral verify ./scout-onnx --run
 
   corral --json verify ./merged | jq '.findings[] | select(.severity != "info")'
+
+  corral verify ./merged --public-key pub.pem
+
+  corral verify scout-q8_0.gguf --public-key pub.pem --signature scout-q8_0.gguf.sig
+
+  corral verify ./merged --certificate-chain ca.pem
 """
 
 _STYLE = {"fatal": "bold red", "error": "red", "warning": "yellow", "info": "dim"}
@@ -41,6 +51,17 @@ def verify(
                                                 "quant type otherwise).")] = None,
     run: Annotated[bool, typer.Option("--run", help="ONNX only: greedy-decode a few tokens in onnxruntime and "
                                       "in transformers (weights recovered from the export) and compare.")] = False,
+    public_key: Annotated[Path | None, typer.Option("--public-key", metavar="KEY.pem", show_default=False,
+                                                    help="Check the artifact's model signature (corral sign) with "
+                                                    "this ECDSA public key instead of the structural checks: any "
+                                                    "changed, added or removed file fails.")] = None,
+    signature: Annotated[Path | None, typer.Option("--signature", metavar="FILE", show_default=False,
+                                                   help="With --public-key: the signature file (default: "
+                                                   "PATH/model.sig, or PATH.sig for a lone file).")] = None,
+    certificate_chain: Annotated[list[Path] | None, typer.Option(
+        "--certificate-chain", metavar="CERT.pem", show_default=False,
+        help="Instead of --public-key: trust a signature made by a certificate that chains to these "
+        "(repeatable; the root among them).")] = None,
 ) -> int:
     """Check that every tensor the config implies is present with the right shape and dtype,
     that index and shard headers agree, that the config is consistent and that the tokenizer
@@ -48,6 +69,9 @@ def verify(
     from toolbox.verify.checks import verify_checkpoint
 
     out = ctx.obj
+    if public_key is not None or signature is not None or certificate_chain:
+        return _verify_signature(out, path, public_key, signature, certificate_chain or [],
+                                 deep or run or against is not None)
     if run:
         from toolbox.cli.deps import require
 
@@ -70,3 +94,31 @@ def verify(
 
     out.result(report.to_dict(), render)
     return int(report.exit_code)
+
+
+def _verify_signature(out: Any, path: str, public_key: Path | None, signature: Path | None, chain: list[Path],
+                      other: bool) -> int:
+    """`verify --public-key`: the signature check alone (findings name each changed, added or removed file)."""
+    from toolbox.cli.deps import require
+    from toolbox.errors import UsageError
+
+    if public_key is None and not chain:
+        raise UsageError("--signature needs --public-key KEY.pem or --certificate-chain CERT.pem",
+                         hint="give the signer's ECDSA public key, or the certificates to trust")
+    if other:
+        raise UsageError("--public-key checks the signature only; --deep, --against and --run are structural checks",
+                         hint="run corral verify twice: once with --public-key, once without")
+    require("model_signing")
+    from toolbox.supply.sign import verify_signature
+
+    result = verify_signature(path, public_key, signature=signature, certificate_chain=chain)
+
+    def render(console: Console) -> None:
+        for problem in result.problems:
+            console.print(f"[red]error  [/red] {'signature-mismatch':24} {esc(problem)}", highlight=False)
+        verdict = "[green]OK[/green]" if result.ok else "[red]FAILED[/red]"
+        console.print(f"{verdict} {esc(result.path)}: signature {esc(result.signature)} "
+                      f"{'verifies' if result.ok else 'does not verify'}", highlight=False)
+
+    out.result(result.to_dict(), render)
+    return 0 if result.ok else 1
