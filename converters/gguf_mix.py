@@ -23,6 +23,10 @@ from toolbox.errors import CorralError, UsageError
 DATA = Path(__file__).with_name("gguf_mix.yaml")
 _BLK = re.compile(r"blk\.(\d{1,9})\.")
 MAX_EXPR = 200  # characters in one condition: the data file is ours, but bound it anyway
+MAX_PATTERN = 256  # characters of one --tensor-type regex (from the user's own command line)
+MAX_PATTERNS = 64  # --tensor-type options
+# ggml types a user may name in an override: what ggml_quantize_chunk writes, and the float types
+NOT_WRITABLE = {"Q8_1", "Q8_K", "I8", "I16", "I32", "I64", "F64"}
 
 
 @dataclass(frozen=True)
@@ -152,6 +156,72 @@ def requires_imatrix(name: str, qtype: str, ftype: str) -> bool:
     return qtype in req["types"] or ftype in req["in_ftype"].get(qtype, [])
 
 
+@dataclass(frozen=True)
+class Overrides:
+    """llama-quantize's per-tensor options: --output-tensor-type, --token-embedding-type, --pure and
+    --tensor-type REGEX=TYPE (patterns lower-cased as llama-quantize does, searched in tensor names in
+    order, the first match wins). Types are ggml names in upper case (Q8_0, IQ4_XS, F16)."""
+
+    output_tensor_type: str | None = None
+    token_embedding_type: str | None = None
+    pure: bool = False
+    tensor_types: tuple[tuple[str, str], ...] = ()
+
+    def __bool__(self) -> bool:
+        return bool(self.output_tensor_type or self.token_embedding_type or self.pure or self.tensor_types)
+
+    @functools.cached_property
+    def _compiled(self) -> tuple[tuple[re.Pattern[str], str], ...]:
+        return tuple((re.compile(p), t) for p, t in self.tensor_types)
+
+    def manual(self, name: str) -> str | None:
+        """The type of the first --tensor-type pattern found in `name` (std::regex_search), or None."""
+        return next((t for rx, t in self._compiled if rx.search(name)), None)
+
+
+def ggml_type_name(value: str, option: str) -> str:
+    """A ggml type name as llama-quantize parses it (case-insensitive: q8_0, Q4_K, f16), upper-cased;
+    UsageError naming the option otherwise."""
+    import gguf
+
+    key = value.strip().upper()
+    names = {t.name for t in gguf.GGMLQuantizationType} - NOT_WRITABLE
+    if key not in names:
+        raise UsageError(f"{option} {value!r}: not a ggml type corral can write",
+                         hint=f"one of {', '.join(sorted(n.lower() for n in names))}")
+    return key
+
+
+def parse_tensor_type(spec: str) -> tuple[str, str]:
+    """`REGEX=TYPE` as llama-quantize's --tensor-type takes it: split at the first '=', the pattern
+    lower-cased; UsageError for a missing part, an over-long or invalid pattern, or an unknown type."""
+    pattern, sep, qtype = spec.partition("=")
+    if not sep or not pattern:
+        raise UsageError(f"--tensor-type {spec!r}: expected REGEX=TYPE", hint="e.g. --tensor-type attn_v=q8_0")
+    if not qtype:
+        raise UsageError(f"--tensor-type {spec!r}: missing the quantization type", hint="e.g. attn_v=q8_0")
+    if len(pattern) > MAX_PATTERN:
+        raise UsageError(f"--tensor-type: pattern longer than {MAX_PATTERN} characters")
+    pattern = pattern.lower()
+    try:
+        re.compile(pattern)
+    except re.error as exc:
+        raise UsageError(f"--tensor-type {spec!r}: not a regular expression ({exc})") from None
+    return pattern, ggml_type_name(qtype, "--tensor-type")
+
+
+def overrides_of(*, output_tensor_type: str | None = None, token_embedding_type: str | None = None,
+                 pure: bool = False, tensor_types: Sequence[str] = ()) -> Overrides:
+    """Overrides from the CLI/recipe spelling (type names in any case, `REGEX=TYPE` strings), validated."""
+    if len(tensor_types) > MAX_PATTERNS:
+        raise UsageError(f"at most {MAX_PATTERNS} --tensor-type options")
+    return Overrides(
+        output_tensor_type=ggml_type_name(output_tensor_type, "--output-tensor-type") if output_tensor_type else None,
+        token_embedding_type=(ggml_type_name(token_embedding_type, "--token-embedding-type")
+                              if token_embedding_type else None),
+        pure=pure, tensor_types=tuple(parse_tensor_type(s) for s in tensor_types))
+
+
 @dataclass
 class _State:
     hp: Hparams
@@ -159,6 +229,7 @@ class _State:
     has_imatrix: bool
     tied: bool
     counters: dict[str, int] = field(default_factory=dict)
+    overrides: Overrides = field(default_factory=Overrides)
 
 
 def _layer(name: str, counter: str | None, st: _State) -> int:
@@ -200,6 +271,8 @@ def _tensor_type(name: str, shape: Sequence[int], current: str, st: _State) -> s
                                **{k: st.counters.get(k, 0) for k in ("i_attention_wv", "i_ffn_down")}}
         if "when" in group and not evaluate(group["when"], {**env, "type": current, "block": block_size(current)}):
             continue
+        if "also_tied" in group and st.overrides.output_tensor_type:  # the output group, tied embeddings too
+            return st.overrides.output_tensor_type
         if "layer_counter" in group:
             env["layer"] = _layer(name, group["layer_counter"], st)
         new = _first(group.get("rules", []), current, env, st.ftype) or current
@@ -220,13 +293,14 @@ def llama_cpp_order(names: Iterable[str]) -> list[str]:
 
 
 def mix_types(tensors: dict[str, tuple[tuple[int, ...], str]], outtype: str, hp: Hparams, *,
-              has_imatrix: bool = False) -> dict[str, str]:
+              has_imatrix: bool = False, overrides: Overrides | None = None) -> dict[str, str]:
     """name -> ggml type for every tensor, given {name: (numpy shape, type it has unquantized)}."""
     spec = table()["ftypes"].get(outtype.lower())
     if spec is None:
         raise UsageError(f"unknown quantization mix {outtype!r}", hint=f"choose from {', '.join(mix_outtypes())}")
     attn_v_like = set(table()["attn_v_like"])
-    st = _State(hp, spec["ftype"], has_imatrix, tied="output.weight" not in tensors)
+    ov = overrides or Overrides()
+    st = _State(hp, spec["ftype"], has_imatrix, tied="output.weight" not in tensors, overrides=ov)
     st.counters["n_attention_wv"] = sum(category(n) in attn_v_like for n in tensors)
     out = {}
     for name in llama_cpp_order(tensors):
@@ -234,23 +308,41 @@ def mix_types(tensors: dict[str, tuple[tuple[int, ...], str]], outtype: str, hp:
         if not allows_quantization(name, shape):
             out[name] = current
             continue
-        out[name] = fallback(_tensor_type(name, shape, spec["default"], st), shape[-1])
+        out[name] = _get_type(name, shape, spec["default"], st)
     return out
 
 
-def assign(plan: Sequence[PlannedTensor], outtype: str, hp: Hparams, *, has_imatrix: bool = False) -> None:
-    """Set each planned tensor's qtype to the mix's choice; refuse (exit 2) a mix that needs an imatrix."""
+def _get_type(name: str, shape: Sequence[int], default: str, st: _State) -> str:
+    """llama_tensor_get_type: the user's overrides first (llama-quantize's order), then the mix's rules,
+    then the fallback for rows that do not fill the type's blocks (not after the two table overrides)."""
+    ov, cat = st.overrides, category(name)
+    if ov.token_embedding_type and cat == "token_embd" and not (
+            name == "per_layer_token_embd.weight" and ov.manual(name)):
+        return ov.token_embedding_type
+    if ov.output_tensor_type and cat == "output":
+        return ov.output_tensor_type
+    new = ov.manual(name)
+    if new is None:
+        new = default if ov.pure else _tensor_type(name, shape, default, st)
+    return fallback(new, shape[-1])
+
+
+def assign(plan: Sequence[PlannedTensor], outtype: str, hp: Hparams, *, has_imatrix: bool = False,
+           overrides: Overrides | None = None) -> None:
+    """Set each planned tensor's qtype to the mix's choice; without an imatrix, refuse (exit 2) a mix or
+    override that quantizes a tensor to a type that needs one."""
     from toolbox.tensors.gguf import ggml
 
-    types = mix_types({p.name: (p.shape, p.qtype) for p in plan}, outtype, hp, has_imatrix=has_imatrix)
+    types = mix_types({p.name: (p.shape, p.qtype) for p in plan}, outtype, hp, has_imatrix=has_imatrix,
+                      overrides=overrides)
     ftype = ftype_of(outtype)
     if not has_imatrix:
         for p in plan:
             t = types[p.name]
             if t != p.qtype and (requires_imatrix(p.name, t, ftype) or ggml.requires_imatrix(t)):
                 raise UsageError(f"--outtype {outtype.lower()} quantizes {p.name} to {t}, which needs an "
-                                 "importance matrix (--imatrix is not available yet)",
-                                 hint="choose a type that does not, e.g. q4_k_m, iq4_xs or q3_k_s")
+                                 "importance matrix", hint="pass --imatrix FILE (llama-imatrix's output), or "
+                                 "choose a type that does not, e.g. q4_k_m, iq4_xs or q3_k_s")
     for p in plan:
         p.qtype = types[p.name]
 
@@ -272,7 +364,13 @@ def hparams(ckpt: Any) -> Hparams:
     return Hparams(n_layer=t.layers, n_expert=t.experts, n_head=t.heads, n_head_kv=t.kv_heads)
 
 
-def apply(plan: Sequence[PlannedTensor], ckpt: Any, gg_type: str, *, has_imatrix: bool = False) -> None:
-    """For a mix, give every planned tensor llama.cpp's type (see `assign`); otherwise leave the plan alone."""
+def apply(plan: Sequence[PlannedTensor], ckpt: Any, gg_type: str, *, has_imatrix: bool = False,
+          overrides: Overrides | None = None) -> None:
+    """For a mix, give every planned tensor llama.cpp's type (see `assign`); otherwise leave the plan alone
+    (per-tensor overrides and an imatrix need a mix: UsageError otherwise)."""
     if is_mix(gg_type):
-        assign(plan, gg_type, hparams(ckpt), has_imatrix=has_imatrix)
+        assign(plan, gg_type, hparams(ckpt), has_imatrix=has_imatrix, overrides=overrides)
+    elif overrides or has_imatrix:
+        what = "--imatrix" if has_imatrix and not overrides else "per-tensor types (--tensor-type, --pure, ...)"
+        raise UsageError(f"{what} need a llama.cpp quantization mix as --outtype, not {gg_type.lower()}",
+                         hint=f"e.g. --outtype q4_k_m (mixes: {', '.join(mix_outtypes())})")

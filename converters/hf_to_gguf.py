@@ -41,6 +41,7 @@ class Planned:
     qtype: str
     pieces: Callable[[], Iterator[Any]]  # float tensors whose rows, concatenated, form the tensor
     source: str
+    imatrix: Any = None  # converters.gguf_imatrix.ImatrixRows: the importance weights ggml gets, or None
 
     @property
     def nbytes(self) -> int:
@@ -262,13 +263,19 @@ def add_text_kv(writer: Any, ckpt: Llama4Checkpoint, outtype: str) -> None:
 def convert_hf_to_gguf(src: ModelLike, out: str | Path, *, outtype: str = "auto", split_max_size: int = 0,
                        allow_lossy_config: bool = False, force: bool = False, multimodal: bool = False,
                        direct_io: bool = True, license_options: LicenseOptions | None = None,
-                       progress: Progress = NULL_PROGRESS, **legacy: Any) -> GGUFResult:
+                       progress: Progress = NULL_PROGRESS, overrides: gguf_mix.Overrides | None = None,
+                       imatrix: str | Path | None = None, include_weights: list[str] | None = None,
+                       exclude_weights: list[str] | None = None, **legacy: Any) -> GGUFResult:
     """Convert an HF Llama 4 checkpoint to a GGUF file (or split set) for llama.cpp.
 
     `direct_io` lays tensors out at 4096-byte alignment (general.alignment) and writes their data
     around the page cache (toolbox.tensors.direct_io); False keeps GGUF's default 32 and buffered
     writes (the input of llama.cpp's quantizer must: it copies general.alignment into its output
     but lays that out at 32).
+
+    `overrides` are llama-quantize's per-tensor options (gguf_mix.Overrides); `imatrix` an importance
+    matrix file (llama.cpp's GGUF format or the legacy .dat), filtered by `include_weights` /
+    `exclude_weights`; both need a mix --outtype and give the file llama-quantize would write.
 
     `multimodal` marks the stamp as part of a multimodal model (set when its mmproj file ships
     beside it, so that the pair carries the same obligations, the EU clause included).
@@ -294,11 +301,11 @@ def convert_hf_to_gguf(src: ModelLike, out: str | Path, *, outtype: str = "auto"
     source = model.open_source()
     gg_type = resolve_outtype(outtype, source)
     # a source corral made (a merge, a prune) keeps its history and relation
-    stamp = derive_stamp(model.stamp_input(source), {"op": "convert", "to": "gguf", "outtype": gg_type}, opts,
+    imat = _load_imatrix(imatrix, include_weights, exclude_weights)
+    stamp = derive_stamp(model.stamp_input(source), _operation(gg_type, overrides, imat), opts,
                          suffix=gg_type.lower(), multimodal=multimodal,
                          relation=None if gg_type in FLOAT_TYPES else "quantized")
-    plan = plan_text(ckpt, source, gguf_mix.unquantized(gg_type))
-    gguf_mix.apply(plan, ckpt, gg_type)  # llama.cpp's per-tensor types of a mix (q4_k_m, ...); else no-op
+    plan = _typed_plan(ckpt, source, gg_type, imat, overrides)
     ensure_free_space(out.parent, sum(p.nbytes + 4096 for p in plan), f"the GGUF output {out.name}")  # + alignment
     staging = new_partial(out, directory=True)  # owned by this run: a later run removes it if this one dies
     try:
@@ -307,6 +314,10 @@ def convert_hf_to_gguf(src: ModelLike, out: str | Path, *, outtype: str = "auto"
         add_text_kv(writer, ckpt, gg_type)
         add_vocab(writer, ckpt.path, ckpt.text.vocab)
         writer.add_string(PROVENANCE_KEY, json.dumps(ckpt.config, sort_keys=True))
+        if imat is not None and imat.entries:
+            from converters.gguf_imatrix import add_imatrix_kv
+
+            add_imatrix_kv(writer, imat)
         import numpy as np
 
         for p in plan:
@@ -324,6 +335,46 @@ def convert_hf_to_gguf(src: ModelLike, out: str | Path, *, outtype: str = "auto"
         source.close()
     return GGUFResult(paths=finals, outtype=gg_type, tensors=len(plan), bytes=total, warnings=warnings,
                       name=stamp.name)
+
+
+def _operation(gg_type: str, overrides: gguf_mix.Overrides | None, imat: Any) -> dict[str, Any]:
+    """The provenance record of this conversion: the type, and the per-tensor options and imatrix (by
+    file name and entry count) when given, so that the file says how it was made."""
+    op: dict[str, Any] = {"op": "convert", "to": "gguf", "outtype": gg_type}
+    if overrides:
+        op["overrides"] = {k: v for k, v in (("output_tensor_type", overrides.output_tensor_type),
+                                             ("token_embedding_type", overrides.token_embedding_type),
+                                             ("pure", overrides.pure),
+                                             ("tensor_types", [f"{p}={t}" for p, t in overrides.tensor_types]))
+                           if v}
+    if imat is not None:
+        op["imatrix"] = {"file": Path(imat.path).name, "entries": len(imat.entries)}
+    return op
+
+
+def _typed_plan(ckpt: Llama4Checkpoint, source: TensorSource, gg_type: str, imat: Any,
+                overrides: gguf_mix.Overrides | None) -> list[Planned]:
+    """The plan with llama.cpp's per-tensor types of a mix (q4_k_m, ...) and the user's overrides (a single
+    type: as planned), each quantized tensor with its imatrix entry when there is one."""
+    plan = plan_text(ckpt, source, gguf_mix.unquantized(gg_type))
+    gguf_mix.apply(plan, ckpt, gg_type, has_imatrix=bool(imat and imat.entries), overrides=overrides)
+    if imat is not None and imat.entries:
+        from converters.gguf_imatrix import attach
+
+        attach(plan, imat, gguf_mix.ftype_of(gg_type))
+    return plan
+
+
+def _load_imatrix(path: str | Path | None, include: list[str] | None, exclude: list[str] | None) -> Any:
+    """The importance matrix file, filtered (None without --imatrix; --include/--exclude-weights need one)."""
+    if path is None:
+        if include or exclude:
+            raise UsageError("--include-weights/--exclude-weights select entries of an --imatrix file",
+                             hint="pass --imatrix FILE too")
+        return None
+    from toolbox.tensors.gguf.imatrix import load_imatrix
+
+    return load_imatrix(path).select(include, exclude)
 
 
 def _lossy_config(ckpt: Llama4Checkpoint, allow_lossy_config: bool) -> list[str]:
@@ -351,8 +402,8 @@ def _write_tensors(writer: Any, plan: list[Planned], source: TensorSource, task:
                 nxt.name.endswith("ffn_up_exps.weight") and p.source == nxt.source:
 
             def pairs(gate: Planned = p, up: Planned = nxt) -> Iterator[Any]:
-                for g, u in _gate_up_pairs(source, gate.source, gate.shape[1])():
-                    data = (encode(g, gate.qtype), encode(u, up.qtype))
+                for e, (g, u) in enumerate(_gate_up_pairs(source, gate.source, gate.shape[1])()):
+                    data = (_encode(g, gate, e), _encode(u, up, e))
                     task.advance(data[0].nbytes + data[1].nbytes)
                     yield data
 
@@ -361,13 +412,26 @@ def _write_tensors(writer: Any, plan: list[Planned], source: TensorSource, task:
                 continue
 
         def pieces(p: Planned = p) -> Iterator[Any]:
-            for t in p.pieces():
-                data = encode(t, p.qtype)
+            for e, t in enumerate(p.pieces()):  # a 3-D tensor's pieces are its experts, in order
+                data = _encode(t, p, e)
                 task.advance(data.nbytes)
                 yield data
 
         writer.write_tensor_pieces(p.name, prefetch(pieces()))  # read+encode overlap the write
         i += 1
+
+
+def _encode(t: Any, p: Planned, expert: int) -> Any:
+    """A piece of `p` in its type; with an importance matrix, ggml's kernel gets the piece's row of it
+    (expert `expert`'s for a 3-D tensor), as llama-quantize passes it."""
+    if p.imatrix is None or p.qtype in FLOAT_TYPES:
+        return encode(t, p.qtype)
+    import torch
+
+    from toolbox.tensors.gguf import ggml
+
+    return memoryview(ggml.quantize(t.to(torch.float32).numpy(), p.qtype, imatrix=p.imatrix.row(expert),
+                                    what=p.name))
 
 
 def _publish(staging: Path, out: Path, *, force: bool) -> list[Path]:

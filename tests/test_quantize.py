@@ -51,7 +51,29 @@ def _fn(dll: ctypes.CDLL, name: str, res: Any, args: list[Any]) -> Any:
     return f
 
 
-def llama_cpp_types(tensors: dict[str, tuple[tuple[int, ...], str]], outtype: str, ckpt: Any) -> dict[str, str]:
+def reference_params(overrides: gguf_mix.Overrides | None = None) -> tuple[Any, list[Any]]:
+    """llama_model_quantize_params with llama-quantize's per-tensor options set as its main() sets them
+    (the pattern array must outlive the params: returned with them)."""
+    params = llama_cpp.llama_model_quantize_default_params()
+    keep: list[Any] = []
+    if overrides:
+        if overrides.output_tensor_type:
+            params.output_tensor_type = ggml.type_id(overrides.output_tensor_type)
+        if overrides.token_embedding_type:
+            params.token_embedding_type = ggml.type_id(overrides.token_embedding_type)
+        params.pure = overrides.pure
+        if overrides.tensor_types:
+            arr = (llama_cpp.llama_model_tensor_override * (len(overrides.tensor_types) + 1))()
+            for i, (pattern, qtype) in enumerate(overrides.tensor_types):
+                arr[i].pattern, arr[i].type = pattern.encode(), ggml.type_id(qtype)
+            arr[len(overrides.tensor_types)].pattern = None
+            params.tt_overrides = ctypes.cast(arr, ctypes.POINTER(llama_cpp.llama_model_tensor_override))
+            keep.append(arr)
+    return params, keep
+
+
+def llama_cpp_types(tensors: dict[str, tuple[tuple[int, ...], str]], outtype: str, ckpt: Any,
+                    overrides: gguf_mix.Overrides | None = None) -> dict[str, str]:
     """name -> the type llama.cpp's quantizer gives it (tensors it does not quantize keep their type)."""
     vp = ctypes.c_void_p
     ll, gb = ctypes.CDLL(str(LIB / "libllama.so")), ctypes.CDLL(str(LIB / "libggml-base.so"))
@@ -70,7 +92,7 @@ def llama_cpp_types(tensors: dict[str, tuple[tuple[int, ...], str]], outtype: st
     t = ckpt.text
     desc = _Desc(b"llama4", t.hidden, t.dense_width, t.layers, t.heads, t.kv_heads, t.experts, t.head_dim, t.head_dim)
     model = from_meta(ctypes.byref(desc))
-    params = llama_cpp.llama_model_quantize_default_params()
+    params, _keep = reference_params(overrides)
     qs = q_init(model, ctypes.addressof(params))
     ctx = g_init(_InitParams(64 * 1024**2, None, True))
     try:
@@ -144,6 +166,52 @@ def test_mix_rules_with_tied_embeddings() -> None:
         ours = gguf_mix.mix_types(tensors, outtype, gguf_mix.hparams(ckpt))
         assert ours == llama_cpp_types(tensors, outtype, ckpt), outtype
     assert gguf_mix.mix_types(tensors, "q4_k_m", gguf_mix.hparams(ckpt))["token_embd.weight"] == "Q6_K"
+
+
+OVERRIDES = {
+    "pure": dict(pure=True),
+    "output+embd": dict(output_tensor_type="q8_0", token_embedding_type="Q4_K"),
+    "output-only": dict(output_tensor_type="iq4_xs"),  # a tied token_embd follows it
+    "tensor-types": dict(tensor_types=["ffn_(gate|up)_exps=q3_k", r"blk\.[0-3]\.attn_v=Q8_0", "ATTN_K=q5_0",
+                                       "ffn_down_exps=iq4_xs", "ffn_down=q6_k", "token_embd=q4_0"]),
+    "pure+tensor-types": dict(pure=True, tensor_types=["attn_.*=q8_0", r"blk\.1\.=f16"]),
+    "all": dict(pure=False, output_tensor_type="q6_k", token_embedding_type="q8_0",
+                tensor_types=["output=q4_k", "ffn_down_shexp=bf16", "ffn_=iq4_nl"]),  # output= never reached
+}
+
+
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("case", sorted(OVERRIDES))
+def test_per_tensor_overrides_equal_llama_cpp(case: str, tied: bool) -> None:
+    """--pure, --output-tensor-type, --token-embedding-type and --tensor-type pick, for every tensor, the type
+    llama.cpp's own selection (llama_tensor_get_type with the same params, regexes compiled by std::regex)
+    picks, on real Scout and Maverick shapes, for several mixes; the counters the later rules use follow."""
+    ov = gguf_mix.overrides_of(**OVERRIDES[case])
+    for config in ("scout", "maverick", "scout-8e"):
+        ckpt, tensors = _inventory(CONFIGS[config](), tied=tied)
+        for outtype in ("q4_k_m", "q3_k_s", "iq4_xs", "q2_k", "q5_k_s", "iq3_m"):
+            ours = gguf_mix.mix_types(tensors, outtype, gguf_mix.hparams(ckpt), overrides=ov)
+            ref = llama_cpp_types(tensors, outtype, ckpt, overrides=ov)
+            diff = {n: (ours[n], ref[n]) for n in ref if ours[n] != ref[n]}
+            assert not diff, (config, outtype, dict(list(diff.items())[:8]))
+            plain = gguf_mix.mix_types(tensors, outtype, gguf_mix.hparams(ckpt))
+            assert ours != plain, (config, outtype)  # the override changed something
+
+
+def test_override_options_are_checked() -> None:
+    with pytest.raises(UsageError, match="expected REGEX=TYPE"):
+        gguf_mix.overrides_of(tensor_types=["attn_v"])
+    with pytest.raises(UsageError, match="missing the quantization type"):
+        gguf_mix.overrides_of(tensor_types=["attn_v="])
+    with pytest.raises(UsageError, match="not a regular expression"):
+        gguf_mix.overrides_of(tensor_types=["attn_(v=q8_0"])
+    with pytest.raises(UsageError, match="--output-tensor-type 'q9_k': not a ggml type"):
+        gguf_mix.overrides_of(output_tensor_type="q9_k")
+    with pytest.raises(UsageError, match="longer than"):
+        gguf_mix.overrides_of(tensor_types=["a" * 300 + "=q8_0"])
+    ov = gguf_mix.overrides_of(tensor_types=["ATTN_V=Q8_0"])
+    assert ov.tensor_types == (("attn_v", "Q8_0"),) and ov.manual("blk.0.attn_v.weight") == "Q8_0"
+    assert not gguf_mix.overrides_of()
 
 
 def test_mix_table_is_the_cli_list() -> None:

@@ -36,6 +36,14 @@ class ConvertRequest:
     allow_lossy_config: bool = False
     force: bool = False
     license: LicenseOptions = field(default_factory=LicenseOptions)
+    # to gguf with a mix --outtype: llama-quantize's per-tensor options and importance matrix
+    tensor_types: tuple[str, ...] = ()  # REGEX=TYPE, first match wins
+    output_tensor_type: str | None = None
+    token_embedding_type: str | None = None
+    pure: bool = False
+    imatrix: Path | None = None  # llama.cpp's GGUF imatrix or legacy .dat
+    include_weights: tuple[str, ...] = ()  # imatrix entries whose name contains one of these (only)
+    exclude_weights: tuple[str, ...] = ()
 
 
 @dataclass
@@ -97,6 +105,7 @@ def _converter_options(request: ConvertRequest, fmt: str, target: str) -> dict[s
         except ValueError:
             raise UsageError(f"--split-max-size {request.split_max_size!r} is not a size",
                              hint="e.g. 50G or 500M") from None
+        opts.update(_quant_options(request))
         want = (request.mmproj or "none").lower()
         if want not in ("auto", "none"):
             raise UsageError(f"--mmproj {request.mmproj!r}: with --to gguf use --mmproj auto (or none)",
@@ -105,6 +114,18 @@ def _converter_options(request: ConvertRequest, fmt: str, target: str) -> dict[s
     mm = request.mmproj
     opts["mmproj"] = mm if fmt == "gguf" and mm and mm.lower() not in ("auto", "none") else None
     return opts
+
+
+def _quant_options(request: ConvertRequest) -> dict[str, Any]:
+    """The per-tensor overrides (validated now: a bad regex or type name fails before any work) and the
+    imatrix options, as converters.hf_to_gguf takes them."""
+    from converters.gguf_mix import overrides_of
+
+    overrides = overrides_of(output_tensor_type=request.output_tensor_type,
+                             token_embedding_type=request.token_embedding_type, pure=request.pure,
+                             tensor_types=list(request.tensor_types))
+    return {"overrides": overrides or None, "imatrix": request.imatrix,
+            "include_weights": list(request.include_weights), "exclude_weights": list(request.exclude_weights)}
 
 
 def _mmproj_outtype(request: ConvertRequest) -> str:
@@ -141,24 +162,45 @@ def _write_mmproj(request: ConvertRequest, model: ResolvedModel, mm_path: Path, 
     out.warnings.extend(mm.warnings)
     out.data["mmproj"] = {"path": str(mm.paths[0]), "outtype": mm.outtype, "tensors": mm.tensors, "bytes": mm.bytes}
     out.paths.append(mm.paths[0])
+    out.data["disk_bytes"] = disk_bytes(out.paths)
     out.summary = (f"wrote {', '.join(map(str, out.paths))} ({out.data['outtype']}, {out.data['tensors']} tensors, "
-                   f"{out.data['bytes'] / 2**20:.1f} MiB)")
+                   f"{out.data['disk_bytes'] / 2**20:.1f} MiB)")
+
+
+def disk_bytes(paths: list[Path]) -> int:
+    """The size on disk of what was written (files, and every file under a directory): what the summary
+    reports, since tensor bytes leave out headers, metadata, tokenizer and license files."""
+    total = 0
+    for p in map(Path, paths):
+        if p.is_dir():
+            total += sum(f.stat().st_size for f in p.rglob("*") if f.is_file() and not f.is_symlink())
+        elif p.is_file():
+            total += p.stat().st_size
+    return total
 
 
 def _describe(target: str, source: str, res: Any) -> ConvertResult:
-    """A converter's result as the CLI's JSON document and summary line."""
+    """A converter's result as the CLI's JSON document and summary line (`bytes`: tensor data; `disk_bytes`:
+    the files written)."""
     if target == "gguf":
+        size = disk_bytes(list(res.paths))
         data = {"source": source, "format": "gguf", "outtype": res.outtype, "tensors": res.tensors,
-                "bytes": res.bytes, "paths": [str(p) for p in res.paths]}
+                "bytes": res.bytes, "disk_bytes": size, "paths": [str(p) for p in res.paths]}
         summary = (f"wrote {', '.join(map(str, res.paths))} ({res.outtype}, {res.tensors} tensors, "
-                   f"{res.bytes / 2**20:.1f} MiB)")
+                   f"{size / 2**20:.1f} MiB)")
         return ConvertResult("gguf", list(res.paths), data, summary, list(res.warnings), res.name)
     if target == "onnx":
+        size = disk_bytes([res.path])
         data = {"source": source, "format": "onnx", "path": str(res.path), "tensors": res.tensors,
-                "bytes": res.bytes, "dtype": res.dtype, "kv_cache": res.kv_cache, "opset": res.opset}
+                "bytes": res.bytes, "disk_bytes": size, "dtype": res.dtype, "kv_cache": res.kv_cache,
+                "opset": res.opset}
         summary = (f"wrote {res.path} ({res.dtype}, opset {res.opset}, "
                    f"{'with' if res.kv_cache else 'without'} KV cache, {res.tensors} tensors, "
-                   f"{res.bytes / 2**20:.1f} MiB)")
+                   f"{size / 2**20:.1f} MiB)")
         return ConvertResult("onnx", [res.path], data, summary, list(res.warnings))
-    data = {"source": source, "format": "hf", "path": str(res.path), "tensors": res.tensors, "dtype": res.dtype}
-    return ConvertResult("hf", [res.path], data, f"wrote {res.path} ({res.tensors} tensors, {res.dtype})")
+    lossy = list(getattr(res, "lossy", []))
+    size = disk_bytes([res.path])
+    data = {"source": source, "format": "hf", "path": str(res.path), "tensors": res.tensors, "dtype": res.dtype,
+            "disk_bytes": size, "lossy": bool(lossy), "lossy_reasons": lossy}
+    return ConvertResult("hf", [res.path], data, f"wrote {res.path} ({res.tensors} tensors, {res.dtype}, "
+                         f"{size / 2**20:.1f} MiB{', lossy' if lossy else ''})", list(getattr(res, "warnings", [])))

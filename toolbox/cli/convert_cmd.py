@@ -1,4 +1,4 @@
-"""`corral convert`: between HF safetensors, GGUF and ONNX."""
+"""`corral convert`: between HF safetensors (or Meta's original format), GGUF and ONNX."""
 
 from __future__ import annotations
 
@@ -28,6 +28,10 @@ Examples:
 
   corral convert scout.gguf --to hf --mmproj scout.mmproj.gguf -o ./Llama-4-Scout-multimodal
 
+  corral convert ./Llama-4-Maverick-FP8 --to hf --dtype bf16 -o ./Maverick-bf16   # plain fused bf16
+
+  corral convert ./Llama-4-Scout/original --to gguf -o scout.gguf   # Meta's params.json + consolidated.NN.pth
+
   corral convert demo:scout --to onnx -o ./Llama-4-Scout-demo-onnx --mau-declaration below-700m
 
   corral convert ./Llama-4-Scout-demo-onnx --to hf -o ./Llama-4-Scout-from-onnx --mau-declaration below-700m
@@ -39,14 +43,13 @@ Output types computed here: auto (the source's float type), f32, f16, bf16, q8_0
 q4_1, q5_0, q5_1, tq1_0, tq2_0, mxfp4. Norms and the router stay F32.
 llama.cpp's mixes, in the same single pass (each tensor the type llama-quantize gives it, the
 bytes from ggml's own kernels): q2_k, q3_k_s, q3_k_m, q3_k_l, q4_k_s, q4_k_m, q5_k_s, q5_k_m,
-q6_k, iq4_xs, iq4_nl, iq3_s, iq3_m, mxfp4_moe; with --imatrix FILE also iq3_xs, iq3_xxs, iq2_*,
-iq1_* and q2_k_s (refused without one, exit 2).
+q6_k, iq4_xs, iq4_nl, iq3_s, iq3_m, mxfp4_moe; with --imatrix FILE also iq3_xs, iq3_xxs,
+iq2_m, iq2_s, iq2_xs, iq2_xxs, iq1_m, iq1_s and q2_k_s (refused without one, exit 2).
 
 Per-tensor types and importance matrices, as llama-quantize takes them (the file equals
 llama-quantize's from corral's BF16 GGUF):
 
-  corral convert ./Llama-4-Scout --to gguf --outtype q4_k_m -o scout-q4_k_m.gguf \
-      --tensor-type 'ffn_(gate|up|down)_exps=q3_k' --tensor-type attn_v=q8_0 --output-tensor-type q8_0
+  corral convert ./Scout --to gguf --outtype q4_k_m -o dyn.gguf --tensor-type 'ffn_.*_exps=q3_k' --pure
 
   corral convert ./Llama-4-Scout --to gguf --outtype iq2_xs --imatrix scout.imatrix.gguf -o scout-iq2_xs.gguf
 
