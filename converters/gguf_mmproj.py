@@ -20,9 +20,8 @@ from toolbox.checkpoint import Llama4Checkpoint
 from toolbox.errors import UnsupportedModelError, UsageError
 from toolbox.progress import NULL_PROGRESS, Progress
 from toolbox.reference import ModelLike, resolve
-from toolbox.tensors.gguf.quant import FLOAT_TYPES, can_encode, encode
+from toolbox.tensors.gguf.quant import FLOAT_TYPES, MMPROJ_OUTTYPES, can_encode, encode
 
-MMPROJ_OUTTYPES = ("auto", "f32", "f16", "bf16", "q8_0")  # auto: the source's float type
 PROJECTOR_TYPE = "llama4"
 LLAMA_CPP_ROPE_THETA = 10000.0  # hard-coded for llama4 vision in tools/mtmd/clip.cpp
 HF_LAYERNORM_EPS = 1e-5  # transformers builds the vision LayerNorms with the default eps, whatever norm_eps says

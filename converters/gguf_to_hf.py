@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,12 +22,12 @@ from license.stamp import LicenseOptions
 from toolbox.checkpoint import from_config
 from toolbox.errors import UnsupportedModelError, UsageError
 from toolbox.progress import NULL_PROGRESS, Progress
-from toolbox.tensors.dtypes import TORCH_NAME
+from toolbox.tensors.dtypes import HF_OUT_DTYPES, TORCH_NAME
 from toolbox.tensors.finite import cast_checked
 from toolbox.tensors.gguf.reader import GGUFFile
 
 PROVENANCE_KEY = "corral.hf_config"
-OUT_DTYPES = {"auto": None, "bf16": "BF16", "f32": "F32", "f16": "F16"}
+OUT_DTYPES = HF_OUT_DTYPES
 
 
 @dataclass
@@ -35,6 +35,40 @@ class HFResult:
     path: Path
     tensors: int
     dtype: str
+    lossy: list[str] = field(default_factory=list)  # why the weights are not the source's exactly (empty: exact)
+
+    @property
+    def warnings(self) -> list[str]:
+        return [f"lossy conversion: {why}" for why in self.lossy]
+
+
+FLOAT_TYPES = ("F32", "F16", "BF16")
+
+
+def loss_reasons(types: set[str], weights: set[str], out: str) -> list[str]:
+    """Why an HF output in `out` (a safetensors float type) is not exact: some tensor (of GGUF `types`) was
+    dequantized (the quantization error stays in the weights), or the main weights (of `weights`) narrowed
+    (F32 to 16 bits; F16 and BF16 into each other: mantissa or range). Routers and norms, which llama.cpp
+    keeps in F32 whatever the source had, do not count as narrowed."""
+    quant = sorted(t for t in types if t not in FLOAT_TYPES)
+    reasons = [f"dequantized from {', '.join(quant)}: the quantization error stays in the weights"] if quant else []
+    narrowed = sorted(t for t in weights if t in FLOAT_TYPES and t != out and out != "F32")
+    if narrowed:
+        reasons.append(f"narrowed {', '.join(narrowed)} to {out} (pass --dtype f32 to keep every value)")
+    return reasons
+
+
+def dequantized_name(name: str) -> str:
+    """`Llama-4-Scout-q4_k_m` -> `Llama-4-Scout-dequantized`: the quant type no longer names the output's
+    format (the provenance keeps where it came from)."""
+    from toolbox.tensors.gguf.quant import ALL_OUTTYPES
+
+    lower = name.lower()
+    for t in sorted((t for t in ALL_OUTTYPES if t != "auto"), key=len, reverse=True):
+        if lower.endswith((f"-{t}", f"_{t}", f".{t}")):
+            name = name[: -len(t) - 1]
+            break
+    return name if name.endswith("-dequantized") else f"{name}-dequantized"
 
 
 def _text_config_from_kv(g: GGUFFile) -> dict[str, Any]:
@@ -98,7 +132,7 @@ def convert_gguf_to_hf(src: str | Path, out: str | Path, *, dtype: str = "auto",
     With `mmproj` (the vision tower's mmproj GGUF) the output is the full Llama4ForConditionalGeneration."""
     import torch
 
-    from license.stamp import StampInput, derive_stamp, write_sidecars
+    from license.stamp import StampInput, default_name, derive_stamp, write_sidecars
     from toolbox.tensors.atomic import atomic_directory
     from toolbox.tensors.safetensors_format import TORCH_TO_ST
     from toolbox.tensors.sink import SafetensorsWriter
@@ -117,12 +151,17 @@ def convert_gguf_to_hf(src: str | Path, out: str | Path, *, dtype: str = "auto",
         vision = MmprojFile(mmproj)
         config = vision.full_config(config, g.json_field(PROVENANCE_KEY))
     ckpt = from_config(config)
-    carried = {k: v for k, v in g.fields.items() if k.startswith("corral.") and isinstance(v, str)}
-    stamp = derive_stamp(StampInput(Path(src).name, prior=carried, carried_name=g.get("general.name")),
-                         {"op": "convert", "to": "hf", "from": "gguf"}, opts, multimodal=vision is not None,
-                         extra={"mmproj": Path(mmproj).name} if mmproj is not None else None)
     types = {g.type_name(n) for n in g.tensors if n.endswith(("_exps.weight", "attn_q.weight"))}
     st_dtype = OUT_DTYPES[dtype] or next((t for t in ("F32", "BF16", "F16") if types == {t}), "BF16")
+    lossy = loss_reasons({g.type_name(n) for n in g.tensors}, types, st_dtype)
+    carried = {k: v for k, v in g.fields.items() if k.startswith("corral.") and isinstance(v, str)}
+    name = g.get("general.name")
+    if any(why.startswith("dequantized") for why in lossy):
+        name = dequantized_name(str(name or default_name(Path(src).name)))
+    op = {"op": "convert", "to": "hf", "from": "gguf", **({"lossy": True} if lossy else {})}
+    stamp = derive_stamp(StampInput(Path(src).name, prior=carried, carried_name=name), op, opts,
+                         multimodal=vision is not None,
+                         extra={"mmproj": Path(mmproj).name} if mmproj is not None else None)
     config["dtype"] = TORCH_NAME[st_dtype]
     torch_dtype = getattr(torch, TORCH_NAME[st_dtype])
     inventory = ckpt.expected_tensors()
@@ -148,7 +187,7 @@ def convert_gguf_to_hf(src: str | Path, out: str | Path, *, dtype: str = "auto",
 
         write_hf_tokenizer(g, staging)
         write_sidecars(staging, stamp)
-    return HFResult(Path(out), len(inventory), st_dtype)
+    return HFResult(Path(out), len(inventory), st_dtype, lossy)
 
 
 def _write_one(g: GGUFFile, writer: Any, name: str, shape: tuple[int, ...], global_map: dict[str, str],

@@ -25,11 +25,11 @@ from license.stamp import LicenseOptions
 from toolbox.errors import BadInputError, UnsupportedModelError
 from toolbox.progress import NULL_PROGRESS, Progress
 from toolbox.reference import ModelLike, resolve
+from toolbox.tensors.dtypes import ONNX_DTYPES
 
 MODEL_FILE = "model.onnx"
 # "auto" is fp32: ONNX has no "keep the source's type" (onnxruntime's CPU provider runs fp32 everywhere)
-DTYPES = {"auto": "float32", "fp32": "float32", "f32": "float32", "float32": "float32", "fp16": "float16",
-          "f16": "float16", "float16": "float16", "bf16": "bfloat16", "bfloat16": "bfloat16"}
+DTYPES = ONNX_DTYPES
 OPSETS = range(18, 24)  # what torch.onnx emits and onnxruntime 1.20+ runs
 DEFAULT_OPSET = 18
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from license.sets import policy_ids as _policy_ids
 from toolbox.errors import UsageError
 
 DEFAULT_POLICY = "llama4"
@@ -105,7 +106,7 @@ def _package_dir() -> Path:
 
 
 def policy_ids() -> list[str]:
-    return sorted(p.stem for p in (_package_dir() / "policies").glob("*.yaml"))
+    return _policy_ids()
 
 
 @functools.cache

@@ -26,13 +26,13 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from license import keys as K
 from license.policy import DEFAULT_POLICY, LicensePolicy, load_policy
+from license.sets import RELATIONS
 from toolbox.errors import LicensePolicyError, UsageError
 
 ENV_DECLARATION = "CORRAL_MAU_DECLARATION"
 META_PREFIX = "meta-license:"
 BELOW = "below-700m"  # the token for every current Llama policy (700M); policies derive their own
 Relation = Literal["finetune", "quantized", "merge", "adapter"]
-RELATIONS: tuple[str, ...] = ("finetune", "quantized", "merge", "adapter")
 _EXCEEDS = re.compile(r"above|over|exceed|more|greater|>|beyond|high")
 
 

@@ -272,3 +272,48 @@ def test_experts_stats_top_shows_the_most_used(scout_dir: Path, tmp_path: Path, 
     shown = [int(line.split()[1]) for line in table.splitlines() if line.strip().startswith("│")
              and line.split()[1].isdigit()]
     assert shown == [e["expert"] for e in top]
+
+
+def _st_metadata(directory: Path) -> dict[str, str]:
+    """The `__metadata__` of a directory's first safetensors file, read from its header."""
+    import struct
+
+    with open(sorted(directory.glob("*.safetensors"))[0], "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        return json.loads(f.read(n))["__metadata__"]
+
+
+@pytest.mark.slow
+def test_lossy_conversion_back_to_hf_says_so(tmp_path: Path, capsys) -> None:
+    decl = ["--mau-declaration", "below-700m"]
+    q4, bf16 = tmp_path / "scout-q4_0.gguf", tmp_path / "scout-bf16.gguf"
+    assert main(["-q", "convert", "demo:scout", "--to", "gguf", "--outtype", "q4_0", "-o", str(q4), *decl]) == 0
+    assert main(["-q", "convert", "demo:scout", "--to", "gguf", "--outtype", "bf16", "-o", str(bf16), *decl]) == 0
+    capsys.readouterr()
+    code, out, err = run(["--json", "--no-progress", "convert", str(q4), "--to", "hf", "-o", str(tmp_path / "q"),
+                          *decl], capsys)
+    doc = json.loads(out)
+    assert code == 0 and doc["lossy"] is True and "dequantized from Q4_0" in doc["lossy_reasons"][0]
+    assert "warning" in err.lower() and "lossy" in err
+    meta = _st_metadata(tmp_path / "q")
+    assert meta["corral.model.name"].endswith("-dequantized") and "q4_0" not in meta["corral.model.name"].lower()
+    assert json.loads(meta["corral.provenance"])["operations"][-1]["lossy"] is True
+    # the size reported is the directory's, not the tensors' alone
+    on_disk = sum(p.stat().st_size for p in (tmp_path / "q").rglob("*") if p.is_file())
+    assert doc["disk_bytes"] == on_disk
+    # bf16 -> bf16 is exact: no flag, no warning, no rename; bf16 -> f16 narrows
+    code, out, err = run(["--json", "--no-progress", "convert", str(bf16), "--to", "hf", "-o", str(tmp_path / "b"),
+                          *decl], capsys)
+    assert code == 0 and json.loads(out)["lossy"] is False and "lossy" not in err
+    assert "dequantized" not in _st_metadata(tmp_path / "b")["corral.model.name"]
+    assert "lossy" not in json.loads(_st_metadata(tmp_path / "b")["corral.provenance"])["operations"][-1]
+    code, out, err = run(["--json", "--no-progress", "convert", str(bf16), "--to", "hf", "--dtype", "f16", "-o",
+                          str(tmp_path / "h"), *decl], capsys)
+    assert code == 0 and json.loads(out)["lossy"] is True and "narrowed BF16 to F16" in err
+
+
+def test_gguf_summary_reports_the_file_size(tmp_path: Path, capsys) -> None:
+    dst = tmp_path / "s.gguf"
+    code, out, _ = run(["--no-progress", "convert", "demo:scout", "--to", "gguf", "--outtype", "q8_0", "-o", str(dst),
+                        "--mau-declaration", "below-700m"], capsys)
+    assert code == 0 and f"{dst.stat().st_size / 2**20:.1f} MiB" in out

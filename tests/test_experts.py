@@ -105,6 +105,27 @@ def test_prune_refusals_exit_2_and_write_nothing(scout_dir: Path, tmp_path: Path
     assert not out.exists() and [p.name for p in tmp_path.iterdir()] == []
 
 
+@pytest.mark.parametrize("command", [["prune", "--keep", "0-7"], ["extract", "--dense", "0"], ["stats"]])
+@pytest.mark.parametrize("kind", ["gguf", "gguf-magic", "onnx"])
+def test_non_hf_inputs_are_refused_with_the_way_forward(command: list[str], kind: str, tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    src = tmp_path / {"gguf": "x.gguf", "gguf-magic": "x.bin", "onnx": "export"}[kind]
+    if kind == "onnx":
+        src.mkdir()
+        (src / "model.onnx").write_bytes(b"\x08\x07")
+    else:
+        src.write_bytes(b"GGUF\x03\x00\x00\x00")
+    out = tmp_path / "out"
+    (tmp_path / "calib.txt").write_text("hello\n")
+    extra = (["--calibration", str(tmp_path / "calib.txt")] if command == ["stats"] else
+             ["-o", str(out), "--mau-declaration", "below-700m"])
+    capsys.readouterr()
+    assert main(["experts", command[0], str(src), *extra, *command[1:]]) == 3
+    err = capsys.readouterr().err
+    assert "HF checkpoints only: convert --to hf first" in err and str(src) in err and "config.json" not in err
+    assert not out.exists()
+
+
 def test_prune_without_declaration_exits_5(scout_dir: Path, tmp_path: Path) -> None:
     assert main(["experts", "prune", str(scout_dir), "-o", str(tmp_path / "o"), "--keep", "0-7"]) == 5
     assert list(tmp_path.iterdir()) == []

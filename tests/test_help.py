@@ -90,21 +90,23 @@ def test_license_stamp_help_is_its_own(capsys, monkeypatch) -> None:
     assert "stamped in place" in next(p.help for p in COMMANDS["license stamp"].params if p.name == "path")
 
 
-def test_copied_sets_equal_their_sources() -> None:
-    """The sets choices.py repeats (their modules are too heavy for CLI start-up) equal the code's."""
+def test_choice_sets_have_one_definition() -> None:
+    """Each closed set the CLI offers is the very object the implementing code checks against (defined once,
+    in a light module), and the policy ids are the policy files."""
     from converters.gguf_mmproj import MMPROJ_OUTTYPES
     from converters.gguf_to_hf import OUT_DTYPES as GGUF_TO_HF
     from converters.onnx_export import DTYPES as ONNX
     from license.policy import policy_ids
     from license.stamp import RELATIONS
     from toolbox.cli import choices
+    from toolbox.experts.forward import COMPUTE_DTYPES
     from toolbox.merge.merge import OUT_DTYPES as MERGE
 
-    assert set(choices.HF_DTYPES) == set(GGUF_TO_HF) == set(MERGE)
-    assert set(choices.ONNX_DTYPES) == set(ONNX) - {"auto"}
-    assert tuple(MMPROJ_OUTTYPES) == choices.MMPROJ_OUTTYPES
-    assert tuple(RELATIONS) == choices.RELATIONS
-    assert list(choices.POLICIES) == policy_ids()
+    assert GGUF_TO_HF is MERGE and tuple(GGUF_TO_HF) == choices.HF_DTYPES
+    assert choices.ONNX_DTYPES is ONNX and set(choices.CONVERT_DTYPES) == set(ONNX) | set(MERGE)
+    assert choices.MMPROJ_OUTTYPES is MMPROJ_OUTTYPES and choices.COMPUTE_DTYPES is COMPUTE_DTYPES
+    assert choices.RELATIONS is RELATIONS
+    assert list(choices.POLICIES) == policy_ids() and policy_ids()
 
 
 def test_experts_stats_has_top(capsys, monkeypatch) -> None:

@@ -79,8 +79,8 @@ def test_builtin_scout_gguf_runs_then_does_no_work(tmp_path: Path, capsys: pytes
     assert code == 0, err
     assert doc["built"] == 6 and doc["cached"] == 0
     outputs = sorted((tmp_path / "out").glob("*.gguf"))
-    assert [p.name for p in outputs] == ["Llama-4-Scout-17B-16E-Instruct-q4_k_m.gguf",
-                                         "Llama-4-Scout-17B-16E-Instruct-q8_0.gguf"]
+    assert [p.name for p in outputs] == ["Llama-4-Scout-demo-q4_k_m.gguf",  # demo sources give demo names
+                                         "Llama-4-Scout-demo-q8_0.gguf"]
     for p in outputs:  # independently of the recipe's own gates
         assert verify_checkpoint(p).ok and check_artifact(p).ok
     record = json.loads((tmp_path / "out" / "corral-recipe.json").read_text())
@@ -102,6 +102,46 @@ def test_changed_matrix_builds_only_the_new_variant(small: Path, tmp_path: Path)
     built = sorted(i.label for i in second.instances if i.status == "built")
     assert built == ["gguf[quant=q5_0]", "license[quant=q5_0]", "verify[quant=q5_0]"]
     assert (out / "Llama-4-tiny-q5_0.gguf").is_file()
+    # the matrix shrank: q4_0 was published by the first run and is no longer an output, so it goes
+    assert sorted(p.name for p in out.iterdir()) == ["Llama-4-tiny-q5_0.gguf", "Llama-4-tiny-q8_0.gguf",
+                                                     "corral-recipe.json"]
+    assert [p["path"] for p in second.published if p["status"] == "removed"] == [str(out / "Llama-4-tiny-q4_0.gguf")]
+
+
+def test_shrunk_matrix_removes_only_what_corral_published(small: Path, tmp_path: Path, capsys) -> None:
+    cache, out = tmp_path / "cache", tmp_path / "out"
+    run_recipe(load_recipe(small), out, cache_dir=cache)
+    (out / "notes.txt").write_text("mine")  # not corral's: must survive
+    outside = tmp_path / "outside.gguf"
+    outside.write_text("x")
+    record = json.loads((out / "corral-recipe.json").read_text())
+    record["outputs"].append({"step": "x", "path": "../outside.gguf", "files": {}})  # hand-edited, escapes
+    (out / "corral-recipe.json").write_text(json.dumps(record))
+    capsys.readouterr()
+    code = main(["--no-progress", "recipe", "run", str(small), "--set", "steps.gguf.matrix.quant=[q8_0]",
+                 "-o", str(out), "--cache-dir", str(cache)])
+    text = capsys.readouterr().out
+    assert code == 0
+    assert sorted(p.name for p in out.iterdir()) == ["Llama-4-tiny-q8_0.gguf", "corral-recipe.json", "notes.txt"]
+    assert outside.is_file()
+    assert "removed" in text and "Llama-4-tiny-q4_0.gguf" in text and "1 outputs in" in text
+    # instances print with their matrix values, so two of them never read alike
+    assert "verify[quant=q8_0] (verify)" in text and "license[quant=q8_0] (license-check)" in text
+    assert [o["path"] for o in json.loads((out / "corral-recipe.json").read_text())["outputs"]] == [
+        "Llama-4-tiny-q8_0.gguf"]
+
+
+@pytest.mark.parametrize(("override", "named", "nearest"), [
+    ("sorce=demo:scout", "'sorce'", "'source'"),
+    ("steps.gguf.with.outtyp=q8_0", "'outtyp' in steps.gguf.with", "'outtype'"),
+    ("steps.gguv.output=x", "'gguv'", "'gguf'"),
+    ("license.mau_declaratoin=below-700m", "'mau_declaratoin' in license", "'mau_declaration'"),
+])
+def test_set_typo_names_the_key_and_the_nearest(override: str, named: str, nearest: str, capsys) -> None:
+    code, _, err = _cli(capsys, "recipe", "validate", "scout-gguf", "--set", override)
+    assert code == 2, err
+    assert f"unknown key {named}" in err and f"did you mean {nearest}?" in err
+    assert "Extra inputs" not in err and "scout-gguf.yaml:" not in err
 
 
 def test_lock_reproduces_byte_identical_outputs(small: Path, tmp_path: Path, capsys) -> None:
@@ -224,8 +264,8 @@ def test_builtin_lora_merge_gguf_runs_on_demo(scout_dir: Path, tmp_path: Path, c
     assert code == 0, err
     assert {s["label"]: s["status"] for s in doc["steps"]} == {
         "merge": "built", "gguf": "built", "verify-merged": "built", "verify-gguf": "built", "license": "built"}
-    gguf_file = out / "Llama-4-Scout-17B-16E-Instruct-merged-q8_0.gguf"
-    assert gguf_file.is_file() and (out / "Llama-4-Scout-17B-16E-Instruct-merged" / "config.json").is_file()
+    gguf_file = out / "Llama-4-Scout-demo-merged-q8_0.gguf"
+    assert gguf_file.is_file() and (out / "Llama-4-Scout-demo-merged" / "config.json").is_file()
     from toolbox.tensors.gguf.reader import read_gguf_kv
 
     kv = read_gguf_kv(gguf_file)
@@ -240,10 +280,10 @@ def test_builtin_maverick_prune_runs_on_demo(tmp_path: Path, capsys) -> None:
                           "--set", "steps.onnx.with.dtype=fp32", "--mau-declaration", DECL, "-o", str(out),
                           "--cache-dir", str(tmp_path / "cache"))
     assert code == 0, err
-    pruned = out / "Llama-4-Maverick-17B-64E-Instruct-reap"
+    pruned = out / "Llama-4-Maverick-demo-reap"
     config = AutoConfig.from_pretrained(pruned)
     assert config.text_config.num_local_experts == 64  # half of demo:maverick's 128
-    assert (out / "Llama-4-Maverick-17B-64E-Instruct-reap-onnx" / "model.onnx").is_file()
+    assert (out / "Llama-4-Maverick-demo-reap-onnx" / "model.onnx").is_file()
     assert {s["status"] for s in doc["steps"]} == {"built"}
     # the reason the recipe stops short of GGUF: llama.cpp would run a 64-expert Maverick with qk-norm
     from converters.hf_to_gguf import convert_hf_to_gguf
@@ -259,6 +299,6 @@ def test_builtin_scout_onnx_runs_on_demo(tmp_path: Path, capsys) -> None:
                           "--set", "steps.onnx.with.dtype=fp32", "--mau-declaration", DECL, "-o", str(out),
                           "--cache-dir", str(tmp_path / "cache"))
     assert code == 0, err
-    export = out / "Llama-4-Scout-17B-16E-Instruct-onnx"
+    export = out / "Llama-4-Scout-demo-onnx"
     assert (export / "model.onnx").is_file() and (export / "model.onnx.data").is_file()
     assert {s["status"] for s in doc["steps"]} == {"built"}

@@ -1,20 +1,21 @@
 """The closed sets the CLI accepts, each a `Literal` type, so Typer validates it, lists it in help,
 completes it in the shell and (through the error boundary in main.py) suggests the nearest on a typo.
 
-The sets are read from the code that implements them where that code is light to import; the
-CLI must start without pydantic, torch or the license package (tests/test_license_cli.py), so the
-few sets defined beside heavy imports are repeated here and tests/test_help.py checks that each
-equals its source.
+Each set has one definition, in a light module the implementing code imports too (the CLI must
+start without pydantic, torch or license.stamp: tests/test_license_cli.py): toolbox.tensors.dtypes,
+toolbox.tensors.gguf.quant, license.sets.
 """
 
 from __future__ import annotations
 
-from importlib import resources
 from typing import Any, Literal
 
+from license.sets import RELATIONS, policy_ids
 from toolbox.demo import VARIANTS
 from toolbox.experts.stats import CRITERIA as STATS_CRITERIA
-from toolbox.tensors.gguf.quant import ALL_OUTTYPES
+from toolbox.supply import BOM_FORMATS
+from toolbox.tensors.dtypes import COMPUTE_DTYPES, HF_OUT_DTYPES, ONNX_DTYPES
+from toolbox.tensors.gguf.quant import ALL_OUTTYPES, MMPROJ_OUTTYPES
 
 
 def _literal(values: tuple[str, ...]) -> Any:
@@ -25,18 +26,14 @@ def _literal(values: tuple[str, ...]) -> Any:
 CONVERT_TARGETS = ("gguf", "hf", "onnx")
 MERGE_TARGETS = ("hf", "gguf")
 OUTTYPES: tuple[str, ...] = tuple(ALL_OUTTYPES)
-HF_DTYPES = ("auto", "bf16", "f16", "f32")  # converters.gguf_to_hf.OUT_DTYPES, toolbox.merge.merge.OUT_DTYPES
-ONNX_DTYPES = ("fp32", "f32", "float32", "fp16", "f16", "float16", "bf16", "bfloat16")  # converters.onnx_export
+HF_DTYPES: tuple[str, ...] = tuple(HF_OUT_DTYPES)
 CONVERT_DTYPES = tuple(dict.fromkeys((*HF_DTYPES, *ONNX_DTYPES)))
-MMPROJ_OUTTYPES = ("auto", "f32", "f16", "bf16", "q8_0")  # converters.gguf_mmproj.MMPROJ_OUTTYPES
-COMPUTE_DTYPES = ("float32", "bfloat16", "float16")  # toolbox.experts.forward's layer-streamed forward pass
 CRITERIA = (*STATS_CRITERIA, "random")
 CHECK_FORMATS = ("text", "json", "sarif")
-RELATIONS = ("finetune", "quantized", "merge", "adapter")  # license.stamp.RELATIONS
-POLICIES = tuple(sorted(p.name[: -len(".yaml")] for p in (resources.files("license") / "policies").iterdir()
-                        if p.name.endswith(".yaml")))  # license.policy.policy_ids(): one file per policy
+POLICIES = tuple(policy_ids())
 
 ConvertTarget = _literal(CONVERT_TARGETS)
+BomFormat = _literal(BOM_FORMATS)
 MergeTarget = _literal(MERGE_TARGETS)
 OutType = _literal(OUTTYPES)
 MmprojOutType = _literal(MMPROJ_OUTTYPES)

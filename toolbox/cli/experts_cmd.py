@@ -19,6 +19,7 @@ _CALIBRATION = """\
 Calibration data: a .txt file, a .jsonl file with a "text" field per line, or a chat .jsonl
 with "messages" [{role, content}, ...] per line (rendered with the model's chat template).
 The forward pass runs one decoder layer at a time, so memory is one layer plus activations.
+HF checkpoints only: a GGUF or ONNX model is refused (exit 3); convert --to hf first.
 """
 _LICENSE = "Outputs carry the Llama 4 license stamp; the operation, criterion and kept experts are in the provenance.\n"
 

@@ -26,7 +26,10 @@ Each step is keyed by its operation, parameters and the content of its inputs; b
 kept in the recipe cache ($CORRAL_CACHE_DIR/recipes, or --cache-dir), so a re-run does no work
 and a changed quant list builds only the new quantizations (in CI, persist the cache directory).
 Outputs are published into --output (default ./RECIPE-NAME) as read-only hard links to the cache,
-with corral-recipe.json listing every file's sha256. --lock FILE pins the Hub commit and input
+with corral-recipe.json listing every file's sha256; outputs an earlier run published there
+(listed in its corral-recipe.json) that the recipe no longer produces are removed, so the
+directory holds exactly the recipe's outputs (other files are never touched). An output name
+may use {model}: the source's model name (Llama-4-Scout-demo for demo:scout). --lock FILE pins the Hub commit and input
 hashes on the first run and, on later runs, refuses changed inputs and checks that rebuilt
 outputs are byte-identical. Exit status: 0 ok, 1 a gate (verify, license-check) failed, 2 usage,
 3 invalid recipe or input, 4 Hub access, 5 license policy.
@@ -129,9 +132,13 @@ def run(
             console.print(f"{sum(1 for i in result.instances if i.status == 'planned')} steps to build, estimated "
                           f"disk use {human_size(total)} (upper bound) in {esc(result.cache_dir)}", highlight=False)
         else:
+            for gone in (p for p in result.published if p["status"] == "removed"):
+                console.print(f"  [yellow]removed[/yellow]  {esc(gone['path'])} (published by an earlier run, no "
+                              "longer an output)", highlight=False)
+            kept = sum(1 for p in result.published if p["status"] != "removed")
             console.print(f"[green]OK[/green] built {result.work_done}, cached "
                           f"{sum(1 for i in result.instances if i.status == 'cached')}; "
-                          f"{len(result.published)} outputs in {esc(result.output_dir)}", highlight=False)
+                          f"{kept} outputs in {esc(result.output_dir)}", highlight=False)
 
     out.result(result.to_dict(), render)
     return 0

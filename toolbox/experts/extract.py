@@ -74,9 +74,11 @@ def extract_dense(src: ModelLike, out: str | Path, *, expert: int | Mapping[int,
                   extra_provenance: dict[str, Any] | None = None, license_options: LicenseOptions | None = None,
                   progress: Progress = NULL_PROGRESS, **legacy: Any) -> ExtractResult:
     """Write a dense model: in each MoE layer, [shared expert | routed `expert`] as one MLP."""
+    from toolbox.experts.output import require_hf
     from toolbox.reference import resolve
     from toolbox.tensors.atomic import check_output_path
 
+    require_hf(src)
     opts = LicenseOptions.of(license_options, **legacy)
     out = Path(out).absolute()
     check_output_path(out, force=force)

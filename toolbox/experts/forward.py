@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from toolbox.progress import NULL_PROGRESS, Progress
+from toolbox.tensors.dtypes import COMPUTE_DTYPES
 
 if TYPE_CHECKING:
     import torch
@@ -127,11 +128,12 @@ def open_streamed(path: str | Path, *, dtype: str = "float32") -> StreamedModel:
 
     from toolbox.checkpoint import load_checkpoint
     from toolbox.errors import UsageError
-    from toolbox.experts.output import text_config
+    from toolbox.experts.output import require_hf, text_config
     from toolbox.reference import open_source, resolve_path
 
-    if dtype not in ("float32", "bfloat16", "float16"):
-        raise UsageError(f"unknown compute dtype {dtype!r}", hint="choose float32, bfloat16 or float16")
+    require_hf(path)
+    if dtype not in COMPUTE_DTYPES:
+        raise UsageError(f"unknown compute dtype {dtype!r}", hint=f"choose {', '.join(COMPUTE_DTYPES)}")
     directory = resolve_path(path)
     ckpt = load_checkpoint(directory)
     tc = {k: v for k, v in text_config(ckpt.config).items() if k not in ("architectures", "transformers_version")}

@@ -18,6 +18,27 @@ if TYPE_CHECKING:
 Planned = tuple[str, tuple[int, ...], str, Callable[[Any], None]]
 
 
+def require_hf(spec: Any) -> None:
+    """Refuse a GGUF or ONNX model up front (exit 3): the expert tools rewrite HF safetensors checkpoints,
+    and without this check the user would get "config.json: not found" for a file they know has no such thing."""
+    from toolbox.errors import BadInputError
+
+    text = str(getattr(spec, "path", spec))
+    if text.startswith("demo:"):
+        return
+    path = Path(text)
+    kind = ("GGUF" if path.suffix.lower() == ".gguf" else "ONNX" if path.suffix.lower() == ".onnx" else
+            "ONNX" if path.is_dir() and (path / "model.onnx").is_file() and not (path / "config.json").exists()
+            else None)
+    if kind is None and path.is_file():
+        with open(path, "rb") as f:
+            kind = "GGUF" if f.read(4) == b"GGUF" else None
+    if kind is not None:
+        raise BadInputError(f"{path}: a {kind} model; the experts commands read HF checkpoints only: "
+                            "convert --to hf first", path=path,
+                            hint=f"corral convert {path} --to hf -o DIR, then run this on DIR")
+
+
 def text_config(config: dict[str, Any]) -> dict[str, Any]:
     """The dict holding the text model's fields (text_config for the multimodal model)."""
     tc = config.get("text_config")

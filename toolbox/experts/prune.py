@@ -39,9 +39,11 @@ def prune_experts(src: ModelLike, out: str | Path, *, keep: KeepSpec | None = No
 
     `keep`/`drop` is one list for every MoE layer or {layer: list}; the same count must remain in
     every layer and at least num_experts_per_tok. Streams one expert slice at a time."""
+    from toolbox.experts.output import require_hf
     from toolbox.reference import resolve
     from toolbox.tensors.atomic import check_output_path
 
+    require_hf(src)
     opts = LicenseOptions.of(license_options, **legacy)
     out = Path(out).absolute()
     check_output_path(out, force=force)
@@ -116,9 +118,11 @@ def prune_by_criterion(src: ModelLike, out: str | Path, *, count: int, criterion
                        progress: Progress = NULL_PROGRESS, **kwargs: Any) -> PruneResult:
     """Keep `count` experts per MoE layer chosen by `criterion` from statistics (given, or measured
     on `calibration` now, as `router_stats` with `seq_len` and `dtype`), then `prune_experts`."""
+    from toolbox.experts.output import require_hf
     from toolbox.experts.stats import router_stats
     from toolbox.reference import resolve
 
+    require_hf(src)
     model = resolve(src)
     t = model.checkpoint.text
     if criterion != "random" and stats is None:

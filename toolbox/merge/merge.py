@@ -26,6 +26,7 @@ from toolbox.merge.adapter import Adapter, load_adapter
 from toolbox.merge.plan import Contribution, MergePlan, build_plan
 from toolbox.progress import NULL_PROGRESS, Progress
 from toolbox.reference import ModelLike
+from toolbox.tensors.dtypes import HF_OUT_DTYPES
 from toolbox.tensors.source import raw_file_source
 
 if TYPE_CHECKING:
@@ -36,7 +37,7 @@ if TYPE_CHECKING:
 ROW_BLOCK_BYTES = 8 * 1024**2  # float32 bytes of one row block being merged (of a 2-D tensor or an expert slice)
 COPY_BLOCK_BYTES = 64 * 1024**2  # float32-equivalent bytes of one row block of an untouched tensor
 LOST_WARN = 0.10  # warn when rounding loses more than this share of a tensor's delta energy
-OUT_DTYPES = {"auto": None, "bf16": "BF16", "f16": "F16", "f32": "F32"}
+OUT_DTYPES = HF_OUT_DTYPES
 FLOAT_ST = ("BF16", "F16", "F32")
 
 

@@ -62,13 +62,23 @@ def render(value: Any, values: dict[str, Any]) -> Any:
     return value
 
 
+def model_name(source: str) -> str:
+    """What `{model}` in an output name stands for: the Hub repo's name, a local directory's name, or for a
+    demo source a demo name (`demo:scout` -> `Llama-4-Scout-demo`), so demo outputs are never named like the
+    real model."""
+    if source.startswith("demo:"):
+        return f"Llama-4-{source.removeprefix('demo:').capitalize()}-demo"
+    return Path(source.rstrip("/\\")).name or source
+
+
 def expand_steps(loaded: LoadedRecipe) -> list[Instance]:
     """Step instances in dependency order; a step reading from a fanned-out step fans out with it (not yet
     checked: `toolbox.recipe.run.expand` checks them)."""
+    model = model_name(loaded.recipe.source)
     by_step: dict[str, list[Instance | None]] = {"source": [None]}
     out: list[Instance] = []
     for step in loaded.recipe.steps:
-        params = step.with_.model_dump(mode="json")
+        params = render(step.with_.model_dump(mode="json"), {"model": model})
         keys = list(step.matrix)
         combos = [dict(zip(keys, c, strict=True)) for c in itertools.product(*(step.matrix[k] for k in keys))]
         made: list[Instance | None] = []
@@ -76,7 +86,7 @@ def expand_steps(loaded: LoadedRecipe) -> list[Instance]:
             for combo in combos or [{}]:
                 values = {**(parent.values if parent else {}), **combo}
                 inst = Instance(step, values, parent, render(params, values),
-                                render(step.output, values) if step.output else None)
+                                render(step.output, {"model": model, **values}) if step.output else None)
                 made.append(inst)
                 out.append(inst)
         by_step[step.id] = made

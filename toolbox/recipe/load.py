@@ -203,6 +203,55 @@ def _check_node(node: Any, path: Path) -> None:
                 seen.add(key.value)
 
 
+def _field_names(model: Any) -> dict[str, Any]:
+    """A pydantic model's accepted keys (aliases and names) and their fields."""
+    return {**{n: f for n, f in model.model_fields.items()},
+            **{f.alias: f for f in model.model_fields.values() if f.alias}}
+
+
+def _unknown(key: str, name: str, where: str, known: list[str]) -> UsageError:
+    import difflib
+
+    near = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+    return UsageError(f"--set {key}: unknown key {name!r}{where}",
+                      hint=(f"did you mean {near[0]!r}? " if near else "") + f"keys: {', '.join(sorted(known))}")
+
+
+def _check_override_key(doc: dict[str, Any], key: str, parts: list[str]) -> None:
+    """Refuse an override key the schema does not have (exit 2, naming it and the nearest), before it
+    reaches validation, where it would be reported as an extra input at a line of the recipe file."""
+    import typing
+
+    from pydantic import BaseModel
+
+    from toolbox.recipe.schema import Recipe, Step
+
+    by_uses = {typing.get_args(c.model_fields["uses"].annotation)[0]: c
+               for c in typing.get_args(typing.get_args(Step)[0])}
+    model: Any = Recipe
+    walked: list[str] = []
+    i = 0
+    while i < len(parts) and model is not None:
+        fields = _field_names(model)
+        where = f" in {'.'.join(walked)}" if walked else ""
+        if parts[i] not in fields:
+            raise _unknown(key, parts[i], where, [n for n in fields if not n.endswith("_")])
+        walked.append(parts[i])
+        if model is Recipe and parts[i] == "steps":
+            if i + 1 == len(parts):
+                return
+            steps = [s for s in doc.get("steps") or [] if isinstance(s, dict)]
+            step = next((s for s in steps if s.get("id") == parts[i + 1]), None)
+            if step is None:
+                raise _unknown(key, parts[i + 1], " (no step has this id)", [str(s.get("id")) for s in steps])
+            model, i = by_uses.get(step.get("uses")), i + 2
+            walked.append(parts[i - 1])
+            continue
+        ann = fields[parts[i]].annotation
+        model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+        i += 1
+
+
 def _apply_override(doc: dict[str, Any], assignment: str) -> None:
     """`key=value` with a dotted key; `steps.ID.field` addresses a step by its id; the value is YAML."""
     import yaml
@@ -217,6 +266,7 @@ def _apply_override(doc: dict[str, Any], assignment: str) -> None:
     except (ValueError, OverflowError, RecursionError):
         raise UsageError(f"--set {key}: value out of range") from None
     parts = key.split(".")
+    _check_override_key(doc, key, parts)
     target: Any = doc
     for i, part in enumerate(parts[:-1]):
         if isinstance(target, list):  # steps: address by id

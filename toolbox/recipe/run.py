@@ -384,6 +384,33 @@ def _published_name(part: Path, first: Path, target: Path) -> Path:
     return target.with_name(f"{target.name.removesuffix('.gguf')}-{m['i']}-of-{m['n']}.gguf")
 
 
+RECORD_MAX_BYTES = 16 * 1024**2
+
+
+def _previous_outputs(out_dir: Path) -> set[str]:
+    """The paths (relative to out_dir) that the last run published there, from its corral-recipe.json; only
+    these may be removed as stale, so a file corral did not publish is never touched. A missing, oversized or
+    damaged record names nothing (nothing is removed)."""
+    from toolbox.tensors.atomic import safe_join
+
+    try:
+        with open(out_dir / RECORD_NAME, "rb") as f:
+            raw = f.read(RECORD_MAX_BYTES + 1)
+        outputs = json.loads(raw)["outputs"] if len(raw) <= RECORD_MAX_BYTES else []
+    except (OSError, ValueError, KeyError, TypeError):
+        return set()
+    names: set[str] = set()
+    for entry in outputs if isinstance(outputs, list) else []:
+        files = entry.get("published_files") or [entry.get("path")] if isinstance(entry, dict) else []
+        for rel in files:
+            try:
+                if isinstance(rel, str) and rel and rel != RECORD_NAME:
+                    names.add(os.path.relpath(safe_join(out_dir, rel), out_dir.resolve()))
+            except BadInputError:
+                continue  # a hand-edited record pointing outside the directory: ignored
+    return {n for n in names if n != "."}
+
+
 def _link_or_copy(src: Path, dst: Path) -> None:
     try:
         os.link(src, dst)
@@ -397,6 +424,7 @@ def _publish(instances: list[Instance], out_dir: Path, name: str, loaded: Loaded
     from toolbox.tensors.atomic import atomic_file, safe_join
 
     out_dir.mkdir(parents=True, exist_ok=True)
+    previous = _previous_outputs(out_dir)
     published = []
     for inst in instances:
         if not inst.output or inst.artifact is None:
@@ -423,10 +451,19 @@ def _publish(instances: list[Instance], out_dir: Path, name: str, loaded: Loaded
                 else:
                     os.replace(staging, dst)
         published.append({"step": inst.label, "path": str(dict(pairs)[art]), "files": inst.files,
-                          "status": "unchanged" if same else "written"})
+                          "status": "unchanged" if same else "written",
+                          "published_files": [os.path.relpath(dst, out_dir.resolve()) for _src, dst in pairs]})
+    current = {f for p in published for f in p["published_files"]}
+    for stale in sorted(previous - current):  # what an earlier run published and this one no longer does
+        path = out_dir / stale
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+        published.append({"step": None, "path": str(path), "files": {}, "status": "removed", "published_files": []})
     record = {"recipe": name, "recipe_sha256": loaded.digest, "source": source.info,
-              "outputs": [{"step": p["step"], "path": os.path.relpath(p["path"], out_dir), "files": p["files"]}
-                          for p in published]}
+              "outputs": [{"step": p["step"], "path": os.path.relpath(p["path"], out_dir), "files": p["files"],
+                           "published_files": p["published_files"]} for p in published if p["status"] != "removed"]}
     with atomic_file(out_dir / RECORD_NAME, force=True) as tmp:
         tmp.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return published

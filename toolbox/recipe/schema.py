@@ -19,6 +19,9 @@ STEP_ID = r"^[a-z][a-z0-9_-]{0,62}$"
 _PLACEHOLDER = re.compile(r"\{([a-z_][a-z0-9_]*)\}")
 
 
+IMPLICIT_PLACEHOLDERS = ("model",)  # {model}: the source's model name (a demo name for demo: sources)
+
+
 class FieldError(ValueError):
     """A validation error that knows which field (below the model that raised it) is wrong."""
 
@@ -130,7 +133,7 @@ class _Step(_Strict):
 
     @model_validator(mode="after")
     def _placeholders(self) -> _Step:
-        known = set(self.matrix)
+        known = {*self.matrix, *IMPLICIT_PLACEHOLDERS}
         for text in [self.output or "", *_strings(getattr(self, "with_", None))]:
             unknown = set(_PLACEHOLDER.findall(text)) - known
             if unknown:

@@ -42,6 +42,7 @@ LLAMA_CPP_OUTTYPES = {
 }
 ALL_OUTTYPES = ("auto", *PY_OUTTYPES, *LLAMA_CPP_OUTTYPES)
 FLOAT_TYPES = frozenset({"F32", "F16", "BF16"})
+MMPROJ_OUTTYPES = ("auto", "f32", "f16", "bf16", "q8_0")  # the vision projector's: auto keeps its float type
 
 
 def qtype(name: str) -> Any:
