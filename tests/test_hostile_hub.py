@@ -424,4 +424,4 @@ def test_cut_connections_are_resumed_without_chatter(stub: HubStub, tmp_path: Pa
 
     main(["download", REPO_ID, "-o", str(tmp_path / "p"), "--token", TOKEN, "--include", "*.safetensors"])
     human = capsys.readouterr().out
-    assert "OK 1 files" in " ".join(human.split()) and "note:" not in human  # nothing was cut this time
+    assert "OK 1 file," in " ".join(human.split()) and "note:" not in human  # nothing was cut this time
