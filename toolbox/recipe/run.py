@@ -96,9 +96,10 @@ def resolve_source(loaded: LoadedRecipe, cache: Path, hashes: HashCache, *, dry_
     r = loaded.recipe
     spec = r.source
     if spec.startswith("demo:"):
-        from toolbox.demo import DEMO_FORMAT_VERSION, resolve_checkpoint
+        from toolbox.demo import DEMO_FORMAT_VERSION  # the demo's format goes into the step keys
+        from toolbox.reference import resolve_path
 
-        path = resolve_checkpoint(spec, progress=progress)
+        path = resolve_path(spec, progress)
         info = {"kind": "demo", "spec": spec, "format_version": DEMO_FORMAT_VERSION}
         return Source(spec, path, digest_of(info), info, _weights_size(path))
     local = Path(spec).expanduser()
