@@ -526,3 +526,22 @@ def olah_server(mirrors: Path, workdir: Path, *, timeout: float = 20.0) -> Itera
             proc.kill()
             proc.wait(timeout=5)
         log.close()
+
+
+def isolate_hub_env(monkeypatch: Any, tmp_path: Path) -> None:
+    """A clean huggingface_hub environment for one test: no stored token, online, no telemetry, no proxies,
+    huggingface_hub's import-time paths pointed at the test's own directory."""
+    import huggingface_hub.constants as hf_constants
+
+    for var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_ENDPOINT", "HF_OIDC_RESOURCE", "CORRAL_ACCEPT_LLAMA_LICENSE",
+                "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy",
+                "CORRAL_HUB_MAX_FILES"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setenv("CORRAL_CACHE_DIR", str(tmp_path / "corral-cache"))
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(hf_constants, "HF_TOKEN_PATH", str(tmp_path / "hf-home" / "token"))
+    monkeypatch.setattr(hf_constants, "HF_STORED_TOKENS_PATH", str(tmp_path / "hf-home" / "stored_tokens"))

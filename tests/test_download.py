@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from hub_server import HubStub, StubRepo, free_port, make_git_repo, olah_server
+from hub_server import HubStub, StubRepo, free_port, isolate_hub_env, make_git_repo, olah_server
 
 REPO_ID = "meta-llama/Llama-4-Tiny-16E-Instruct"
 TOKEN = "hf_corralTESTtokenNEVERprintMe0123456789"
@@ -50,22 +50,11 @@ SELECTED = {p: d for p, d in FILES.items() if not p.startswith("original/")}
 
 @pytest.fixture(autouse=True)
 def hub_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
-    """A clean huggingface_hub environment: no stored token, online, no telemetry, no proxies."""
+    """A clean huggingface_hub environment (tests/hub_server.py), reproducible stamps, small read chunks."""
     import huggingface_hub.constants as hf_constants
 
-    for var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_ENDPOINT", "HF_OIDC_RESOURCE", "CORRAL_ACCEPT_LLAMA_LICENSE",
-                "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
-    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
-    monkeypatch.setenv("CORRAL_CACHE_DIR", str(tmp_path / "corral-cache"))
+    isolate_hub_env(monkeypatch, tmp_path)
     monkeypatch.setenv("SOURCE_DATE_EPOCH", "1743811200")
-    # huggingface_hub read these at import time: point them at the test's own directories
-    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(hf_constants, "HF_TOKEN_PATH", str(tmp_path / "hf-home" / "token"))
-    monkeypatch.setattr(hf_constants, "HF_STORED_TOKENS_PATH", str(tmp_path / "hf-home" / "stored_tokens"))
     monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "hf-home" / "hub"))
     # small read chunks so that a cut mid-file leaves bytes on disk to resume from
     monkeypatch.setattr(hf_constants, "DOWNLOAD_CHUNK_SIZE", 64 * 1024)

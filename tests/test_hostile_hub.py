@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hub_server import HubStub, StubRepo, git_blob_sha1
+from hub_server import HubStub, StubRepo, git_blob_sha1, isolate_hub_env
 
 REPO_ID = "acme/tiny-mirror"
 TOKEN = "hf_corralTESTtokenNEVERprintMe0123456789"
@@ -33,22 +33,10 @@ LISTED = {p: len(d) for p, d in FILES.items()}
 @pytest.fixture(autouse=True)
 def hub_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
     """A clean huggingface_hub environment with short bounds: a case fails in seconds, not minutes."""
-    import huggingface_hub.constants as hf_constants
-
-    for var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_ENDPOINT", "CORRAL_ACCEPT_LLAMA_LICENSE", "HTTP_PROXY",
-                "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy", "CORRAL_HUB_MAX_FILES"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
-    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
+    isolate_hub_env(monkeypatch, tmp_path)
     monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
-    monkeypatch.setenv("CORRAL_CACHE_DIR", str(tmp_path / "corral-cache"))
     monkeypatch.setenv("CORRAL_HUB_TIMEOUT", "1")
     monkeypatch.setenv("CORRAL_HUB_DEADLINE", "30")
-    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(hf_constants, "HF_TOKEN_PATH", str(tmp_path / "hf-home" / "token"))
-    monkeypatch.setattr(hf_constants, "HF_STORED_TOKENS_PATH", str(tmp_path / "hf-home" / "stored_tokens"))
     yield
 
 
