@@ -9,7 +9,6 @@ initializers may have been renamed, fused or transposed by an optimizer.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -141,9 +140,3 @@ def convert_onnx_to_hf(src: str | Path, out: str | Path, *, force: bool = False,
         copy_tokenizer_files(path.parent, staging)
         write_sidecars(staging, stamp)
     return OnnxToHFResult(Path(out), len(tensors), "+".join(sorted(dtypes)))
-
-
-def data_files(path: Path) -> list[Path]:
-    """The external-data files an ONNX model refers to (for inspect/verify)."""
-    _, tensors = read_tensors(path)
-    return sorted({t.file for t in tensors}, key=os.fspath)
