@@ -42,10 +42,11 @@ def test_a_reference_is_parsed_without_work_and_resolved_once(scout_dir: Path) -
 
 
 def test_the_registry_is_the_dispatch() -> None:
-    assert set(PAIRS) == {("hf", "gguf"), ("gguf", "hf"), ("hf", "onnx"), ("onnx", "hf"), ("hf", "hf")}
+    assert set(PAIRS) == {("hf", "gguf"), ("gguf", "hf"), ("hf", "onnx"), ("onnx", "hf"), ("hf", "hf"),
+                          ("gguf", "onnx"), ("onnx", "gguf")}
     assert converter_for("hf", "gguf").load().__name__ == "convert_hf_to_gguf"
-    with pytest.raises(UsageError, match="no converter from gguf to onnx"):
-        converter_for("gguf", "onnx")
+    with pytest.raises(UsageError, match="no converter from onnx to onnx"):
+        converter_for("onnx", "onnx")
     # an unsupported pair is refused from the name alone: the demo is not generated for it
     assert source_format(ConvertRequest("demo:maverick", "hf", Path("x"))) == "hf"
     with pytest.raises(UsageError):

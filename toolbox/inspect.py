@@ -16,7 +16,7 @@ LICENSE_FILES = ("LICENSE", "NOTICE", "USE_POLICY.md", "README.md")
 def inspect_checkpoint(path: str | Path, *, progress: Progress = NULL_PROGRESS) -> dict[str, Any]:
     """Describe an HF Llama 4 checkpoint as a JSON-ready dict. Raises CorralError on bad input."""
     from toolbox.reference import resolve_path
-    from toolbox.tensors.canonical import CanonicalView
+    from toolbox.tensors.canonical import hf_view
     from toolbox.tensors.safetensors_source import SafetensorsSource
     from toolbox.tokenizer_files import load_tokenizer_files
 
@@ -38,7 +38,7 @@ def inspect_checkpoint(path: str | Path, *, progress: Progress = NULL_PROGRESS) 
         return inspect_meta(model)
     ckpt = load_checkpoint(root)
     raw = SafetensorsSource(root)
-    view = CanonicalView(raw)
+    view = hf_view(raw, ckpt.config)
     counts = ckpt.parameter_counts()
     stored = sum(info.numel for info in view.infos().values())
     directory = root if root.is_dir() else root.parent
@@ -54,6 +54,7 @@ def inspect_checkpoint(path: str | Path, *, progress: Progress = NULL_PROGRESS) 
         "dtypes": dict(Counter(i.dtype for i in raw.infos().values())),
         "layout": "per-expert" if view.per_expert else "fused",
         "fp8": view.fp8,
+        **_quantization(ckpt.config),
         "shards": {"count": len(raw.headers), "bytes": sum(h.file_size for h in raw.headers)},
         "license_files": {name: (directory / name).is_file() for name in LICENSE_FILES},
     }
@@ -74,3 +75,11 @@ def inspect_checkpoint(path: str | Path, *, progress: Progress = NULL_PROGRESS) 
         info["tokenizer"] = {"error": exc.message}
     raw.close()
     return info
+
+
+def _quantization(config: dict[str, Any]) -> dict[str, Any]:
+    """The quantization config a checkpoint names, when its weights are stored quantized."""
+    from toolbox.tensors.compressed import compressed_tensors_config, describe
+
+    qc = compressed_tensors_config(config)
+    return {"quantization": describe(qc)} if qc is not None else {}

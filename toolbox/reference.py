@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from toolbox.errors import BadInputError
+from toolbox.errors import BadInputError, CorralError
 from toolbox.progress import NULL_PROGRESS, Progress
 
 if TYPE_CHECKING:
@@ -108,6 +108,13 @@ class ResolvedModel:
                           prior=dict(source.metadata) if source is not None else {},
                           carried_name=carried_name, family=family)
 
+    def _config(self) -> dict | None:
+        """config.json, when there is one to read (a lone .safetensors file may have none)."""
+        try:
+            return self.checkpoint.config
+        except CorralError:
+            return None
+
     def open_source(self, *, canonical: bool = True) -> TensorSource:
         """The tensors of an HF checkpoint. `canonical` presents per-expert and FP8 layouts as the
         fused bf16 layout transformers uses (see `toolbox.tensors.canonical`)."""
@@ -120,9 +127,9 @@ class ResolvedModel:
             return MetaSource(meta)  # already in the canonical fused layout
         source: TensorSource = SafetensorsSource(self.path)
         if canonical:
-            from toolbox.tensors.canonical import CanonicalView
+            from toolbox.tensors.canonical import hf_view
 
-            source = CanonicalView(source)
+            source = hf_view(source, self._config())
         return source
 
 

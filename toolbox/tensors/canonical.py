@@ -7,16 +7,18 @@
   expert's tensors only (gate_up[e] = [gate_e.T | up_e.T], down[e] = down_e.T).
 - FP8 weights (float8_e4m3fn with a `weight_scale` per output row, as in the Maverick FP8
   release) are dequantized on read to bf16 and their scale tensors hidden.
+- compressed-tensors checkpoints (a `quantization_config` with `quant_method: compressed-tensors`)
+  are dequantized module by module first (`toolbox.tensors.compressed`); see `hf_view`.
 """
 
 from __future__ import annotations
 
 import re
 from collections import defaultdict
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from toolbox.errors import CorruptFileError
-from toolbox.tensors.source import TensorInfo, TensorSource
+from toolbox.tensors.source import SourceView, TensorInfo, TensorSource
 
 if TYPE_CHECKING:
     import torch
@@ -26,7 +28,16 @@ _FP8 = frozenset({"F8_E4M3", "F8_E5M2"})
 SCALE_SUFFIXES = ("weight_scale", "weight_scale_inv")
 
 
-class CanonicalView(TensorSource):
+def hf_view(inner: TensorSource, config: dict[str, Any] | None = None) -> CanonicalView:
+    """The canonical view of an HF checkpoint's tensors; `config` (its config.json) says whether a
+    compressed-tensors layer goes underneath."""
+    from toolbox.tensors.compressed import CompressedTensorsView, compressed_tensors_config
+
+    qc = compressed_tensors_config(config)
+    return CanonicalView(CompressedTensorsView(inner, qc) if qc is not None else inner)
+
+
+class CanonicalView(SourceView):
     def __init__(self, inner: TensorSource) -> None:
         self.inner = inner
         self.path = inner.path
@@ -142,21 +153,3 @@ class CanonicalView(TensorSource):
         if scale.shape[0] == rows and scale.numel() == rows:
             return scale.reshape(rows)
         return None
-
-    @property
-    def metadata(self) -> dict[str, str]:
-        return self.inner.metadata
-
-    def stored(self) -> TensorSource:
-        return self.inner.stored()
-
-    @property  # type: ignore[override]
-    def drop_after_read(self) -> bool:
-        return self.inner.drop_after_read
-
-    @drop_after_read.setter
-    def drop_after_read(self, value: bool) -> None:
-        self.inner.drop_after_read = value
-
-    def close(self) -> None:
-        self.inner.close()

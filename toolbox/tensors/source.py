@@ -70,6 +70,31 @@ class TensorSource(ABC):
         self.close()
 
 
+class SourceView(TensorSource):
+    """A source that presents another one's tensors differently (`inner`): the file-level facts (metadata,
+    the stored bytes, page-cache policy, open files) are the inner source's."""
+
+    inner: TensorSource
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        return self.inner.metadata
+
+    def stored(self) -> TensorSource:
+        return self.inner.stored()
+
+    @property  # type: ignore[override]
+    def drop_after_read(self) -> bool:
+        return self.inner.drop_after_read
+
+    @drop_after_read.setter
+    def drop_after_read(self, value: bool) -> None:
+        self.inner.drop_after_read = value
+
+    def close(self) -> None:
+        self.inner.close()
+
+
 def raw_file_source(source: TensorSource, name: str) -> Any:
     """The safetensors file reader holding `name` byte for byte as the output wants it (same name, same
     dtype: not a fused per-expert layout or dequantized FP8), or None."""
