@@ -52,6 +52,8 @@ RULES: dict[str, Rule] = {r.code: r for r in (
     Rule("relabelled", "label", "error", "A model covered by a Llama license is labelled with another license"),
     Rule("metadata-mismatch", "label", "error", "In-file metadata disagrees with the sidecar files or other files"),
     Rule("eu-clause-missing", "multimodal", "error", "A multimodal model without the EU restriction"),
+    Rule("signature-inconsistent", "supply", "warning", "The signature's signed manifest does not match the files"),
+    Rule("bom-inconsistent", "supply", "warning", "The bill of materials does not match the files or the stamp"),
 )}
 
 # which clause a disagreeing key concerns
@@ -104,8 +106,9 @@ class AuditReport:
                 "findings": [asdict(f) for f in self.findings], "notes": self.notes}
 
 
-def check_artifact(path: str | Path, *, policy_id: str | None = None) -> AuditReport:
-    """Audit an HF/adapter/ONNX directory, a GGUF file or split set, or a lone .onnx/.safetensors file."""
+def check_artifact(path: str | Path, *, policy_id: str | None = None, hashes: bool = False) -> AuditReport:
+    """Audit an HF/adapter/ONNX directory, a GGUF file or split set, or a lone .onnx/.safetensors file; and a
+    signature or BOM beside it against its files (by sha256 too with `hashes`) and its stamp."""
     art = detect(path)
     metas = [read_file_meta(f) for f in art.files]
     rec = recognise(art, metas)
@@ -120,6 +123,11 @@ def check_artifact(path: str | Path, *, policy_id: str | None = None) -> AuditRe
         return report
     report.policy = policy.id
     _Audit(report, policy, art, metas, card, rec).run()
+    from license.supply_files import supply_findings
+
+    stamp = next((m.corral for m in metas if m.stamped), {})
+    for code, where, message, fix in supply_findings(art.path, stamp, report.notes, hashes=hashes):
+        report.findings.append(Finding(code, RULES[code].severity, "supply-chain", message, fix, str(where)))
     return report
 
 

@@ -193,6 +193,12 @@ VIOLATIONS: dict[str, tuple[Callable[[Path], Path], set[str]]] = {
     "hf/shards-disagree": (_mutated(_hf2, lambda d: _meta(d / "model-00002-of-00002.safetensors",
                                                           corral__license__mau_declaration="meta-license:X")),
                            {"metadata-mismatch"}),
+    # a signature or BOM beside the artifact that does not match it (read as data; tests/test_supply_checks.py)
+    "hf/signature-not-a-bundle": (_mutated(_hf, lambda d: (d / "model.sig").write_text("{}")),
+                                  {"signature-inconsistent"}),
+    "hf/bom-lists-nothing": (_mutated(_hf, lambda d: (d / "bom.cdx.json").write_text(json.dumps(
+        {"bomFormat": "CycloneDX", "metadata": {"component": {"name": "x", "components": []}}}))),
+                             {"bom-inconsistent"}),
     # lone GGUF (compliant by hand) with one thing broken
     "gguf/mit": (_gguf(general__license="mit"), {"relabelled"}),
     "gguf/name": (_gguf(general__name="Scout-ft-Q8_0"), {"name-prefix"}),
@@ -233,7 +239,8 @@ def test_each_seeded_violation_is_found_and_nothing_else(case: str, tmp_path: Pa
     assert report.codes() == expected, [(f.code, f.message) for f in report.findings]
     assert report.exit_code == 1 and report.policy == "llama4"
     for f in report.findings:
-        assert f.clause == POLICY.clause(RULES[f.code].clause_key) or f.code == "metadata-mismatch"
+        assert f.clause == (POLICY.clause(RULES[f.code].clause_key) if RULES[f.code].clause_key != "supply"
+                            else "supply-chain") or f.code == "metadata-mismatch"
         assert f.clause and f.fix and f.message and Path(f.path).name
 
 

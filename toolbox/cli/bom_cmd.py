@@ -1,4 +1,5 @@
-"""`corral bom`: a CycloneDX 1.6 ML-BOM of a stamped artifact (files, hashes, lineage, license)."""
+"""`corral bom`: a CycloneDX 1.6 ML-BOM or SPDX 2.3 document of a stamped artifact (files, hashes, lineage,
+license)."""
 
 from __future__ import annotations
 
@@ -19,8 +20,12 @@ and revision as a pkg:huggingface purl, merged adapters with their hashes, each 
 with its parameters), the license as LicenseRef-llama4 with the agreement text, the MAU
 declaration and the other license duties. It is checked against the CycloneDX 1.6 JSON
 schema by cyclonedx-python-lib's own validator before it is written (atomically). The
-artifact must carry a corral stamp (corral license stamp). Git metadata and model.sig are
-not listed. SPDX 3.0 output is not offered yet.
+artifact must carry a corral stamp (corral license stamp). Git metadata, model.sig and
+BOMs (bom.cdx.json, bom.spdx.json) are not listed. --format spdx writes SPDX 2.3 JSON
+(the model a package containing each file with SHA-1 and SHA-256, DESCENDANT_OF its base
+model and adapters, LicenseRef-llama4 with the text), validated by spdx-tools. Inside a
+directory the conventional names are bom.cdx.json / bom.spdx.json, which corral publish
+and corral license check look for. SPDX 3.0 (AI profile) is not offered yet.
 
 Exit status: 0 written, 2 usage error (output exists without --force), 3 unreadable or
 unstamped artifact.
@@ -29,7 +34,9 @@ Examples:
 
   corral bom ./Llama-4-Scout-merged -o scout-merged.cdx.json
 
-  corral bom scout-q8_0.gguf --format cyclonedx -o scout-q8_0.cdx.json --force
+  corral bom scout-q8_0.gguf --format cyclonedx -o scout-q8_0.gguf.cdx.json --force
+
+  corral bom ./Llama-4-Scout-merged --format spdx -o ./Llama-4-Scout-merged/bom.spdx.json
 """
 
 
@@ -40,21 +47,23 @@ def bom(
                                         show_default=False)],
     output: Annotated[Path, typer.Option("--output", "-o", metavar="FILE", show_default=False,
                                          help="Where to write the BOM (JSON, written atomically).")],
-    fmt: Annotated[BomFormat, typer.Option("--format", help="BOM standard: cyclonedx (CycloneDX 1.6 JSON).")]
+    fmt: Annotated[BomFormat, typer.Option("--format", help="BOM standard: cyclonedx (CycloneDX 1.6 JSON) or spdx "
+                                           "(SPDX 2.3 JSON).")]
     = "cyclonedx",
     force: ForceOpt = False,
 ) -> int:
-    """Write a CycloneDX 1.6 ML-BOM of an artifact: files and hashes, lineage, license."""
+    """Write a CycloneDX 1.6 ML-BOM (or SPDX 2.3) of an artifact: files and hashes, lineage, license."""
     from toolbox.cli.deps import require
 
-    require("cyclonedx")
+    require("spdx_tools" if fmt == "spdx" else "cyclonedx")
     from toolbox.supply.bom import build_bom
 
     out = ctx.obj
-    result = build_bom(path, output, force=force, progress=out.progress())
+    result = build_bom(path, output, fmt=fmt, force=force, progress=out.progress())
 
     def render(console: Console) -> None:
-        console.print(f"{esc(result.output)}: CycloneDX 1.6 ML-BOM of {esc(result.model)} "
+        kind = "SPDX 2.3 document" if fmt == "spdx" else "CycloneDX 1.6 ML-BOM"
+        console.print(f"{esc(result.output)}: {kind} of {esc(result.model)} "
                       f"({plural(len(result.files), 'file')})", highlight=False)
 
     out.result(result.to_dict(), render)

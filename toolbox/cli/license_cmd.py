@@ -37,7 +37,12 @@ sentence, LICENSE and USE_POLICY.md byte-identical to the verbatim texts, a mode
 begins with "Llama", "Built with Llama" in the model card, a valid declaration about the 700M
 monthly-active-user threshold, in-file metadata that agrees with the sidecar files, no other
 license label, and the EU clause for multimodal models. A lone .gguf/.onnx file is judged on
-its in-file metadata. Exit status: 0 compliant, 1 findings, 3 unreadable input.
+its in-file metadata. A signature (model.sig, FILE.sig) or BOM (bom.cdx.json, bom.spdx.json,
+FILE.cdx.json) beside it is read as data: a signed manifest or BOM that does not list exactly
+the files (with --hashes: their sha256), or a BOM whose name, license or MAU declaration is not
+the stamp's, is a warning (signature-inconsistent, bom-inconsistent); present and consistent is
+a note. The signer is checked by corral verify --public-key, not here. Exit status: 0
+compliant, 1 findings, 3 unreadable input.
 
 Examples:
 
@@ -48,6 +53,8 @@ Examples:
   corral license check ./Llama-4-Scout-ft --format sarif > license.sarif
 
   corral --json license check ./adapter | jq '.findings[].code'
+
+  corral license check ./Llama-4-Scout-signed --hashes
 """
 
 STAMP_EPILOG = """\
@@ -82,6 +89,8 @@ def check(
         help="Output: text (default), json (as the global --json) or sarif (SARIF 2.1.0 for code scanning; "
         "not with --json).")] = None,
     policy: PolicyOpt = None,
+    hashes: Annotated[bool, typer.Option("--hashes", help="Also compare every file's sha256 with the signature's "
+                                         "manifest and the BOM (reads every byte).")] = False,
 ) -> int:
     """Audit an artifact against the obligations of its Llama license."""
     from license.audit import check_artifact
@@ -95,7 +104,7 @@ def check(
         from toolbox.reference import resolve_path
 
         path = str(resolve_path(path))
-    report = check_artifact(path, policy_id=policy)
+    report = check_artifact(path, policy_id=policy, hashes=hashes)
     if fmt == "sarif":
         from license.sarif import to_sarif
 

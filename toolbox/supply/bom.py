@@ -25,13 +25,14 @@ from license import keys as K
 from license.artifact import detect, read_file_meta
 from license.policy import load_policy
 from license.stamp import prior_history
-from toolbox.errors import BadInputError, InternalError
+from license.supply_files import BOM_NAMES
+from toolbox.errors import BadInputError, InternalError, UsageError
 from toolbox.progress import NullProgress, Progress
 from toolbox.supply.sign import DEFAULT_NAME
 from toolbox.tensors.atomic import NEW_MARK, OLD_MARK, PARTIAL_MARK, atomic_file
 
 CHUNK = 1 << 20
-SKIP = frozenset({".git", ".github", ".gitattributes", ".gitignore", DEFAULT_NAME})
+SKIP = frozenset({".git", ".github", ".gitattributes", ".gitignore", DEFAULT_NAME, *BOM_NAMES})
 
 
 @dataclass
@@ -42,21 +43,28 @@ class BomResult:
     output: Path
     model: str
     files: dict[str, str]  # relative name -> sha256 hex
+    format: str = "cyclonedx-1.6"
 
     def to_dict(self) -> dict[str, Any]:
-        return {"path": str(self.path), "output": str(self.output), "format": "cyclonedx-1.6", "model": self.model,
+        return {"path": str(self.path), "output": str(self.output), "format": self.format, "model": self.model,
                 "files": self.files}
 
 
 def sha256_file(path: Path, progress_task: Any = None) -> str:
     """Streaming SHA-256 (bounded memory for any file size)."""
-    h = hashlib.sha256()
+    return _digests(path, progress_task, "sha256")[0]
+
+
+def _digests(path: Path, progress_task: Any, *algorithms: str) -> list[str]:
+    """Streaming digests, one read pass for all of them (bounded memory for any file size)."""
+    hs = [hashlib.new(a) for a in algorithms]
     with open(path, "rb") as f:
         while chunk := f.read(CHUNK):
-            h.update(chunk)
+            for h in hs:
+                h.update(chunk)
             if progress_task is not None:
                 progress_task.advance(len(chunk))
-    return h.hexdigest()
+    return [h.hexdigest() for h in hs]
 
 
 def _files(root: Path, exclude: Path | None) -> Iterator[tuple[str, Path]]:
@@ -87,22 +95,34 @@ def _stamp_meta(path: Path) -> dict[str, str]:
                         path=path)
 
 
-def build_bom(path: str | Path, output: str | Path, *, force: bool = False,
+def build_bom(path: str | Path, output: str | Path, *, fmt: str = "cyclonedx", force: bool = False,
               progress: Progress | None = None) -> BomResult:
-    """Hash every file, build and validate the CycloneDX 1.6 document, then write it atomically."""
+    """Hash every file, build and validate the CycloneDX 1.6 (or, `fmt="spdx"`, SPDX 2.3) document, then
+    write it atomically."""
+    if fmt not in ("cyclonedx", "spdx"):
+        raise UsageError(f"BOM format {fmt!r} is not cyclonedx or spdx")
     root = Path(path)
     out = Path(output).absolute()
     meta = _stamp_meta(root)
     files = list(_files(root, out))
-    hashes: dict[str, str] = {}
+    digests: dict[str, tuple[str, str]] = {}
     with (progress or NullProgress()).task("hashing", total=sum(p.stat().st_size for _, p in files),
                                            unit="bytes") as task:
         for name, p in files:
-            hashes[name] = sha256_file(p, task)
-    text = render_cyclonedx(meta, hashes, is_file=root.is_file())
+            got = _digests(p, task, *(("sha1", "sha256") if fmt == "spdx" else ("sha256",)))  # SPDX wants SHA-1 too
+            digests[name] = (got[0] if fmt == "spdx" else "", got[-1])
+    hashes = {n: d[1] for n, d in digests.items()}
+    if fmt == "spdx":
+        from toolbox.supply.spdx import render_spdx
+
+        created = _provenance(meta).get("created")
+        text = render_spdx(meta, digests, created=_parse_time(created) if isinstance(created, str) else None)
+    else:
+        text = render_cyclonedx(meta, hashes, is_file=root.is_file())
     with atomic_file(out, force=force) as tmp:
         tmp.write_text(text, encoding="utf-8")
-    return BomResult(root, out, meta.get(K.MODEL_NAME, root.name), hashes)
+    return BomResult(root, out, meta.get(K.MODEL_NAME, root.name), hashes,
+                     "spdx-2.3" if fmt == "spdx" else "cyclonedx-1.6")
 
 
 def render_cyclonedx(meta: Mapping[str, str], hashes: Mapping[str, str], *, is_file: bool) -> str:
