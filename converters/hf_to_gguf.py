@@ -10,7 +10,7 @@ import json
 import math
 import os
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -265,8 +265,11 @@ def convert_hf_to_gguf(src: ModelLike, out: str | Path, *, outtype: str = "auto"
                        direct_io: bool = True, license_options: LicenseOptions | None = None,
                        progress: Progress = NULL_PROGRESS, overrides: gguf_mix.Overrides | None = None,
                        imatrix: str | Path | None = None, include_weights: list[str] | None = None,
-                       exclude_weights: list[str] | None = None, **legacy: Any) -> GGUFResult:
+                       exclude_weights: list[str] | None = None, parts: Collection[int] | None = None,
+                       **legacy: Any) -> GGUFResult:
     """Convert an HF Llama 4 checkpoint to a GGUF file (or split set) for llama.cpp.
+
+    `parts` (0-based, of `split_part_count`): only those files of the split set, each as the whole run writes it.
 
     `direct_io` lays tensors out at 4096-byte alignment (general.alignment) and writes their data
     around the page cache (toolbox.tensors.direct_io); False keeps GGUF's default 32 and buffered
@@ -309,7 +312,8 @@ def convert_hf_to_gguf(src: ModelLike, out: str | Path, *, outtype: str = "auto"
     ensure_free_space(out.parent, sum(p.nbytes + 4096 for p in plan), f"the GGUF output {out.name}")  # + alignment
     staging = new_partial(out, directory=True)  # owned by this run: a later run removes it if this one dies
     try:
-        writer = GGUFWriter(staging / out.name, "llama4", split_max_size=split_max_size, direct_io=direct_io)
+        writer = GGUFWriter(staging / out.name, "llama4", split_max_size=split_max_size, direct_io=direct_io,
+                            parts=parts)
         apply_to_gguf_writer(writer, stamp)
         add_text_kv(writer, ckpt, gg_type)
         add_vocab(writer, ckpt.path, ckpt.text.vocab)
@@ -324,10 +328,11 @@ def convert_hf_to_gguf(src: ModelLike, out: str | Path, *, outtype: str = "auto"
             writer.add_tensor_info(p.name, p.shape, np.dtype(np.float32), p.nbytes, raw_dtype=getattr(
                 gguf.GGMLQuantizationType, p.qtype))
         writer.begin_data()
-        total = sum(p.nbytes for p in plan)
+        todo = [p for p in plan if writer.writes(p.name)]
+        total = sum(p.nbytes for p in todo)
         read_once(source)  # every byte is read exactly once below: keep it out of the page cache
         with progress.task(f"writing {out.name}", total=total, unit="bytes") as task:
-            _write_tensors(writer, plan, source, task)
+            _write_tensors(writer, todo, source, task)
         writer.close()
         finals = _publish(staging, out, force=force)
     finally:
@@ -335,6 +340,32 @@ def convert_hf_to_gguf(src: ModelLike, out: str | Path, *, outtype: str = "auto"
         source.close()
     return GGUFResult(paths=finals, outtype=gg_type, tensors=len(plan), bytes=total, warnings=warnings,
                       name=stamp.name)
+
+
+def split_part_count(src: ModelLike, *, outtype: str = "auto", split_max_size: int = 0,
+                     overrides: gguf_mix.Overrides | None = None, imatrix: str | Path | None = None,
+                     include_weights: list[str] | None = None, exclude_weights: list[str] | None = None,
+                     **_other: Any) -> int:
+    """How many files `convert_hf_to_gguf` writes with these options (1 without a split), from the plan alone
+    (headers are read, no tensor data): what a caller fanning the parts out needs before any is written."""
+    import gguf
+    import numpy as np
+
+    from toolbox.tensors.gguf.writer import GGUFWriter
+
+    model = resolve(src)
+    source = model.open_source()
+    try:
+        gg_type = resolve_outtype(outtype, source)
+        plan = _typed_plan(model.checkpoint, source, gg_type, _load_imatrix(imatrix, include_weights,
+                                                                            exclude_weights), overrides)
+    finally:
+        source.close()
+    writer = GGUFWriter(None, "llama4", split_max_size=split_max_size)
+    for p in plan:  # gguf-py's own split rule decides, as in the conversion
+        writer.add_tensor_info(p.name, p.shape, np.dtype(np.float32), p.nbytes,
+                               raw_dtype=getattr(gguf.GGMLQuantizationType, p.qtype))
+    return len(writer.tensors)
 
 
 def _operation(gg_type: str, overrides: gguf_mix.Overrides | None, imat: Any) -> dict[str, Any]:

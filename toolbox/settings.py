@@ -43,6 +43,7 @@ KEYS: dict[str, Key] = {k.name: k for k in (
     Key("mau_declaration", "CORRAL_MAU_DECLARATION",
         "your declaration about the Llama license's 700M MAU threshold: below-700m or meta-license:REFERENCE"),
     Key("cache_dir", "CORRAL_CACHE_DIR", "where demos, recipe steps and downloads' partials are kept"),
+    Key("executor", "CORRAL_EXECUTOR", "where recipe steps run: local (threads, the default) or ray (a Ray cluster)"),
 )}
 
 

@@ -31,8 +31,11 @@ with corral-recipe.json listing every file's sha256; outputs an earlier run publ
 directory holds exactly the recipe's outputs (other files are never touched). An output name
 may use {model}: the source's model name (Llama-4-Scout-demo for demo:scout). --lock FILE pins the Hub commit and input
 hashes on the first run and, on later runs, refuses changed inputs and checks that rebuilt
-outputs are byte-identical. Exit status: 0 ok, 1 a gate (verify, license-check) failed, 2 usage,
-3 invalid recipe or input, 4 Hub access, 5 license policy.
+outputs are byte-identical. --executor ray runs every step as a task on a Ray cluster (the parts of a
+split GGUF as one task each); the cache, the source and the output directory must then be on storage
+every node sees under the same path, with the same corral installed on every node ('corral[ray]').
+Exit status: 0 ok, 1 a gate (verify, license-check) failed, 2 usage (ray not installed), 3 invalid
+recipe or input, 4 Hub access or a cluster that cannot run or lost a step, 5 license policy.
 
 Examples:
 
@@ -43,6 +46,8 @@ Examples:
   corral recipe run ./my-recipe.yaml --lock my-recipe.lock --accept-license -o ./artifacts
 
   corral recipe run scout-gguf --set 'steps.gguf.matrix.quant=[q8_0, q5_k_m, q4_k_m]'
+
+  corral recipe run scout-gguf --executor ray --address auto --cache-dir /shared/corral -o /shared/out
 """
 
 VALIDATE_EPILOG = """\
@@ -102,6 +107,14 @@ def run(
     accept_license: Annotated[bool, typer.Option("--accept-license", help="Accept the Llama license of a Hub "
                                                  "source (as corral download --accept-license).")] = False,
     mau_declaration: MauDeclarationOpt = None,
+    executor: Annotated[str | None, typer.Option("--executor", metavar="local|ray", show_default=False,
+                                                 help="Where steps run: threads here (local, the default) or "
+                                                 "tasks on a Ray cluster (ray); else $CORRAL_EXECUTOR, else "
+                                                 "the recipe's executor:.")] = None,
+    address: Annotated[str | None, typer.Option("--address", metavar="auto|HOST:PORT|ray://HOST:PORT",
+                                                show_default=False,
+                                                help="The Ray cluster (--executor ray; default $RAY_ADDRESS, "
+                                                "else a new Ray instance on this machine).")] = None,
 ) -> int:
     """Run a recipe: build what is not cached, check the gates, publish the outputs."""
     from toolbox.recipe import load_recipe, run_recipe
@@ -109,7 +122,8 @@ def run(
     out = ctx.obj
     loaded = load_recipe(recipe, set_ or [])
     result = run_recipe(loaded, output, cache_dir=cache_dir, dry_run=dry_run, lock=lock, jobs=jobs,
-                        accept_license=accept_license, mau_declaration=mau_declaration, progress=out.progress())
+                        accept_license=accept_license, mau_declaration=mau_declaration, executor=executor,
+                        address=address, progress=out.progress())
 
     def render(console: Console) -> None:
         from toolbox.cli.output import human_size
@@ -123,7 +137,7 @@ def run(
             extra = f" -> {esc(inst.output)}" if inst.output else ""
             size = f" ~{human_size(inst.estimate)}" if result.dry_run and inst.status == "planned" and inst.estimate \
                 else ""
-            took = f" {inst.seconds:.1f}s" if inst.status == "built" else ""
+            took = f" {inst.seconds:.1f}s{_where(inst.built_by)}" if inst.status == "built" else ""
             console.print(f"  [{st}]{inst.status:8}[/{st}] {esc(inst.label)} ({esc(inst.step.uses)}){extra}{size}"
                           f"{took}",
                           highlight=False)
@@ -142,6 +156,16 @@ def run(
 
     out.result(result.to_dict(), render)
     return 0
+
+
+def _where(built_by: dict | None) -> str:
+    """' on HOST (node_b)' for a step a Ray task built, '' for a local one."""
+    if not built_by or built_by.get("executor") != "ray":
+        return ""
+    nodes = built_by.get("parts") or [built_by]
+    names = sorted({f"{n.get('hostname')}" + (f" ({','.join(n['resources'])})" if n.get("resources") else "")
+                    for n in nodes})
+    return " on " + esc(", ".join(names))
 
 
 @app.command("validate", epilog=VALIDATE_EPILOG)

@@ -1,0 +1,290 @@
+"""Recipes on a real two-node Ray cluster (both nodes on 127.0.0.1, each with its own custom resource, so
+that tasks can be seen landing on either): outputs byte-identical to the local executor, corral-recipe.json
+naming the nodes, a split GGUF written part by part on both nodes, and a node killed mid-run (kill -9 of
+its raylet) costing a retry, not a result. Plus the executor choice and resource requests, without Ray."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from toolbox.cli.main import main
+from toolbox.recipe import load_recipe, run_recipe
+
+DECL = "below-700m"
+START_TIMEOUT = 120  # seconds for `ray start` (the two shared cores may be busy)
+RUN_TIMEOUT = 300  # a recipe run on the cluster
+RAY = str(Path(sys.executable).with_name("ray")) if Path(sys.executable).with_name("ray").exists() \
+    else shutil.which("ray") or "ray"  # the CLI that pip installs beside this Python
+SPLIT = """\
+corral: 1
+name: split
+source: demo:scout
+license:
+  mau_declaration: below-700m
+steps:
+  - id: gguf
+    uses: convert
+    with: {to: gguf, outtype: q8_0, split_max_size: 10M}
+    output: Llama-4-split-q8_0.gguf
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _ray_start(args: list[str], env: dict[str, str]) -> int:
+    """`ray start ARGS` in a new session; returns its process group (the node's daemons stay in it)."""
+    proc = subprocess.Popen([RAY, "start", *args, "--disable-usage-stats"], env=env, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        out, _ = proc.communicate(timeout=START_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    assert proc.returncode == 0, out[-2000:]
+    return proc.pid
+
+
+def _group(pgid: int, *, parent: int | None = None) -> list[tuple[int, str]]:
+    """(pid, command line) of the live processes in one process group (or, with `parent`, its children)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            status = dict(ln.split(":", 1) for ln in (entry / "status").read_text().splitlines() if ":" in ln)
+            if (parent is None and os.getpgid(int(entry.name)) != pgid) or \
+                    (parent is not None and int(status["PPid"]) != parent):
+                continue
+            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+        except (OSError, ProcessLookupError, KeyError, ValueError):
+            continue
+        if cmd and "zombie" not in status.get("State", ""):
+            found.append((int(entry.name), cmd))
+    return found
+
+
+def _stop(pgid: int) -> None:
+    """Our node's processes, by their process group: never `ray stop`, which would stop any Ray on the host."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(pgid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + (3 if sig == signal.SIGTERM else 10)
+        while _group(pgid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[dict[str, object]]:
+    """A head node (resource node_a) and a second node process (node_b), 1 CPU each, stopped at the end."""
+    import ray
+
+    temp = Path(tempfile.mkdtemp(prefix="cray", dir="/tmp"))  # short: Ray's socket paths must fit 107 bytes
+    port = _free_port()
+    # a private cluster on 127.0.0.1 for this test, with Ray's token authentication off in all its processes
+    # (nodes and this driver), whatever ~/.ray holds
+    saved = os.environ.get("RAY_AUTH_MODE")
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    common = ["--num-cpus=1", "--object-store-memory=100000000"]
+    groups = []
+    try:
+        groups.append(_ray_start(["--head", f"--port={port}", "--resources={\"node_a\": 1}", f"--temp-dir={temp}",
+                                  "--include-dashboard=false", *common], env))
+        groups.append(_ray_start([f"--address=127.0.0.1:{port}", "--resources={\"node_b\": 1}", *common], env))
+        address = f"127.0.0.1:{port}"
+        ray.init(address=address, log_to_driver=False, configure_logging=False)
+        deadline = time.monotonic() + START_TIMEOUT
+        while sum(1 for n in ray.nodes() if n["Alive"]) < 2:
+            assert time.monotonic() < deadline, "the second Ray node did not join"
+            time.sleep(0.5)
+        ray.shutdown()
+        yield {"address": address, "head": groups[0], "worker": groups[1]}
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+        for pgid in reversed(groups):
+            _stop(pgid)
+        shutil.rmtree(temp, ignore_errors=True)
+        if saved is None:
+            os.environ.pop("RAY_AUTH_MODE", None)
+        else:
+            os.environ["RAY_AUTH_MODE"] = saved
+
+
+def _hashes(out: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(out.iterdir())
+            if p.is_file() and p.name != "corral-recipe.json"}
+
+
+def _nodes(record: dict) -> set[str]:
+    """The custom resources of every node that built a step or a part, from corral-recipe.json."""
+    names = set()
+    for step in record["steps"]:
+        by = step["built_by"] or {}
+        for who in by.get("parts") or [by]:
+            names.update(who.get("resources", []))
+    return names
+
+
+@pytest.fixture(scope="module")
+def split_reference(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """The split GGUF set written by one process (the local executor)."""
+    tmp = tmp_path_factory.mktemp("split-local")
+    (tmp / "split.yaml").write_text(SPLIT)
+    run_recipe(load_recipe(tmp / "split.yaml"), tmp / "out", cache_dir=tmp / "cache", executor="local")
+    ref = _hashes(tmp / "out")
+    assert len(ref) > 2  # really a split set
+    return ref
+
+
+@pytest.mark.slow
+def test_matrix_recipe_on_two_nodes_equals_local(cluster, tmp_path: Path, capsys) -> None:
+    args = ["recipe", "run", "scout-gguf", "--set", "source=demo:scout", "--set",
+            "steps.gguf.matrix.quant=[q8_0, q4_0, q5_0]", "--mau-declaration", DECL]
+    runs = {}
+    for name, extra in (("local", ["--executor", "local"]), ("ray", ["--executor", "ray", "--address",
+                                                                     str(cluster["address"])])):
+        capsys.readouterr()
+        code = main(["--json", "--no-progress", *args, *extra, "-o", str(tmp_path / name),
+                     "--cache-dir", str(tmp_path / f"cache-{name}")])
+        out, err = capsys.readouterr()
+        assert code == 0, err
+        runs[name] = json.loads(out)
+    assert runs["ray"]["built"] == 9 and runs["ray"]["cached"] == 0
+    local, remote = _hashes(tmp_path / "local"), _hashes(tmp_path / "ray")
+    assert len(local) == 3 and remote == local
+    record = json.loads((tmp_path / "ray" / "corral-recipe.json").read_text())
+    assert {"node_a", "node_b"} <= _nodes(record)  # tasks landed on both nodes
+    assert all(s["built_by"]["executor"] == "ray" and s["built_by"]["seconds"] > 0 for s in record["steps"])
+    assert [o["files"] for o in record["outputs"]] == [
+        o["files"] for o in json.loads((tmp_path / "local" / "corral-recipe.json").read_text())["outputs"]]
+
+
+@pytest.mark.slow
+def test_split_gguf_fans_out_per_part(cluster, split_reference: dict[str, str], tmp_path: Path) -> None:
+    (tmp_path / "split.yaml").write_text(SPLIT)
+    res = run_recipe(load_recipe(tmp_path / "split.yaml"), tmp_path / "out", cache_dir=tmp_path / "cache",
+                     executor="ray", address=str(cluster["address"]))
+    assert _hashes(tmp_path / "out") == split_reference
+    (gguf,) = res.instances
+    parts = gguf.built_by["parts"]
+    assert sorted(p["name"].replace("model", "Llama-4-split-q8_0") for p in parts) == sorted(split_reference)
+    assert {r for p in parts for r in p["resources"]} == {"node_a", "node_b"}
+    assert not [p for p in (tmp_path / "cache" / "objects").iterdir() if p.name.startswith(".")]  # no debris
+
+
+@pytest.mark.slow
+def test_a_step_no_node_can_run_is_refused_not_queued(cluster, tmp_path: Path, monkeypatch, capsys) -> None:
+    from toolbox.recipe import ray_executor
+
+    monkeypatch.setitem(ray_executor.PEAK_BYTES, "convert", 1 << 50)  # 1 PiB of memory: no node has it
+    (tmp_path / "split.yaml").write_text(SPLIT)
+    code = main(["--no-progress", "recipe", "run", str(tmp_path / "split.yaml"), "--executor", "ray", "--address",
+                 str(cluster["address"]), "-o", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache")])
+    err = capsys.readouterr().err
+    assert code == 4 and "no node of the Ray cluster has" in err and "memory 1048576.0 GiB" in err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_killed_node_costs_a_retry_not_the_result(cluster, split_reference: dict[str, str], tmp_path: Path) -> None:
+    """kill -9 of the second node's raylet while it runs a part: Ray retries the part on the head node."""
+    (tmp_path / "split.yaml").write_text(SPLIT)
+    result: dict[str, object] = {}
+
+    def run() -> None:
+        try:
+            result["res"] = run_recipe(load_recipe(tmp_path / "split.yaml"), tmp_path / "out",
+                                       cache_dir=tmp_path / "cache", executor="ray", address=str(cluster["address"]))
+        except BaseException as exc:  # reported by the assertion below
+            result["exc"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + RUN_TIMEOUT
+    (raylet,) = [pid for pid, cmd in _group(int(cluster["worker"])) if "/raylet/raylet " in cmd]  # type: ignore
+    # the second node's task workers are its raylet's children, titled ray::FUNCTION while they run one
+    while not any(cmd.startswith("ray::remote_part") for _pid, cmd in _group(0, parent=raylet)):
+        assert thread.is_alive() and time.monotonic() < deadline, "no part ever ran on the second node"
+        time.sleep(0.05)
+    os.kill(raylet, signal.SIGKILL)
+    thread.join(timeout=max(1.0, deadline - time.monotonic()))
+    assert not thread.is_alive(), "the run did not finish after the node died"
+    assert "exc" not in result, result.get("exc")
+    assert _hashes(tmp_path / "out") == split_reference
+
+
+# -- without a cluster ------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_gguf_parts_written_one_by_one_equal_the_whole_set(scout_dir: Path, tmp_path: Path) -> None:
+    """The per-part entry point the fan-out uses, in this process: each part alone is byte-identical to that
+    file of a whole run, and gguf-py reads it as part i of n."""
+    import gguf
+
+    from converters.hf_to_gguf import convert_hf_to_gguf, split_part_count
+    from license.stamp import LicenseOptions
+
+    opts = {"outtype": "q8_0", "split_max_size": 20_000_000,
+            "license_options": LicenseOptions(name="Llama-4-parts", mau_declaration=DECL)}
+    for d in ["whole", *(f"p{i}" for i in range(8))]:
+        (tmp_path / d).mkdir()
+    whole = convert_hf_to_gguf(scout_dir, tmp_path / "whole" / "m.gguf", **opts).paths
+    count = split_part_count(scout_dir, **opts)
+    assert count == len(whole) > 1
+    for i, ref in enumerate(whole):
+        (part,) = convert_hf_to_gguf(scout_dir, tmp_path / f"p{i}" / "m.gguf", parts=[i], **opts).paths
+        assert sorted(os.listdir(part.parent)) == [ref.name] and part.read_bytes() == ref.read_bytes()
+        split = gguf.GGUFReader(part).fields["split.no"]
+        assert int(split.parts[split.data[0]][0]) == i
+
+
+def test_executor_choice_and_missing_ray(tmp_path: Path, monkeypatch, capsys) -> None:
+    from toolbox.recipe.executors import choose
+
+    monkeypatch.delenv("CORRAL_EXECUTOR", raising=False)
+    assert choose(None, None) == "local" and choose(None, "ray") == "ray"
+    monkeypatch.setenv("CORRAL_EXECUTOR", "local")
+    assert choose(None, "ray") == "local" and choose("ray", None) == "ray"
+    (tmp_path / "split.yaml").write_text(SPLIT.replace("steps:", "executor: ray\nsteps:"))
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if not installed: `import ray` raises ImportError
+    monkeypatch.delenv("CORRAL_EXECUTOR")
+    code = main(["--no-progress", "recipe", "run", str(tmp_path / "split.yaml"), "-o", str(tmp_path / "out"),
+                 "--cache-dir", str(tmp_path / "cache")])
+    err = capsys.readouterr().err
+    assert code == 2 and "corral[ray]" in err
+    assert not (tmp_path / "out").exists()
+    assert main(["--no-progress", "recipe", "run", str(tmp_path / "split.yaml"), "--executor", "dask"]) == 2
+
+
+def test_task_options_follow_the_step(tmp_path: Path) -> None:
+    from toolbox.recipe.executors import Job
+    from toolbox.recipe.ray_executor import GIB, MAX_RETRIES, task_options
+
+    def job(uses: str, **params: object) -> Job:
+        return Job(uses, dict(params), "k", uses, uses in ("verify", "license-check"), "/src", None, "/o", {})
+
+    plain = task_options(job("convert", to="gguf"), 5 * GIB, {"CPU": 2.0})
+    assert plain == {"num_cpus": 1, "num_gpus": 0, "memory": 2 * GIB, "max_retries": MAX_RETRIES,
+                     "retry_exceptions": False}
+    assert task_options(job("prune", keep_count=2, criterion="reap"), GIB, {})["memory"] == 4 * GIB
+    assert task_options(job("convert", to="gguf"), 5 * GIB + 1, {"disk_gib": 100.0})["resources"] == {"disk_gib": 6}
