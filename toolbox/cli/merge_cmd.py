@@ -1,14 +1,16 @@
-"""`corral merge`: LoRA adapters into a Llama 4 checkpoint, routed experts included, streamed."""
+"""`corral merge`: LoRA adapters into a Llama 4 checkpoint, routed experts included, streamed; with --method or
+--config, a weight merge of full fine-tunes (mergekit's methods)."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from toolbox.cli._typer import typer
 from toolbox.cli.choices import OUTTYPES, MergeDtype, MergeTarget, OutType
 from toolbox.cli.options import BaseModelOpt, FixNameOpt, ForceOpt, MauDeclarationOpt, NameOpt
 from toolbox.cli.output import plain
+from toolbox.merge_choices import METHODS
 
 EPILOG = """\
 Merges PEFT LoRA adapters (attention, shared expert, dense MLPs, vision tower; routed experts
@@ -31,20 +33,39 @@ Examples:
   corral --json merge ./base ./lora --dtype f32 -o ./merged-f32
 
   corral merge ./base ./lora -o scout-ft.gguf --to gguf --outtype q8_0
+
+Weight merges of full fine-tunes of the same base (--method or --config; Scout with Scout,
+Maverick with Maverick, any layout corral reads), equal to mergekit's methods and streamed one
+expert slice or row block of every input at a time. BASE is the base; the other arguments are
+the fine-tuned models. linear averages the models (BASE only supplies config and tokenizer);
+ties, dare_ties and dare_linear take --density (one for all, or one per model); DARE's masks come
+from --seed, per tensor, so a rerun is byte-identical; slerp takes --t (0: BASE); model_stock
+needs two models or more. --config reads mergekit's YAML (merge_method, base_model, models with
+weight/density, parameters, dtype/out_dtype), refusing what it does not support with FILE:LINE.
+
+  corral merge --method ties ./scout ./ft-a ./ft-b --weight 0.6 --weight 0.4 --density 0.5 -o ./Llama-4-ties
+
+  corral merge --method slerp ./scout ./ft-a --t 0.3 -o ./Llama-4-slerp
+
+  corral merge --method dare_ties ./scout ./ft-a ./ft-b --density 0.3 --seed 7 -o ./Llama-4-dare
+
+  corral merge --config merge.yaml -o ./Llama-4-merged --mau-declaration below-700m
 """
 SHOW_ROWS = 40
+WeightMethod = Literal[METHODS]  # type: ignore[valid-type]
 
 
 def merge(
     ctx: typer.Context,
-    base: Annotated[str, typer.Argument(help="Base HF checkpoint directory, or demo:scout|demo:maverick.",
-                                        metavar="BASE", show_default=False)],
-    adapters: Annotated[list[Path], typer.Argument(help="PEFT adapter directories (adapter_config.json + "
-                                                   "adapter_model.safetensors), or Hub repo ids.",
-                                                   metavar="ADAPTER...",
-                                                   show_default=False)],
     output: Annotated[Path, typer.Option("--output", "-o", help="Output directory (or .gguf file with --to gguf).",
                                          show_default=False)],
+    base: Annotated[str | None, typer.Argument(help="Base HF checkpoint directory, or demo:scout|demo:maverick.",
+                                               metavar="BASE", show_default=False)] = None,
+    adapters: Annotated[list[Path] | None, typer.Argument(help="PEFT adapter directories (adapter_config.json + "
+                                                          "adapter_model.safetensors), or Hub repo ids; with "
+                                                          "--method, the fine-tuned model directories.",
+                                                          metavar="ADAPTER...",
+                                                          show_default=False)] = None,
     weight: Annotated[list[float] | None, typer.Option("--weight", "-w", help="Weight of each adapter's delta, "
                                                        "once per adapter in order (default 1).",
                                                        show_default=False)] = None,
@@ -55,16 +76,46 @@ def merge(
     outtype: Annotated[OutType, typer.Option("--outtype", case_sensitive=False,
                                              help=f"GGUF tensor type with --to gguf: {', '.join(OUTTYPES)}.")]
     = "auto",
+    method: Annotated[WeightMethod | None, typer.Option("--method", case_sensitive=False,
+                                                        help="Weight merge of full fine-tunes instead of LoRA.",
+                                                        show_default=False)] = None,
+    config: Annotated[Path | None, typer.Option("--config", help="mergekit YAML merge configuration.",
+                                                show_default=False)] = None,
+    density: Annotated[list[float] | None, typer.Option("--density", help="ties/dare: share of each delta kept, "
+                                                        "once for all or once per model (default 1).",
+                                                        show_default=False)] = None,
+    normalize: Annotated[bool | None, typer.Option("--normalize/--no-normalize", help="Divide by the sum of "
+                                                   "weights (default: the method's, as mergekit).",
+                                                   show_default=False)] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of DARE's random masks.")] = 0,
+    t: Annotated[float | None, typer.Option("--t", help="slerp: interpolation factor (0: BASE, 1: the model).",
+                                            show_default=False)] = None,
     name: NameOpt = None,
     mau_declaration: MauDeclarationOpt = None,
     fix_name: FixNameOpt = False,
     base_model: BaseModelOpt = None,
     force: ForceOpt = False,
 ) -> None:
-    """Merge LoRA adapters into a Llama 4 checkpoint, streaming one tensor slice at a time."""
+    """Merge LoRA adapters (or, with --method/--config, full fine-tunes) into a Llama 4 checkpoint, streamed."""
+    from toolbox.errors import UsageError
     from toolbox.merge.merge import merge_adapters
 
     out = ctx.obj
+    if method is not None or config is not None:
+        from license.stamp import LicenseOptions
+
+        if to != "hf":
+            raise UsageError("weight merges write HF checkpoints", hint="convert the result with corral convert")
+        opts = LicenseOptions(name=name, mau_declaration=mau_declaration, fix_name=fix_name, base_model=base_model)
+        wres = _weight_merge(base, [str(a) for a in adapters or []], output, method, config, weight, density,
+                             normalize, seed, t, dtype, force, opts, out.progress())
+        out.result({"format": "hf", **wres.to_dict()},
+                   lambda c: c.print(f"wrote {wres.path} ({wres.name}: {wres.method}, {wres.tensors} tensors, "
+                                     f"{len(wres.inputs) - 1} models)", markup=False))
+        return
+    if base is None or not adapters:
+        raise UsageError("give BASE and one or more ADAPTER directories",
+                         hint="or --method METHOD BASE MODEL... / --config merge.yaml for a weight merge")
     if to == "gguf":
         from toolbox.merge.chain import merge_to_gguf
 
@@ -102,3 +153,30 @@ def merge(
         console.print(f"wrote {res.path} ({res.name}: {res.tensors} tensors, {len(res.merged)} merged)", markup=False)  # type: ignore[attr-defined]
 
     out.result({"base": base, "format": "hf", **res.to_dict()}, render)
+
+
+def _weight_merge(base: str | None, models: list[str], output: Path, method: object, config: Path | None,
+                  weight: list[float] | None, density: list[float] | None, normalize: bool | None, seed: int,
+                  t: float | None, dtype: str, force: bool, opts: object, progress: object) -> object:
+    """--method BASE MODEL... or --config FILE (which names the inputs itself) to `merge_weights`."""
+    from toolbox.errors import UsageError
+    from toolbox.merge.weights import merge_weights
+
+    if config is not None:
+        from toolbox.recipe.mergekit_config import load_merge_config
+
+        if method is not None or base is not None or weight or density or normalize is not None or t is not None:
+            raise UsageError("--config names the method, the models and their parameters itself",
+                             hint="drop --method, BASE, MODEL..., --weight, --density, --normalize and --t")
+        cfg = load_merge_config(config)
+        kwargs = cfg.kwargs()
+        if dtype != "auto":
+            kwargs["dtype"] = dtype
+        return merge_weights(cfg.base, list(cfg.models), output, seed=seed, force=force,
+                             license_options=opts, progress=progress,  # type: ignore[arg-type]
+                             extra_op={"config": config.name}, **kwargs)
+    if base is None or not models:
+        raise UsageError("--method needs BASE and the fine-tuned MODEL directories")
+    return merge_weights(base, models, output, method=str(method), weights=weight,
+                         densities=density, normalize=normalize, t=t, seed=seed, dtype=dtype, force=force,
+                         license_options=opts, progress=progress)  # type: ignore[arg-type]
