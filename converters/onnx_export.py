@@ -39,6 +39,7 @@ KEY_TENSOR_MAP = "corral.onnx.tensor_map"  # JSON {initializer: checkpoint tenso
 KEY_DTYPE = "corral.onnx.dtype"
 KEY_KV_CACHE = "corral.onnx.kv_cache"
 KEY_MOE = "corral.onnx.moe"
+KEY_QUANT = "corral.onnx.quant"  # JSON {"config": {...}, "tensors": {initializer: [checkpoint tensor, part]}}
 INV_FREQ = "rope_inv_freq"
 
 
@@ -69,9 +70,10 @@ def tensor_map(param_names: list[str], multimodal: bool) -> dict[str, str]:
 
 
 def resolve_dtype(dtype: str) -> str:
+    """The torch type the graph computes in (int4/int8: float32 activations, weights packed)."""
     key = str(dtype).lower()
     if key not in DTYPES:
-        raise BadInputError(f"unsupported ONNX dtype {dtype!r}", hint="choose fp32, fp16 or bf16")
+        raise BadInputError(f"unsupported ONNX dtype {dtype!r}", hint="choose fp32, fp16, bf16, int8 or int4")
     return DTYPES[key]
 
 
@@ -101,7 +103,7 @@ def build_module(tc: dict[str, Any], torch_dtype: Any, *, kv_cache: bool, moe: s
     return module.eval()
 
 
-def export_graph(module: Any, *, kv_cache: bool, opset: int, device: str = "meta") -> Any:
+def export_graph(module: Any, *, kv_cache: bool, opset: int, device: str = "meta", quantized: bool = False) -> Any:
     """Trace the module once with torch.onnx (dynamo); returns the onnx_ir Model (no weights read)."""
     import torch
 
@@ -116,6 +118,11 @@ def export_graph(module: Any, *, kv_cache: bool, opset: int, device: str = "meta
     shapes: list[Any] = [{0: batch, 1: seq}, {0: batch, 1: total if kv_cache else seq}, {0: batch, 1: seq}]
     if kv_cache:
         shapes.append(tuple({0: batch, 2: past} for _ in range(2 * d.layers)))
+    extra: dict[str, Any] = {}
+    if quantized:
+        from converters.onnx_qops import TRANSLATIONS
+
+        extra["custom_translation_table"] = TRANSLATIONS()
     quiet = logging.getLogger("torch.onnx")  # "torchvision is not installed" and similar notes
     level = quiet.level
     quiet.setLevel(logging.ERROR)
@@ -124,7 +131,7 @@ def export_graph(module: Any, *, kv_cache: bool, opset: int, device: str = "meta
         try:
             program = torch.onnx.export(module, inputs, input_names=ins, output_names=outs,
                                         dynamic_shapes=tuple(shapes), dynamo=True, optimize=False,
-                                        opset_version=opset, verbose=False)
+                                        opset_version=opset, verbose=False, **extra)
         except Exception as exc:  # torch.export / translation failures
             raise UnsupportedModelError(f"torch.onnx could not export this model ({_summary(exc)})",
                                         hint="rerun with --verbose for the exporter's report") from exc
@@ -143,13 +150,18 @@ def _summary(exc: BaseException) -> str:
 def convert_hf_to_onnx(src: ModelLike, out_dir: str | Path, *, dtype: str = "fp32", kv_cache: bool = True,
                        opset: int | None = None, force: bool = False, vision: bool = False, moe: str = "auto",
                        license_options: LicenseOptions | None = None, progress: Progress = NULL_PROGRESS,
-                       **legacy: Any) -> OnnxResult:
+                       block_size: int | None = None, symmetric: bool | None = None,
+                       accuracy_level: int | None = None, keep_float: Any = None, **legacy: Any) -> OnnxResult:
     """Export the text model of a Llama 4 checkpoint to ONNX (KV cache, sparse MoE, external data), stamped.
 
     `moe`: "auto" gathers only the routed experts when fewer token-expert pairs than experts are routed
     (decoding) and runs the dense formulation otherwise (prefill: memory for activations only, not one
     weight copy per token); "sparse" always gathers; "dense" always computes every expert for every
-    token, as the stock transformers module does (for the benchmark)."""
+    token, as the stock transformers module does (for the benchmark).
+
+    `dtype` int4/int8: linear weights as MatMulNBits and routed experts as QMoE (converters.onnx_qops),
+    quantized while streaming in `block_size` blocks (symmetric, or with zero points), `keep_float`
+    parts (default router and embeddings; norms always) in float32."""
     import torch
 
     from license.stamp import derive_stamp
@@ -157,10 +169,13 @@ def convert_hf_to_onnx(src: ModelLike, out_dir: str | Path, *, dtype: str = "fp3
 
     opts = LicenseOptions.of(license_options, **legacy)
     if vision:
-        raise BadInputError("exporting the vision encoder to ONNX is not supported yet",
-                            hint="drop --vision; the ONNX export covers the text model (images: use GGUF + mmproj)")
+        raise BadInputError("convert_hf_to_onnx exports the text model only",
+                            hint="images: toolbox.convert with ConvertRequest(vision=True) (converters.onnx_vision)")
     if moe not in ("auto", "sparse", "dense"):
         raise BadInputError(f"unknown MoE formulation {moe!r}", hint="auto, sparse or dense")
+    from converters.onnx_qops import quant_config, quantize_module
+
+    qcfg = quant_config(dtype, block_size, symmetric, accuracy_level, keep_float)
     torch_dtype = getattr(torch, resolve_dtype(dtype))
     opset = resolve_opset(opset)
     check_output_path(Path(out_dir), force=force)
@@ -168,23 +183,28 @@ def convert_hf_to_onnx(src: ModelLike, out_dir: str | Path, *, dtype: str = "fp3
     ckpt = model.checkpoint
     assert ckpt.path is not None
     tc = text_config_of(ckpt.config)
-    dtype_name = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}[str(torch_dtype).removeprefix("torch.")]
+    dtype_name = f"int{qcfg.bits}" if qcfg else {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}[
+        str(torch_dtype).removeprefix("torch.")]
     with model.open_source() as source:
         stamp = derive_stamp(model.stamp_input(source), {"op": "convert", "to": "onnx", "dtype": dtype_name,
                                                          "kv_cache": kv_cache}, opts, suffix=dtype_name)
         module = build_module(tc, torch_dtype, kv_cache=kv_cache, moe=moe)
+        plan = quantize_module(module, qcfg) if qcfg else None
         params = {n: tuple(p.shape) for n, p in module.named_parameters()}
         tmap = tensor_map(list(params), ckpt.multimodal)
         infos = source.infos()
         _check_weights(ckpt.path, tmap, params, infos)
+        if plan is not None:
+            plan.prefix_sources("language_model." if ckpt.multimodal else "")
+            _check_weights(ckpt.path, {s: s for s in plan.shapes}, plan.shapes, infos)
         with progress.task("tracing the graph (torch.onnx, about a minute)", total=None):  # spinner + elapsed
-            model = export_graph(module, kv_cache=kv_cache, opset=opset)
+            model = export_graph(module, kv_cache=kv_cache, opset=opset, quantized=plan is not None)
         total, placed = _write(model, module, tmap, source, torch_dtype, Path(out_dir), stamp, tc, ckpt.path,
                                extra={KEY_TENSOR_MAP: json.dumps(tmap, separators=(",", ":")), KEY_DTYPE: dtype_name,
                                       KEY_KV_CACHE: "true" if kv_cache else "false",
                                       KEY_MOE: {"auto": "gather-when-decoding", "sparse": "gather",
                                                 "dense": "dense"}[moe]},
-                               force=force, progress=progress)
+                               force=force, progress=progress, plan=plan)
     notes = ["bf16: onnxruntime's CPU provider has no bf16 kernels for several ops (TopK, Expand); run this "
              "model with a GPU provider, or export fp16/fp32 for CPU"] if dtype_name == "bf16" else []
     return OnnxResult(Path(out_dir), placed, total, dtype_name, kv_cache, opset, notes)
@@ -215,7 +235,7 @@ def _strip_node_metadata(graph: Any) -> None:
 
 def _write(model: Any, module: Any, tmap: dict[str, str], source: Any, torch_dtype: Any, out_dir: Path,
            stamp: Any, tc: dict[str, Any], src_dir: Path, *, extra: dict[str, str], force: bool,
-           progress: Progress) -> tuple[int, int]:
+           progress: Progress, plan: Any = None) -> tuple[int, int]:
     """Point the initializers at model.onnx.data, save the stamped graph, stream the weights, add the files."""
     import onnx
     import onnx_ir as ir
@@ -225,12 +245,18 @@ def _write(model: Any, module: Any, tmap: dict[str, str], source: Any, torch_dty
     from toolbox.tensors.atomic import atomic_directory
 
     inits = model.graph.initializers
-    unknown = sorted(set(inits) - set(tmap) - {INV_FREQ})
+    quant = plan.specs if plan is not None else {}
+    unknown = sorted(set(inits) - set(tmap) - set(quant) - {INV_FREQ})
     if unknown:
         raise UnsupportedModelError(f"the traced graph has initializers corral cannot fill: {', '.join(unknown[:5])}")
     itemsize = torch.empty((), dtype=torch_dtype).element_size()
     entries = [(n, tmap.get(n), tuple(int(s) for s in inits[n].shape)) for n in inits]
-    placed = layout(entries, {n: 4 if n == INV_FREQ else itemsize for n in inits})
+    sizes = {n: 4 if n == INV_FREQ else itemsize for n in inits}
+    sizes.update({n: int(inits[n].dtype.itemsize) for n in quant})  # uint8 blocks, float32 scales
+    placed = layout(entries, sizes)
+    if plan is not None:
+        extra = {**extra, KEY_QUANT: json.dumps({"config": plan.config.as_json(), "tensors": {
+            n: [s.source, s.part] for n, s in quant.items()}}, separators=(",", ":"))}
     with atomic_directory(out_dir, force=force) as staging:
         for p in placed:
             init = inits[p.name]
@@ -242,11 +268,20 @@ def _write(model: Any, module: Any, tmap: dict[str, str], source: Any, torch_dty
             entry = proto.metadata_props.add()
             entry.key, entry.value = key, text
         onnx.save_model(proto, str(staging / MODEL_FILE))
-        total = write_data(staging / DATA_FILE, placed, source, torch_dtype,
+        total = write_data(staging / DATA_FILE, [p for p in placed if p.name not in quant], source, torch_dtype,
                            values={INV_FREQ: module.inv_freq_value}, progress=progress)
+        if plan is not None:
+            from converters.onnx_quant_weights import write_quant_data
+
+            total += write_quant_data(staging / DATA_FILE, [p for p in placed if p.name in quant], plan, source,
+                                      progress=progress)
         tc = {**tc, "dtype": str(torch_dtype).removeprefix("torch.")}
         (staging / "config.json").write_text(json.dumps(tc, indent=2, sort_keys=True) + "\n")
         copy_tokenizer_files(src_dir, staging)
+        if module.kv_cache:
+            from converters.onnx_genai import write_genai_config
+
+            write_genai_config(staging, tc, src_dir)
         write_sidecars(staging, stamp)
     return total, len(placed)
 

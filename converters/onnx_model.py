@@ -276,8 +276,10 @@ class Llama4TextForOnnx(nn.Module):
             x = x + layer.feed_forward(layer.post_attention_layernorm(x))
             present += [k, v]
         x = self.model.norm(x)
-        head = self.model.embed_tokens.weight if d.tie_embeddings else self.lm_head.weight
-        logits = torch.matmul(x, head.t()).float()
+        if d.tie_embeddings:
+            logits = torch.matmul(x, self.model.embed_tokens.weight.t()).float()
+        else:  # the module, so that an int4/int8 export can swap it (converters.onnx_qops)
+            logits = self.lm_head(x).float()
         return (logits, *present) if self.kv_cache else (logits,)
 
 

@@ -61,6 +61,10 @@ def read_tensors(path: Path) -> tuple[Any, list[OnnxTensor]]:
         raise UnsupportedModelError(f"{path}: not an ONNX model written by corral (no {KEY_TENSOR_MAP} in "
                                     "metadata_props)", hint="only `corral convert --to onnx` exports can go back "
                                     "to HF: optimizers rename, fuse and transpose weights", path=path)
+    if "corral.onnx.quant" in props:  # converters.onnx_export.KEY_QUANT
+        raise UnsupportedModelError(f"{path}: an int4/int8 export; its weights cannot go back to HF unchanged",
+                                    hint="convert the original checkpoint, or export fp32/fp16/bf16 for a "
+                                    "round trip", path=path)
     mapping = loads_json(props[KEY_TENSOR_MAP], what=f"{path}: metadata_props {KEY_TENSOR_MAP}",
                          max_bytes=64 * 1024**2, expect=dict, path=path)
     inits = {t.name: t for t in proto.graph.initializer}

@@ -198,8 +198,8 @@ def test_cli_fp16_without_kv_cache(tmp_path: Path, scout_dir: Path) -> None:
     assert main(["convert", "demo:scout", "--to", "onnx", "-o", str(out), "--mau-declaration", DECL]) == 2  # exists
 
 
-@pytest.mark.parametrize(("extra", "code"), [(["--dtype", "int4"], 2),  # not among --dtype's choices: usage
-                                             (["--opset", "9"], 3), (["--vision"], 3)])
+@pytest.mark.parametrize(("extra", "code"), [(["--dtype", "int3"], 2),  # not among --dtype's choices: usage
+                                             (["--opset", "9"], 3)])
 def test_cli_refuses_bad_options(tmp_path: Path, extra: list[str], code: int) -> None:
     out = tmp_path / "o"
     assert main(["convert", "demo:scout", "--to", "onnx", "-o", str(out), "--mau-declaration", DECL, *extra]) == code

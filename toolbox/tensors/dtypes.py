@@ -23,10 +23,11 @@ class DType:
 
 # an HF (safetensors) output's --dtype -> the safetensors type; auto: keep the source's float type
 HF_OUT_DTYPES: dict[str, str | None] = {"auto": None, "bf16": "BF16", "f16": "F16", "f32": "F32"}
-# an ONNX export's --dtype spellings -> the torch type it computes in (auto: float32)
+# an ONNX export's --dtype spellings -> the torch type it computes in (auto: float32; int8/int4: weights
+# packed for MatMulNBits/QMoE, activations float32)
 ONNX_DTYPES: dict[str, str] = {"auto": "float32", "fp32": "float32", "f32": "float32", "float32": "float32",
                                "fp16": "float16", "f16": "float16", "float16": "float16", "bf16": "bfloat16",
-                               "bfloat16": "bfloat16"}
+                               "bfloat16": "bfloat16", "int8": "float32", "int4": "float32"}
 # the torch types the layer-streamed forward pass (experts stats/compare/prune) computes in
 COMPUTE_DTYPES: tuple[str, ...] = ("float32", "bfloat16", "float16")
 

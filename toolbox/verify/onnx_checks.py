@@ -1,8 +1,10 @@
 """inspect and verify for ONNX exports (a directory with model.onnx, or the .onnx file itself).
 
 Only the graph is read (weights stay in the external-data file): I/O signature, opset, stamp,
-initializer inventory against config.json. `run_against_transformers` additionally decodes a few
-tokens greedily in onnxruntime and in transformers (loading the model: small models only).
+initializer inventory against config.json (an int4/int8 export's packed weights by its quantization
+map). `run_against_transformers` additionally decodes a few tokens greedily in onnxruntime, in
+onnxruntime-genai (when genai_config.json is there) and, for float exports, in transformers
+(loading the model: small models only).
 """
 
 from __future__ import annotations
@@ -140,6 +142,8 @@ def verify_onnx(path: str | Path, report: Any) -> None:
                    "logits, present.N.key/value)", path=str(file))
     expected = ckpt.expected_tensors()
     inits = {t.name: tuple(int(d) for d in t.dims) for t in model.graph.initializer}
+    for name in _quantized_tensors(model, file, report):  # int4/int8: packed under other names
+        expected.pop(name, None)
     for name in expected.keys() - inits.keys():
         report.add("tensor.missing", "error", f"missing initializer {name} {list(expected[name])}", tensor=name)
     for name in expected.keys() & inits.keys():
@@ -160,6 +164,32 @@ def verify_onnx(path: str | Path, report: Any) -> None:
     if not (root / "tokenizer.json").is_file():
         report.add("tokenizer.missing", "warning", "no tokenizer.json beside the model", path=str(root))
     report.checked.update({"format": "onnx", "tensors": len(inits), "shards": len(files), "kv_cache": kv})
+    from toolbox.verify.onnx_vision_checks import verify_vision
+
+    verify_vision(root, report)  # vision.onnx and its companions, when the export has them
+
+
+def _quantized_tensors(model: Any, file: Path, report: Any) -> set[str]:
+    """The checkpoint tensors an int4/int8 export stores packed (Llama4ForCausalLM names), from its metadata."""
+    from toolbox.tensors.jsonio import loads_json
+
+    props = {p.key: p.value for p in model.metadata_props}
+    if "corral.onnx.quant" not in props:
+        return set()
+    try:
+        doc = loads_json(props["corral.onnx.quant"], what=f"{file}: metadata_props corral.onnx.quant",
+                         max_bytes=64 * 1024**2, expect=dict, path=file)
+    except CorralError as exc:
+        report.add("onnx.quant-map", "error", exc.message, path=str(file))
+        return set()
+    inits = {t.name for t in model.graph.initializer}
+    names = set()
+    for init, entry in dict(doc.get("tensors") or {}).items():
+        if init not in inits:
+            report.add("tensor.missing", "error", f"missing packed initializer {init}", tensor=init)
+        if isinstance(entry, list) and entry and isinstance(entry[0], str):
+            names.add(entry[0].removeprefix("language_model."))
+    return names
 
 
 def run_against_transformers(path: str | Path, *, steps: int = 4, prompt: str = "Hello Llama 4!"
@@ -179,6 +209,11 @@ def run_against_transformers(path: str | Path, *, steps: int = 4, prompt: str = 
     tok = AutoTokenizer.from_pretrained(file.parent)
     ids = np.array([tok(prompt).input_ids], dtype=np.int64)
     got, _ = OnnxDecoder(file).greedy(ids, np.ones_like(ids), steps)
+    genai = _genai_tokens(file, ids[0].tolist(), steps)
+    if _is_quantized(file):  # int4/int8: no bit-exact weights to give transformers; genai against onnxruntime
+        ort_tokens = got[0].tolist()
+        return {"prompt": prompt, "onnxruntime": ort_tokens, "genai": genai, "transformers": None,
+                "match": genai is None or genai == ort_tokens[: len(genai)], "text": tok.decode(ort_tokens)}
     with tempfile.TemporaryDirectory() as tmp:
         hf = Path(tmp) / "hf"
         convert_onnx_to_hf(file, hf, name="Llama-4-verify-run", mau_declaration="below-700m")
@@ -188,6 +223,28 @@ def run_against_transformers(path: str | Path, *, steps: int = 4, prompt: str = 
             for _ in range(steps):
                 seq = torch.cat([seq, model(seq).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
     want = seq[0, ids.shape[1]:].tolist()
-    return {"prompt": prompt, "onnxruntime": got[0].tolist(), "transformers": want, "match": got[0].tolist() == want,
+    match = got[0].tolist() == want and (genai is None or genai == want[: len(genai)])
+    return {"prompt": prompt, "onnxruntime": got[0].tolist(), "genai": genai, "transformers": want, "match": match,
             "text": tok.decode(got[0].tolist())}
+
+
+def _is_quantized(file: Path) -> bool:
+    import onnx
+
+    model = onnx.load(str(file), load_external_data=False)
+    return any(p.key == "corral.onnx.quant" for p in model.metadata_props)
+
+
+def _genai_tokens(file: Path, ids: list[int], steps: int) -> list[int] | None:
+    """onnxruntime-genai's greedy tokens (its own loop and KV cache) when the export has genai_config.json;
+    genai stops early at an EOS id, so the list may be shorter."""
+    from toolbox.runtime.genai_decoder import GenaiDecoder, has_genai_config
+
+    if not has_genai_config(file):
+        return None
+    try:
+        import onnxruntime_genai  # noqa: F401  (the optional extra corral[genai])
+    except ImportError:
+        return None
+    return GenaiDecoder(file).generate(ids, steps)
 
