@@ -29,11 +29,18 @@ class Converter:
 PAIRS: dict[tuple[str, str], Converter] = {
     ("hf", "gguf"): Converter("converters.hf_to_gguf:convert_hf_to_gguf",
                               ("outtype", "split_max_size", "allow_lossy_config", "multimodal", "overrides",
-                               "imatrix", "include_weights", "exclude_weights")),
+                               "imatrix", "include_weights", "exclude_weights", "parts")),
     ("gguf", "hf"): Converter("converters.gguf_to_hf:convert_gguf_to_hf", ("dtype", "mmproj")),
-    ("hf", "onnx"): Converter("converters.onnx_export:convert_hf_to_onnx", ("dtype", "opset", "kv_cache", "vision")),
+    ("hf", "onnx"): Converter("converters.onnx_export:convert_hf_to_onnx",
+                              ("dtype", "opset", "kv_cache", "vision", "block_size", "symmetric", "accuracy_level",
+                               "keep_float")),
     ("onnx", "hf"): Converter("converters.onnx_to_hf:convert_onnx_to_hf", ()),
     ("hf", "hf"): Converter("converters.hf_to_hf:convert_hf_to_hf", ("dtype",)),
+    # through a staged HF checkpoint beside the output (converters/via_hf.py: one f32 copy of extra disk)
+    ("gguf", "onnx"): Converter("converters.via_hf:convert_gguf_to_onnx", ("dtype", "opset", "kv_cache")),
+    ("onnx", "gguf"): Converter("converters.via_hf:convert_onnx_to_gguf",
+                                ("outtype", "split_max_size", "allow_lossy_config", "overrides", "imatrix",
+                                 "include_weights", "exclude_weights")),
 }
 
 

@@ -30,7 +30,7 @@ class ConvertRequest:
     split_max_size: str | int = 0  # GGUF: split above this size ("50G"); 0: one file
     opset: int | None = None  # ONNX opset (18-23)
     kv_cache: bool = True  # ONNX past/present inputs and outputs
-    vision: bool = False  # ONNX vision encoder (refused: not supported yet)
+    vision: bool = False  # to onnx: also vision.onnx (+ preprocessor_config.json), converters.onnx_vision
     mmproj: str | None = None  # to gguf: auto|none (write OUT.mmproj.gguf); gguf to hf: the mmproj FILE to merge
     mmproj_outtype: str | None = None  # mmproj tensor type (default: the text type where it fits, else f16)
     allow_lossy_config: bool = False
@@ -44,6 +44,13 @@ class ConvertRequest:
     imatrix: Path | None = None  # llama.cpp's GGUF imatrix or legacy .dat
     include_weights: tuple[str, ...] = ()  # imatrix entries whose name contains one of these (only)
     exclude_weights: tuple[str, ...] = ()
+    parts: tuple[int, ...] | None = None  # to gguf, split: only these files of the set (0-based), for fan-out
+    # to onnx with dtype int4/int8 (converters.onnx_qops): MatMulNBits/QMoE block size, zero points, accuracy
+    block_size: int | None = None  # 32, 64 or 128 (default 32)
+    symmetric: bool | None = None  # default symmetric (no zero points)
+    accuracy_level: int | None = None  # onnxruntime's 0..4 (default 0)
+    keep_float: tuple[str, ...] | None = None  # parts kept float32 (default router, embed)
+
 
 
 @dataclass
@@ -83,13 +90,57 @@ def convert(request: ConvertRequest, progress: Progress = NULL_PROGRESS) -> Conv
     if mm_path is not None:
         kwargs["multimodal"] = True
     src: Any = model if fmt == "hf" else model.path
-    result = conv.load()(src, request.output, force=request.force, license_options=request.license,
-                         progress=progress, **{k: v for k, v in kwargs.items() if k in conv.options})
+    staged = _stage_vision(request, model, progress) if (fmt, target) == ("hf", "onnx") and request.vision else None
+    kwargs["vision"] = False  # the text exporter never writes it: staged above, placed below
+    try:
+        result = conv.load()(src, request.output, force=request.force, license_options=request.license,
+                             progress=progress, **{k: v for k, v in kwargs.items() if k in conv.options})
+    except BaseException:
+        if staged is not None:
+            from converters.onnx_vision import drop_vision
+
+            drop_vision(staged[0])
+        raise
     out = _describe(target, str(request.source if not isinstance(request.source, ResolvedModel)
                                 else request.source.label), result)
     if mm_path is not None:
         _write_mmproj(request, model, mm_path, out, progress)
+    if staged is not None:
+        _place_vision(staged, out)
     return out
+
+
+def _stage_vision(request: ConvertRequest, model: ResolvedModel, progress: Progress) -> tuple[Path, Any]:
+    """--vision with --to onnx: vision.onnx is exported first (into a partial beside the output) and moved
+    into the text model's directory once that is complete: the two are written together or not at all."""
+    from converters.onnx_vision import stage_vision
+
+    return stage_vision(model, Path(request.output), dtype=request.dtype, opset=request.opset,
+                        kv_cache=request.kv_cache, force=request.force, license_options=request.license,
+                        progress=progress)
+
+
+def _place_vision(staged: tuple[Path, Any], out: ConvertResult) -> None:
+    from converters.onnx_vision import place_vision
+
+    vision = place_vision(staged[0], out.paths[0], staged[1])
+    out.paths.append(vision.path)
+    out.data["vision"] = {"path": str(vision.path), "dtype": vision.dtype, "tensors": vision.tensors,
+                          "bytes": vision.bytes, "tokens_per_tile": vision.tokens_per_tile,
+                          "image_size": vision.image_size}
+    out.data["disk_bytes"] = disk_bytes(out.paths[:1])
+    out.warnings.extend(vision.warnings)
+    out.summary += f"; vision.onnx ({vision.dtype}, {vision.tensors} tensors, {vision.tokens_per_tile} tokens per tile)"
+
+
+def gguf_part_count(request: ConvertRequest, progress: Progress = NULL_PROGRESS) -> int:
+    """How many files `convert(request)` writes for an HF -> GGUF request (the parts of a split set, 1
+    without one), from the plan: a caller can then write each part in its own process (`parts=(i,)`)."""
+    from converters.hf_to_gguf import split_part_count
+
+    if request.to.lower() != "gguf" or source_format(request) != "hf":
+        raise UsageError(f"{request.source}: only an HF -> GGUF conversion is written in parts")
+    return split_part_count(resolve(request.source, progress), **_converter_options(request, "hf", "gguf"))
 
 
 def _converter_options(request: ConvertRequest, fmt: str, target: str) -> dict[str, Any]:
@@ -106,11 +157,14 @@ def _converter_options(request: ConvertRequest, fmt: str, target: str) -> dict[s
             raise UsageError(f"--split-max-size {request.split_max_size!r} is not a size",
                              hint="e.g. 50G or 500M") from None
         opts.update(_quant_options(request))
+        opts["parts"] = request.parts
         want = (request.mmproj or "none").lower()
         if want not in ("auto", "none"):
             raise UsageError(f"--mmproj {request.mmproj!r}: with --to gguf use --mmproj auto (or none)",
                              hint="the mmproj file is written beside the output as OUT.mmproj.gguf")
     opts["dtype"] = request.dtype  # the ONNX exporter reads auto as fp32 (converters.onnx_export.DTYPES)
+    opts.update(block_size=request.block_size, symmetric=request.symmetric, accuracy_level=request.accuracy_level,
+                keep_float=request.keep_float)
     mm = request.mmproj
     opts["mmproj"] = mm if fmt == "gguf" and mm and mm.lower() not in ("auto", "none") else None
     return opts

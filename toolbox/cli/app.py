@@ -12,11 +12,16 @@ from toolbox.cli import (
     convert_cmd,
     demo_cmd,
     download_cmd,
+    eval_cmd,
     experts_cmd,
+    extract_lora_cmd,
+    imatrix_cmd,
     inspect_cmd,
     license_cmd,
     merge_cmd,
+    publish_cmd,
     recipe_cmd,
+    report_cmd,
     sign_cmd,
     verify_cmd,
 )
@@ -135,9 +140,14 @@ app.command("inspect", epilog=inspect_cmd.EPILOG)(inspect_cmd.inspect)
 app.command("verify", epilog=verify_cmd.EPILOG)(verify_cmd.verify)
 app.command("convert", epilog=convert_cmd.EPILOG)(convert_cmd.convert)
 app.command("merge", epilog=merge_cmd.EPILOG)(merge_cmd.merge)
+app.command("extract-lora", epilog=extract_lora_cmd.EPILOG)(extract_lora_cmd.extract_lora)
 app.command("download", epilog=download_cmd.EPILOG)(download_cmd.download)
 app.command("sign", epilog=sign_cmd.EPILOG)(sign_cmd.sign)
 app.command("bom", epilog=bom_cmd.EPILOG)(bom_cmd.bom)
+app.command("imatrix", epilog=imatrix_cmd.EPILOG)(imatrix_cmd.imatrix)
+app.command("eval", epilog=eval_cmd.EPILOG)(eval_cmd.eval_gguf)
+app.command("report", epilog=report_cmd.EPILOG)(report_cmd.report)
+app.command("publish", epilog=publish_cmd.EPILOG)(publish_cmd.publish)
 app.add_typer(demo_cmd.app, name="demo")
 app.add_typer(experts_cmd.app, name="experts")
 app.add_typer(license_cmd.app, name="license")

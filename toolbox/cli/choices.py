@@ -13,6 +13,7 @@ from typing import Any, Literal
 from license.sets import RELATIONS, policy_ids
 from toolbox.demo import VARIANTS
 from toolbox.experts.stats import CRITERIA as STATS_CRITERIA
+from toolbox.report import REPORT_FORMATS
 from toolbox.supply import BOM_FORMATS
 from toolbox.tensors.dtypes import COMPUTE_DTYPES, HF_OUT_DTYPES, ONNX_DTYPES
 from toolbox.tensors.gguf.quant import ALL_OUTTYPES, MMPROJ_OUTTYPES
@@ -34,6 +35,7 @@ POLICIES = tuple(policy_ids())
 
 ConvertTarget = _literal(CONVERT_TARGETS)
 BomFormat = _literal(BOM_FORMATS)
+ReportFormat = _literal(REPORT_FORMATS)
 MergeTarget = _literal(MERGE_TARGETS)
 OutType = _literal(OUTTYPES)
 MmprojOutType = _literal(MMPROJ_OUTTYPES)

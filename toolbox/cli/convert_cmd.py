@@ -1,4 +1,4 @@
-"""`corral convert`: between HF safetensors (or Meta's original format), GGUF and ONNX."""
+"""`corral convert`: between HF safetensors (also compressed-tensors, or Meta's original format), GGUF and ONNX."""
 
 from __future__ import annotations
 
@@ -32,6 +32,10 @@ Examples:
 
   corral convert ./Llama-4-Scout/original --to gguf -o scout.gguf   # Meta's params.json + consolidated.NN.pth
 
+  corral convert ./Scout-quantized.w4a16 --to hf -o ./Scout-bf16   # compressed-tensors (vLLM / llm-compressor)
+
+  corral convert scout-bf16.gguf --to onnx -o ./scout-onnx   # GGUF <-> ONNX: one f32 HF copy staged beside -o
+
   corral convert demo:scout --to onnx -o ./Llama-4-Scout-demo-onnx --mau-declaration below-700m
 
   corral convert ./Llama-4-Scout-demo-onnx --to hf -o ./Llama-4-Scout-from-onnx --mau-declaration below-700m
@@ -55,8 +59,19 @@ llama-quantize's from corral's BF16 GGUF):
 
 ONNX (--to onnx): the text model with KV cache (input_ids, attention_mask, position_ids,
 past_key_values.N.key/value -> logits, present.N.key/value), routed experts computed sparsely,
-weights streamed into model.onnx.data; --dtype fp32 (default for auto), fp16 or bf16. The vision
-encoder is not exported (--vision is refused).
+weights streamed into model.onnx.data; --dtype fp32 (default for auto), fp16 or bf16. --vision also
+writes vision.onnx (pixel_values tiles -> projected image features), preprocessor_config.json, and
+embedding.onnx + decoder_embeds.onnx (the decoder on inputs_embeds, sharing model.onnx.data):
+
+  corral convert ./Llama-4-Scout --to onnx --vision -o scout-onnx
+
+Every ONNX export with KV cache also has genai_config.json: onnxruntime_genai.Model(DIR) runs it.
+fp16 is the choice for GPU providers; int8/int4 for CPU: linear layers as MatMulNBits, routed
+experts as QMoE, quantized while streaming; router, embeddings and norms stay float32:
+
+  corral convert ./Llama-4-Scout --to onnx --dtype int4 -o ./scout-int4-onnx --block-size 32
+
+  corral convert demo:scout --to onnx --dtype int8 --asymmetric --keep-float router,embed,lm_head -o ./s8
 """
 
 
@@ -73,7 +88,7 @@ def convert(
                                              help=f"GGUF tensor type: {', '.join(OUTTYPES)} (see below).")] = "auto",
     dtype: Annotated[ConvertDtype, typer.Option(
         "--dtype", case_sensitive=False,
-        help="HF output dtype: auto, bf16, f16, f32 (ONNX: fp32, fp16, bf16; auto = fp32).")] = "auto",
+        help="HF output dtype: auto, bf16, f16, f32 (ONNX: fp32, fp16, bf16, int8, int4; auto = fp32).")] = "auto",
     split_max_size: Annotated[str, typer.Option("--split-max-size", help="Split GGUF files above this size, "
                                                 "e.g. 50G (0: one file).")] = "0",
     name: NameOpt = None,
@@ -86,8 +101,8 @@ def convert(
                                               show_default=False)] = None,
     no_kv_cache: Annotated[bool, typer.Option("--no-kv-cache", help="ONNX without past/present KV inputs and "
                                               "outputs.")] = False,
-    vision: Annotated[bool, typer.Option("--vision", help="Also export the vision encoder (ONNX: not supported "
-                                         "yet; refused).")] = False,
+    vision: Annotated[bool, typer.Option("--vision", help="--to onnx: also export the vision encoder + projector "
+                                         "as vision.onnx, with the graphs that take its image features.")] = False,
     mmproj: Annotated[str | None, typer.Option(
         "--mmproj", metavar="auto|none|FILE", show_default=False,
         help="--to gguf: 'auto' also writes the vision tower + projector as OUT.mmproj.gguf for llama.cpp's "
@@ -118,6 +133,20 @@ def convert(
     exclude_weights: Annotated[list[str] | None, typer.Option(
         "--exclude-weights", metavar="NAME", show_default=False,
         help="Do not use imatrix entries for tensors whose name contains NAME (repeatable).")] = None,
+    block_size: Annotated[int | None, typer.Option(
+        "--block-size", show_default=False,
+        help="ONNX int4/int8: quantization block along the input features: 32 (default), 64 or 128.")] = None,
+    symmetric: Annotated[bool | None, typer.Option(
+        "--symmetric/--asymmetric", show_default=False,
+        help="ONNX int4/int8: symmetric blocks (default) or blocks with zero points.")] = None,
+    accuracy_level: Annotated[int | None, typer.Option(
+        "--accuracy-level", show_default=False,
+        help="ONNX int4/int8: onnxruntime's MatMulNBits accuracy_level: 0 unset (default), 1 fp32, 2 fp16, 3 bf16, "
+        "4 int8 activations.")] = None,
+    keep_float: Annotated[str | None, typer.Option(
+        "--keep-float", metavar="PARTS", show_default=False,
+        help="ONNX int4/int8: parts kept float32, comma-separated among router, embed, lm_head, attention, "
+        "shared_expert, dense_mlp (default: router,embed; norms always).")] = None,
     force: ForceOpt = False,
 ) -> None:
     """Convert a Llama 4 checkpoint between formats, streaming one tensor slice at a time."""
@@ -134,7 +163,9 @@ def convert(
                              tensor_types=tuple(tensor_type or ()), output_tensor_type=output_tensor_type,
                              token_embedding_type=token_embedding_type, pure=pure, imatrix=imatrix,
                              include_weights=tuple(include_weights or ()),
-                             exclude_weights=tuple(exclude_weights or ()))
+                             exclude_weights=tuple(exclude_weights or ()), block_size=block_size,
+                             symmetric=symmetric, accuracy_level=accuracy_level,
+                             keep_float=tuple(keep_float.split(",")) if keep_float is not None else None)
     result = run_convert(request, progress=out.progress())
     for w in result.warnings:
         out.warn(w)

@@ -19,6 +19,11 @@ OPTIONAL: dict[str, tuple[str, str]] = {
                   "pip install 'llama-cpp-python==0.3.36' (compiles llama.cpp once)"),
     "model_signing": ("signing and signature checks (sign, verify --public-key)", "pip install 'corral[supply]'"),
     "cyclonedx": ("bills of materials (bom)", "pip install 'corral[supply]'"),
+    "matplotlib": ("reports and their charts (report, recipe uses: report)", "pip install 'corral[report]'"),
+    "compressed_tensors": ("reading compressed-tensors checkpoints (vLLM / llm-compressor)",
+                           "pip install 'corral[compressed]'"),
+    "spdx_tools": ("SPDX bills of materials (bom --format spdx)", "pip install 'corral[supply]'"),
+    "ray": ("running recipes on a Ray cluster (recipe run --executor ray)", "pip install 'corral[ray]'"),
 }
 
 

@@ -102,8 +102,26 @@ def _check_params(loaded: LoadedRecipe, i: int, inst: Instance) -> None:
             raise _bad(loaded, i, inst, "dtype", f"dtype {p['dtype']!r} is not one of {', '.join(_HF_DTYPES)}")
         for a in p.get("adapters", []):
             _check_input(loaded, i, inst, "adapters", a["path"])
+        for m in p.get("models") or []:
+            if not m["path"].startswith("demo:"):
+                _check_input(loaded, i, inst, "models", m["path"])
+    elif uses == "extract-lora" and not str(p.get("base", "")).startswith("demo:"):
+        _check_input(loaded, i, inst, "base", p["base"])
     elif uses in ("prune", "extract") and p.get("calibration"):
         _check_input(loaded, i, inst, "calibration", p["calibration"])
+    elif uses == "report":
+        import importlib.util
+
+        from toolbox.errors import UsageError
+
+        if importlib.util.find_spec("matplotlib") is None:  # refused before anything is built, not after
+            where, _field = loaded.where(("steps", i, "uses"))
+            raise UsageError(f"{where}: a report step draws its charts with matplotlib, which is not installed",
+                             hint="pip install 'corral[report]'", path=loaded.path)
+    elif uses in ("sign", "publish"):  # the signing key, the public key to verify with
+        for field_name in ("key", "public_key"):
+            if p.get(field_name):
+                _check_input(loaded, i, inst, field_name, p[field_name])
     name = p.get("name")
     if name and not loaded.recipe.license.fix_name:
         from license.policy import load_policy

@@ -31,6 +31,7 @@ class Instance:
     seconds: float = 0.0
     error: str | None = None
     estimate: int = 0
+    built_by: dict[str, Any] | None = None  # executor, node, host, seconds (toolbox.recipe.executors)
 
     @property
     def label(self) -> str:
@@ -44,9 +45,11 @@ class Instance:
 
     def to_dict(self, output_dir: Path) -> dict[str, Any]:
         return {"step": self.step.id, "uses": self.step.uses, "matrix": self.values, "label": self.label,
+                "from": self.parent.label if self.parent else "source",
                 "key": self.key, "status": self.status, "seconds": round(self.seconds, 3),
                 "output": str(output_dir / self.output) if self.output else None,
-                "files": self.files, "error": self.error, "estimated_bytes": self.estimate}
+                "files": self.files, "error": self.error, "estimated_bytes": self.estimate,
+                "built_by": self.built_by}
 
 
 

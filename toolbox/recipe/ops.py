@@ -17,7 +17,7 @@ from toolbox.progress import Progress
 if TYPE_CHECKING:
     from license.stamp import LicenseOptions
 
-GATES_OPS = ("verify", "license-check")
+GATES_OPS = ("verify", "license-check", "publish")
 
 
 class GateFailed(CorralError):
@@ -47,28 +47,45 @@ def _license(ctx: OpContext, p: dict[str, Any]) -> LicenseOptions:
 def _convert(p: dict[str, Any], src: Path, workdir: Path, ctx: OpContext) -> Path:
     """The same request `corral convert` builds: into `model.gguf` (and `model.mmproj.gguf` with mmproj: auto)
     or the directory `model`; returns the first file or the directory."""
-    from toolbox.convert import ConvertRequest, convert
+    from toolbox.convert import convert
+
+    return convert(convert_request(p, src, workdir, ctx), progress=ctx.progress).paths[0]
+
+
+def convert_request(p: dict[str, Any], src: Path, workdir: Path, ctx: OpContext) -> Any:
+    """A convert step's `toolbox.convert.ConvertRequest` (also what the parts of a split GGUF are built from)."""
+    from toolbox.convert import ConvertRequest
 
     to = p["to"]
-    request = ConvertRequest(src, to, workdir / ("model.gguf" if to == "gguf" else "model"),
-                             outtype=p.get("outtype") or "auto", dtype=p.get("dtype") or "auto",
-                             split_max_size=p.get("split_max_size") or 0, opset=p.get("opset"),
-                             kv_cache=p.get("kv_cache", True), mmproj=p.get("mmproj"),
-                             mmproj_outtype=p.get("mmproj_outtype"),
-                             allow_lossy_config=p.get("allow_lossy_config", False), license=_license(ctx, p),
-                             tensor_types=tuple(p.get("tensor_types") or ()),
-                             output_tensor_type=p.get("output_tensor_type"),
-                             token_embedding_type=p.get("token_embedding_type"), pure=bool(p.get("pure")),
-                             imatrix=Path(p["imatrix"]) if p.get("imatrix") else None,
-                             include_weights=tuple(p.get("include_weights") or ()),
-                             exclude_weights=tuple(p.get("exclude_weights") or ()))
-    return convert(request, progress=ctx.progress).paths[0]
+    return ConvertRequest(src, to, workdir / ("model.gguf" if to == "gguf" else "model"),
+                          outtype=p.get("outtype") or "auto", dtype=p.get("dtype") or "auto",
+                          split_max_size=p.get("split_max_size") or 0, opset=p.get("opset"),
+                          kv_cache=p.get("kv_cache", True), mmproj=p.get("mmproj"),
+                          mmproj_outtype=p.get("mmproj_outtype"),
+                          allow_lossy_config=p.get("allow_lossy_config", False), license=_license(ctx, p),
+                          tensor_types=tuple(p.get("tensor_types") or ()),
+                          output_tensor_type=p.get("output_tensor_type"),
+                          token_embedding_type=p.get("token_embedding_type"), pure=bool(p.get("pure")),
+                          imatrix=Path(p["imatrix"]) if p.get("imatrix") else None,
+                          include_weights=tuple(p.get("include_weights") or ()),
+                          exclude_weights=tuple(p.get("exclude_weights") or ()))
 
 
 def _merge(p: dict[str, Any], src: Path, workdir: Path, ctx: OpContext) -> Path:
     from toolbox.merge import merge_adapters  # type: ignore[import-not-found]
 
     out = workdir / "model"
+    if p.get("method"):
+        from toolbox.merge.weights import merge_weights
+
+        models = p["models"]
+        dens = [m["density"] for m in models if m.get("density") is not None]
+        merge_weights(src, [m["path"] for m in models], out, method=p["method"],
+                      weights=[float(m.get("weight", 1.0)) for m in models],
+                      densities=dens if len(dens) == len(models) else None, normalize=p.get("normalize"),
+                      t=p.get("t"), seed=int(p.get("seed") or 0), dtype=p.get("dtype"), progress=ctx.progress,
+                      license_options=_license(ctx, p))
+        return out
     adapters = [a["path"] for a in p["adapters"]]
     weights = [float(a.get("weight", 1.0)) for a in p["adapters"]]
     merge_adapters(src, adapters, out, weights=weights, dtype=p.get("dtype"),
@@ -101,6 +118,17 @@ def _extract(p: dict[str, Any], src: Path, workdir: Path, ctx: OpContext) -> Pat
     return out
 
 
+def _extract_lora(p: dict[str, Any], src: Path, workdir: Path, ctx: OpContext) -> Path:
+    """The step's input is the fine-tune; `base` what it was fine-tuned from; the adapter is `adapter`."""
+    from toolbox.merge.extract_lora import extract_lora
+
+    out = workdir / "adapter"
+    extract_lora(src, p["base"], out, rank=int(p["rank"]), rank_pattern=p.get("rank_pattern") or None,
+                 targets=p.get("targets"), alpha=p.get("alpha"), dtype=p.get("dtype") or "f32",
+                 svd=p.get("svd") or "auto", progress=ctx.progress, license_options=_license(ctx, p))
+    return out
+
+
 def _verify(p: dict[str, Any], src: Path, workdir: Path, ctx: OpContext) -> None:
     from toolbox.verify.checks import verify_checkpoint
 
@@ -124,5 +152,73 @@ def _license_check(p: dict[str, Any], src: Path, workdir: Path, ctx: OpContext) 
                          f"[{first.code}] {first.message}", hint=f"run corral license check {src}", path=src)
 
 
+def _linked_copy(src: Path, workdir: Path) -> Path:
+    """The input artifact hard-linked into `workdir` (a copy across file systems), with the signature and BOMs
+    that lie beside a lone file, so that sign and bom add their file without touching the cached input."""
+    import os
+    import shutil
+
+    from license.supply_files import bom_candidates, signature_path
+
+    def _link_or_copy(a: Path, b: Path) -> None:
+        try:
+            os.link(a, b)
+        except OSError:
+            shutil.copy2(a, b)
+
+    if src.is_file():
+        for f in [src, signature_path(src), *bom_candidates(src)]:
+            if f.is_file():
+                _link_or_copy(f, workdir / f.name)
+        return workdir / src.name
+    out = workdir / "model"
+    for f in sorted(src.rglob("*")):
+        if f.is_file():
+            (out / f.relative_to(src)).parent.mkdir(parents=True, exist_ok=True)
+            _link_or_copy(f, out / f.relative_to(src))
+    return out
+
+
+def _sign(p: dict[str, Any], src: Path, workdir: Path, ctx: OpContext) -> Path:
+    import os
+
+    from toolbox.supply.sign import sign_artifact
+
+    out = _linked_copy(src, workdir)
+    sign_artifact(out, p["key"], password=os.environ.get(p["password_env"]) if p.get("password_env") else None)
+    return out
+
+
+def _bom(p: dict[str, Any], src: Path, workdir: Path, ctx: OpContext) -> Path:
+    from license.supply_files import bom_candidates
+    from toolbox.supply.bom import build_bom
+
+    out = _linked_copy(src, workdir)
+    target = bom_candidates(out)[0 if p.get("format", "cyclonedx") == "cyclonedx" else 1]
+    build_bom(out, target, fmt=p.get("format", "cyclonedx"), force=True, progress=ctx.progress)
+    return out
+
+
+def _publish(p: dict[str, Any], src: Path, workdir: Path, ctx: OpContext) -> None:
+    from toolbox.supply.publish import publish
+
+    publish(src, p["repo_id"], revision=p.get("revision"), private=bool(p.get("private")),
+            create_pr=bool(p.get("create_pr")), commit_message=p.get("commit_message"),
+            public_key=p.get("public_key"), progress=ctx.progress)
+
+
+def _report(p: dict[str, Any], src: Path, workdir: Path, ctx: OpContext) -> Path:
+    """`corral report` of the input artifact as `report.html` (deterministic, so it is cached and locked like
+    any output)."""
+    from toolbox.report.build import report_artifact
+
+    out = workdir / "report.html"
+    against = ctx.resolve(p["against"]) if p.get("against") else None
+    report_artifact(src, out, title=p.get("title"), against=against, against_label=p.get("against") or "source",
+                    progress=ctx.progress)
+    return out
+
+
 _OPS = {"convert": _convert, "merge": _merge, "prune": _prune, "extract": _extract, "verify": _verify,
-        "license-check": _license_check}
+        "extract-lora": _extract_lora,
+        "license-check": _license_check, "sign": _sign, "bom": _bom, "publish": _publish, "report": _report}

@@ -13,10 +13,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import threading
-import time
 import uuid
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +24,8 @@ from toolbox.recipe.check import check_instances, count_instances
 from toolbox.recipe.hashing import HashCache, digest_of
 from toolbox.recipe.instances import Instance, against_target, expand_steps
 from toolbox.recipe.load import LoadedRecipe
-from toolbox.recipe.ops import OpContext, run_op
+from toolbox.recipe.objects import MMPROJ_SUFFIX, artifact_parts
+from toolbox.recipe.objects import load as load_object
 
 LOCK_VERSION = 1
 RECORD_NAME = "corral-recipe.json"
@@ -137,11 +135,14 @@ def _key(inst: Instance, source: Source, against: Instance | str | None, loaded:
     from toolbox import __version__
 
     params = dict(inst.params)
-    for name in ("calibration", "imatrix"):
-        if params.get(name):
+    for name in ("calibration", "imatrix", "key", "public_key", "base"):
+        if params.get(name) and not str(params[name]).startswith("demo:"):  # a demo base: its name is its key
             params[name] = _input_hash(loaded, params[name], hashes, inputs)
     if "adapters" in params:
         params["adapters"] = [{**a, "path": _input_hash(loaded, a["path"], hashes, inputs)} for a in params["adapters"]]
+    if params.get("models"):  # a weight merge's fine-tuned inputs (a demo: name is its own key)
+        params["models"] = [{**m, "path": m["path"] if m["path"].startswith("demo:")
+                             else _input_hash(loaded, m["path"], hashes, inputs)} for m in params["models"]]
     return digest_of({
         "uses": inst.step.uses, "params": params, "input": inst.parent.key if inst.parent else source.key,
         "against": None if against == "none" else (against.key if isinstance(against, Instance) else source.key),
@@ -182,12 +183,23 @@ def _estimate(inst: Instance, parent_size: int) -> int:
 def run_recipe(loaded: LoadedRecipe, output_dir: str | Path | None = None, *, cache_dir: str | Path | None = None,
                dry_run: bool = False, lock: str | Path | None = None, jobs: int | None = None,
                accept_license: bool = False, mau_declaration: str | None = None,
+               executor: str | None = None, address: str | None = None,
                progress: Progress = NULL_PROGRESS) -> RecipeResult:
     """Run (or with `dry_run`, plan) a recipe. Raises GateFailed (exit 1) when a gate finds problems,
-    the step's own CorralError when a step fails, ReproducibilityError when a lock is not met."""
+    the step's own CorralError when a step fails, ReproducibilityError when a lock is not met.
+
+    `executor` "local" (threads, the default) or "ray" (tasks on the Ray cluster at `address`: "auto",
+    HOST:PORT or ray://HOST:PORT; default $RAY_ADDRESS, else a new Ray instance on this machine); see
+    toolbox.recipe.executors for the precedence and toolbox.recipe.ray_executor for what a cluster needs."""
     from toolbox.demo import cache_dir as default_cache
+    from toolbox.recipe.executors import choose
 
     r = loaded.recipe
+    executor = choose(executor, r.executor)
+    if executor == "ray" and not dry_run:
+        from toolbox.recipe.ray_executor import require_ray
+
+        require_ray()  # a missing extra is exit 2 before the source is fetched
     out_dir = Path(output_dir) if output_dir else Path(r.name)
     cache = Path(cache_dir) if cache_dir else default_cache() / "recipes"
     hashes = HashCache(cache / "hashes.json")
@@ -208,12 +220,15 @@ def run_recipe(loaded: LoadedRecipe, output_dir: str | Path | None = None, *, ca
         sizes[id(inst)] = _estimate(inst, parent_size) if not inst.gate else parent_size
         inst.estimate = 0 if inst.gate else sizes[id(inst)]
     for inst in instances:  # ops get absolute paths (recipe paths are relative to the recipe file)
-        for name in ("calibration", "imatrix"):
-            if inst.params.get(name):
+        for name in ("calibration", "imatrix", "key", "public_key", "base"):
+            if inst.params.get(name) and not str(inst.params[name]).startswith("demo:"):
                 inst.params[name] = str(_input_path(loaded, inst.params[name]))
         if "adapters" in inst.params:
             inst.params["adapters"] = [{**a, "path": str(_input_path(loaded, a["path"]))}
                                        for a in inst.params["adapters"]]
+        if inst.params.get("models"):
+            inst.params["models"] = [{**m, "path": m["path"] if m["path"].startswith("demo:")
+                                      else str(_input_path(loaded, m["path"]))} for m in inst.params["models"]]
     if lock_doc:
         for spec, digest in inputs.items():
             locked = lock_doc.get("inputs", {}).get(spec)
@@ -222,9 +237,9 @@ def run_recipe(loaded: LoadedRecipe, output_dir: str | Path | None = None, *, ca
                                     hint="restore the locked input, or delete the lock file to re-lock")
     objects = cache / "objects"
     for inst in instances:
-        done = _done(objects, inst)
+        done = load_object(objects, inst.key, inst.gate)
         if done is not None:
-            inst.status, inst.artifact, inst.files = "cached", done[0], done[1]
+            inst.status, inst.artifact, inst.files, inst.built_by = "cached", *done
         elif dry_run:
             inst.status = "planned"
     hashes.save()
@@ -232,7 +247,8 @@ def run_recipe(loaded: LoadedRecipe, output_dir: str | Path | None = None, *, ca
     if dry_run:
         return result
     assert source.path is not None
-    _execute(instances, source, against_of, objects, ctx_common, jobs, progress)
+    _execute(instances, source, against_of, objects, ctx_common, progress, jobs=jobs, executor=executor,
+             address=address)
     failed = next((i for i in instances if i.status == "failed"), None)
     if failed is not None:
         raise failed.exc  # type: ignore[attr-defined]
@@ -245,79 +261,35 @@ def run_recipe(loaded: LoadedRecipe, output_dir: str | Path | None = None, *, ca
 
 
 def _execute(instances: list[Instance], source: Source, against_of: dict[int, Any], objects: Path,
-             ctx_common: dict[str, Any], jobs: int | None, progress: Progress) -> None:
+             ctx_common: dict[str, Any], progress: Progress, *, jobs: int | None, executor: str,
+             address: str | None) -> None:
+    """Build what is not cached, each instance after what it reads (toolbox.recipe.executors)."""
+    from toolbox.recipe.executors import Job, run_local, schedule
+
     todo = [i for i in instances if i.status == "pending"]
     if not todo:
         return
-    jobs = jobs or default_jobs()
-    lock = threading.Lock()
 
-    def resolve(target: Instance | None) -> Path:
-        return source.path if target is None else target.artifact  # type: ignore[return-value]
+    def path_of(target: Instance | None) -> str:
+        return str(source.path if target is None else target.artifact)
 
-    def build(inst: Instance) -> None:
-        src = resolve(inst.parent)
-        t0 = time.perf_counter()
-        against = against_of[id(inst)]
-        ctx = OpContext(progress=progress, resolve=lambda _target: resolve(against), **ctx_common)
-        if inst.gate:
-            run_op(inst.step.uses, inst.params, src, objects, ctx)
-            _mark_gate(objects, inst)
-        else:
-            staging = objects / f".{inst.key}.{uuid.uuid4().hex[:8]}.partial"
-            staging.mkdir(parents=True)
-            try:
-                artifact = run_op(inst.step.uses, inst.params, src, staging, ctx)
-                assert artifact is not None
-                hasher = HashCache(staging / ".unused")
-                files = hasher.files(artifact) if artifact.is_dir() else {
-                    p.name: hasher.file(p) for p in artifact_parts(artifact)}
-                _freeze(staging)
-                (staging / "corral-object.json").write_text(json.dumps(
-                    {"artifact": artifact.relative_to(staging).as_posix(), "files": files, "label": inst.label},
-                    indent=1, sort_keys=True))
-                final = objects / inst.key
-                if final.exists():  # a concurrent run built it first
-                    shutil.rmtree(staging, ignore_errors=True)
-                else:
-                    os.replace(staging, final)
-            except BaseException:
-                shutil.rmtree(staging, ignore_errors=True)
-                raise
-            done = _done(objects, inst)
-            assert done is not None
-            inst.artifact, inst.files = done
-        inst.seconds = time.perf_counter() - t0
+    def deps(inst: Instance) -> list[Instance]:
+        ag = against_of[id(inst)]
+        gates = [g for g in todo if g.gate and g.step.uses != "publish"] if inst.step.uses == "publish" else []
+        return [d for d in (inst.parent, ag, *gates) if isinstance(d, Instance)]  # publish: after every gate
 
-    pending = list(todo)
-    running: dict[Future[None], Instance] = {}
-    stop = False
-    with ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="corral-recipe") as pool:
-        while pending or running:
-            if not stop:
-                for inst in list(pending):
-                    parent_ready = inst.parent is None or inst.parent.status in ("cached", "built")
-                    ag = against_of[id(inst)]
-                    against_ready = not isinstance(ag, Instance) or ag.status in ("cached", "built")
-                    if parent_ready and against_ready and len(running) < jobs:
-                        pending.remove(inst)
-                        inst.status = "running"
-                        running[pool.submit(build, inst)] = inst
-            if not running:
-                break
-            done, _ = wait(running, return_when=FIRST_COMPLETED)
-            for fut in done:
-                inst = running.pop(fut)
-                exc = fut.exception()
-                with lock:
-                    if exc is None:
-                        inst.status = "built"
-                    else:
-                        inst.status, inst.error = "failed", str(exc)
-                        inst.exc = exc  # type: ignore[attr-defined]
-                        stop = True
-    for inst in pending:
-        inst.status = "skipped"
+    def make_job(inst: Instance) -> Job:
+        ag = against_of[id(inst)]
+        return Job(inst.step.uses, inst.params, inst.key, inst.label, inst.gate, path_of(inst.parent),
+                   None if ag == "none" else path_of(ag), str(objects), dict(ctx_common))
+
+    if executor == "ray":
+        from toolbox.recipe.ray_executor import RayBackend
+
+        with RayBackend(address, progress) as backend:
+            schedule(todo, deps, make_job, backend)
+    else:
+        run_local(todo, deps, make_job, jobs=jobs or default_jobs(), progress=progress)
 
 
 def default_jobs() -> int:
@@ -331,48 +303,7 @@ def default_jobs() -> int:
     return max(1, min(4, cores // 2 or 1, avail // (4 << 30)))
 
 
-def _freeze(root: Path) -> None:
-    """Cached objects are read-only: outputs are hard links to them."""
-    for p in root.rglob("*"):
-        if p.is_file():
-            p.chmod(0o444)
-
-
-def _done(objects: Path, inst: Instance) -> tuple[Path, dict[str, str]] | None:
-    if inst.gate:
-        return (objects, {}) if (objects / "gates" / inst.key).is_file() else None
-    record = objects / inst.key / "corral-object.json"
-    try:
-        data = json.loads(record.read_text(encoding="utf-8"))
-        artifact, files = data["artifact"], data["files"]
-    except (OSError, ValueError, RecursionError, KeyError, TypeError):
-        return None  # a damaged cache record: the instance is rebuilt
-    if not isinstance(artifact, str) or not isinstance(files, dict) or ".." in artifact.split("/"):
-        return None
-    return objects / inst.key / artifact, files
-
-
-def _mark_gate(objects: Path, inst: Instance) -> None:
-    (objects / "gates").mkdir(parents=True, exist_ok=True)
-    (objects / "gates" / inst.key).write_text(inst.label + "\n")
-
-
 # -- publishing ----------------------------------------------------------------------------------
-MMPROJ_SUFFIX = ".mmproj.gguf"  # X.gguf -> X.mmproj.gguf, as converters.gguf_mmproj.mmproj_path_for names it
-
-
-def artifact_parts(artifact: Path) -> list[Path]:
-    """A file artifact and, for the first file of a split GGUF set, the other parts (and the mmproj file
-    a convert step with `mmproj: auto` wrote beside it)."""
-    from toolbox.tensors.gguf.reader import SPLIT_RE, split_parts
-
-    if artifact.suffix != ".gguf":
-        return [artifact]
-    m = SPLIT_RE.match(artifact.name)
-    mmproj = artifact.with_name(f"{m['stem'] if m else artifact.stem}{MMPROJ_SUFFIX}")
-    return [*split_parts(artifact), *([mmproj] if mmproj != artifact and mmproj.is_file() else [])]
-
-
 def _published_name(part: Path, first: Path, target: Path) -> Path:
     """`X.gguf` for a single file; `X-0000i-of-0000N.gguf` for the parts of a split set."""
     from toolbox.tensors.gguf.reader import SPLIT_RE
@@ -452,7 +383,7 @@ def _publish(instances: list[Instance], out_dir: Path, name: str, loaded: Loaded
                 else:
                     os.replace(staging, dst)
         published.append({"step": inst.label, "path": str(dict(pairs)[art]), "files": inst.files,
-                          "status": "unchanged" if same else "written",
+                          "status": "unchanged" if same else "written", "built_by": inst.built_by,
                           "published_files": [os.path.relpath(dst, out_dir.resolve()) for _src, dst in pairs]})
     current = {f for p in published for f in p["published_files"]}
     for stale in sorted(previous - current):  # what an earlier run published and this one no longer does
@@ -464,7 +395,11 @@ def _publish(instances: list[Instance], out_dir: Path, name: str, loaded: Loaded
         published.append({"step": None, "path": str(path), "files": {}, "status": "removed", "published_files": []})
     record = {"recipe": name, "recipe_sha256": loaded.digest, "source": source.info,
               "outputs": [{"step": p["step"], "path": os.path.relpath(p["path"], out_dir), "files": p["files"],
-                           "published_files": p["published_files"]} for p in published if p["status"] != "removed"]}
+                           "published_files": p["published_files"], "built_by": p["built_by"]}
+                          for p in published if p["status"] != "removed"],
+              # which node built each object (gates included) and how long it took; for a cached one, its builder
+              "steps": [{"step": i.label, "key": i.key, "status": i.status, "built_by": i.built_by}
+                        for i in instances]}
     with atomic_file(out_dir / RECORD_NAME, force=True) as tmp:
         tmp.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return published

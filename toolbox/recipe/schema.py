@@ -70,10 +70,31 @@ class ConvertWith(_Strict):
     exclude_weights: list[Annotated[str, Field(max_length=300)]] = Field([], max_length=64)
 
 
+class MergeModel(_Strict):
+    path: str = Field(description="Fine-tuned HF checkpoint directory (a weight merge's input)")
+    weight: float = 1.0
+    density: float | None = Field(None, ge=0, le=1, description="ties/dare: share of the delta kept")
+
+
 class MergeWith(_Strict):
-    adapters: list[Adapter] = Field(min_length=1)
+    adapters: list[Adapter] = Field([], description="LoRA adapters (without method)")
+    method: Literal["linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "slerp",
+                    "model_stock"] | None = Field(None, description="a weight merge of full fine-tunes of the "
+                                                  "step's input (the base) with `models`")
+    models: list[MergeModel] = []
+    normalize: bool | None = None
+    seed: int = Field(0, ge=0, lt=1 << 63, description="DARE's mask seed")
+    t: float | None = Field(None, ge=0, le=1, description="slerp: 0 is the base")
     dtype: str | None = None
     name: str | None = None
+
+    @model_validator(mode="after")
+    def _adapters_or_models(self) -> MergeWith:
+        if self.method is None and not self.adapters:
+            raise ValueError("give adapters (a LoRA merge), or method and models (a weight merge)")
+        if self.method is not None and (self.adapters or not self.models):
+            raise ValueError("a weight merge (method) takes models, not adapters")
+        return self
 
 
 MAX_INDEX = 1 << 16  # experts and layers: Maverick has 128 experts and 48 layers
@@ -106,6 +127,18 @@ class ExtractWith(_Strict):
     name: str | None = None
 
 
+class ExtractLoraWith(_Strict):
+    base: str = Field(description="the base checkpoint the step's input was fine-tuned from: a path or demo:*")
+    rank: int = Field(ge=1, le=1 << 16)
+    rank_pattern: dict[Annotated[str, Field(min_length=1, max_length=1024)], Annotated[int, Field(ge=1, le=1 << 16)]] \
+        = Field({}, max_length=4096, description="REGEX: rank, PEFT's rank_pattern rule (RE2)")
+    targets: list[Literal["attention", "shared_expert", "dense_mlp", "experts"]] | None = None
+    alpha: float | None = Field(None, gt=0, le=1e9, description="lora_alpha (default: the rank, scaling 1)")
+    dtype: Literal["f32", "bf16", "f16"] = "f32"
+    svd: Literal["auto", "full", "randomized"] = "auto"
+    name: str | None = None
+
+
 class VerifyWith(_Strict):
     deep: bool = False
     against: str | None = Field(None, description="'source' or a step id: compare tensors with that checkpoint")
@@ -113,6 +146,27 @@ class VerifyWith(_Strict):
 
 class LicenseCheckWith(_Strict):
     pass
+
+
+class SignWith(_Strict):
+    key: str = Field(description="ECDSA private key (PEM), relative to the recipe; its content is part of the key")
+    password_env: str | None = Field(None, pattern=r"^[A-Z_][A-Z0-9_]{0,63}$",
+                                     description="environment variable holding the key's password")
+
+
+class BomWith(_Strict):
+    format: Literal["cyclonedx", "spdx"] = Field("cyclonedx", description="written inside the artifact as "
+                                                 "bom.cdx.json / bom.spdx.json (FILE.cdx.json beside a lone file)")
+
+
+class PublishWith(_Strict):
+    repo_id: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$",
+                         description="Hub repository ORG/NAME (HF_ENDPOINT, HF_TOKEN apply)")
+    revision: str | None = Field(None, max_length=200, description="branch (default main)")
+    private: bool = False
+    create_pr: bool = False
+    commit_message: str | None = Field(None, max_length=1000)
+    public_key: str | None = Field(None, description="verify the signature with this public key first")
 
 
 class _Step(_Strict):
@@ -179,6 +233,11 @@ class ExtractStep(_Step):
     with_: ExtractWith = Field(alias="with")
 
 
+class ExtractLoraStep(_Step):
+    uses: Literal["extract-lora"]
+    with_: ExtractLoraWith = Field(alias="with")
+
+
 class VerifyStep(_Step):
     uses: Literal["verify"]
     with_: VerifyWith = Field(VerifyWith(), alias="with")
@@ -189,9 +248,36 @@ class LicenseCheckStep(_Step):
     with_: LicenseCheckWith = Field(LicenseCheckWith(), alias="with")
 
 
-Step = Annotated[ConvertStep | MergeStep | PruneStep | ExtractStep | VerifyStep | LicenseCheckStep,
-                 Field(discriminator="uses")]
-GATES = ("verify", "license-check")
+class SignStep(_Step):
+    uses: Literal["sign"]
+    with_: SignWith = Field(alias="with")
+
+
+class BomStep(_Step):
+    uses: Literal["bom"]
+    with_: BomWith = Field(BomWith(), alias="with")
+
+
+class PublishStep(_Step):
+    uses: Literal["publish"]
+    with_: PublishWith = Field(alias="with")
+
+
+class ReportWith(_Strict):
+    title: str | None = Field(None, max_length=200, description="how the page names the artifact (default: its "
+                              "file name); {model} and matrix placeholders apply")
+    against: str | None = Field(None, description="'source' or a step id: a GGUF input's per-tensor error "
+                                "against that checkpoint (verify --against)")
+
+
+class ReportStep(_Step):
+    uses: Literal["report"]
+    with_: ReportWith = Field(ReportWith(), alias="with")
+
+
+Step = Annotated[ConvertStep | MergeStep | PruneStep | ExtractStep | ExtractLoraStep | VerifyStep | LicenseCheckStep
+                 | SignStep | BomStep | PublishStep | ReportStep, Field(discriminator="uses")]
+GATES = ("verify", "license-check", "publish")  # publish also runs only after every other gate passed
 
 
 class Recipe(_Strict):
@@ -204,6 +290,8 @@ class Recipe(_Strict):
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of a Hub source")
     include: list[str] = Field([], description="Hub source: only files matching these globs")
     license: LicenseSpec = LicenseSpec()
+    executor: Literal["local", "ray"] | None = Field(None, description="Where steps run: local threads (default) "
+                                                     "or a Ray cluster; --executor and $CORRAL_EXECUTOR win")
     steps: list[Step] = Field(min_length=1)
 
     @model_validator(mode="after")
@@ -219,6 +307,8 @@ class Recipe(_Strict):
             if step.from_ != "source" and seen[step.from_].uses in GATES:
                 raise FieldError(f"step {step.id!r} reads from gate {step.from_!r}, which produces nothing",
                                  "steps", i, "from")
+            if step.uses != "publish" and any(s.uses == "publish" for s in seen.values()):
+                raise FieldError(f"step {step.id!r} comes after a publish step: publish comes last", "steps", i)
             if step.uses in GATES and step.output:
                 raise FieldError(f"gate {step.id!r} produces nothing to publish: remove output", "steps", i, "output")
             against = getattr(step.with_, "against", None)

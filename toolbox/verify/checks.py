@@ -106,12 +106,13 @@ def verify_checkpoint(path: str | Path, *, deep: bool = False, against: str | Pa
 
             result = run_against_transformers(root)
             report.checked["run"] = result
+            runners = " and ".join(k for k in ("onnxruntime", "genai", "transformers") if result.get(k) is not None)
             if result["match"]:
                 n = len(result["onnxruntime"])
-                report.add("onnx.run", "info", f"onnxruntime and transformers decode the same {n} tokens greedily")
+                report.add("onnx.run", "info", f"{runners} decode the same {n} tokens greedily")
             else:
                 report.add("onnx.run-mismatch", "error", f"greedy decode differs: onnxruntime {result['onnxruntime']}, "
-                           f"transformers {result['transformers']}")
+                           f"genai {result.get('genai')}, transformers {result['transformers']}")
         return report
     if run:
         raise UsageError("--run decodes with onnxruntime: give a corral ONNX export directory or .onnx file")
@@ -262,11 +263,11 @@ def _check_shards(root: Path, report: VerifyReport) -> list[SafetensorsHeader] |
 
 # -- tensor inventory ---------------------------------------------------------------------------
 def _check_inventory(ckpt: Llama4Checkpoint, root: Path, report: VerifyReport) -> None:
-    from toolbox.tensors.canonical import CanonicalView
+    from toolbox.tensors.canonical import hf_view
     from toolbox.tensors.safetensors_source import SafetensorsSource
 
     try:
-        view = CanonicalView(SafetensorsSource(root))
+        view = hf_view(SafetensorsSource(root), ckpt.config)
     except CorralError as exc:
         report.add("tensor.layout", "fatal", exc.message, path=exc.path)
         return
