@@ -3,7 +3,7 @@ completes it in the shell and (through the error boundary in main.py) suggests t
 
 Each set has one definition, in a light module the implementing code imports too (the CLI must
 start without pydantic, torch or license.stamp: tests/test_license_cli.py): toolbox.tensors.dtypes,
-toolbox.tensors.gguf.quant, license.sets.
+toolbox.tensors.gguf.quant, license.sets, toolbox.merge_choices.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from typing import Any, Literal
 from license.sets import RELATIONS, policy_ids
 from toolbox.demo import VARIANTS
 from toolbox.experts.stats import CRITERIA as STATS_CRITERIA
+from toolbox.merge_choices import METHODS
 from toolbox.report import REPORT_FORMATS
 from toolbox.supply import BOM_FORMATS
 from toolbox.tensors.dtypes import COMPUTE_DTYPES, HF_OUT_DTYPES, ONNX_DTYPES
@@ -41,6 +42,7 @@ OutType = _literal(OUTTYPES)
 MmprojOutType = _literal(MMPROJ_OUTTYPES)
 ConvertDtype = _literal(CONVERT_DTYPES)
 MergeDtype = _literal(HF_DTYPES)
+WeightMethod = _literal(METHODS)
 ComputeDtype = _literal(COMPUTE_DTYPES)
 Criterion = _literal(CRITERIA)
 CheckFormat = _literal(CHECK_FORMATS)

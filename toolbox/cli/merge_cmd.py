@@ -4,13 +4,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated
 
 from toolbox.cli._typer import typer
-from toolbox.cli.choices import OUTTYPES, MergeDtype, MergeTarget, OutType
+from toolbox.cli.choices import OUTTYPES, MergeDtype, MergeTarget, OutType, WeightMethod
 from toolbox.cli.options import BaseModelOpt, FixNameOpt, ForceOpt, MauDeclarationOpt, NameOpt
 from toolbox.cli.output import plain
-from toolbox.merge_choices import METHODS
 
 EPILOG = """\
 Merges PEFT LoRA adapters (attention, shared expert, dense MLPs, vision tower; routed experts
@@ -52,7 +51,6 @@ weight/density, parameters, dtype/out_dtype), refusing what it does not support 
   corral merge --config merge.yaml -o ./Llama-4-merged --mau-declaration below-700m
 """
 SHOW_ROWS = 40
-WeightMethod = Literal[METHODS]  # type: ignore[valid-type]
 
 
 def merge(
