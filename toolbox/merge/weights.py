@@ -285,12 +285,14 @@ def merge_weights(base: ModelLike, models: list[ModelLike], out: str | Path, *, 
 def _write_tensor(sources: list[TensorSource], writer: Any, info: TensorInfo, out_st: str,
                   params: MergeParams) -> int:
     """A float tensor merged; anything else (none in Llama 4 today) copied from the base."""
-    from toolbox.merge.merge import _torch_dtype
+    import torch
+
+    from toolbox.tensors.dtypes import TORCH_NAME
 
     if info.dtype not in FLOAT_ST:
         writer.write(info.name, sources[0].load(info.name))
         return 1
-    return _merge_tensor(sources, writer, info, _torch_dtype(out_st), params)
+    return _merge_tensor(sources, writer, info, getattr(torch, TORCH_NAME[out_st]), params)
 
 
 def _stamp(base: ResolvedModel, base_src: TensorSource, models: list[ResolvedModel], params: MergeParams,
