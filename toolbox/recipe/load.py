@@ -40,10 +40,7 @@ class LoadedRecipe:
 
     def where(self, loc: tuple[Any, ...]) -> tuple[str, str]:
         """("FILE:LINE:COL", "steps[2].output") for a field location (the deepest node the file has)."""
-        node, names = _node_at(self.root, loc) if self.root is not None else (None, [])
-        mark = getattr(node, "start_mark", None)
-        where = f"{self.path}:{mark.line + 1}:{mark.column + 1}" if mark else str(self.path)
-        return where, ".".join(names).replace(".[", "[") or "(top level)"
+        return locate(self.path, self.root, loc)
 
     @property
     def digest(self) -> str:
@@ -65,6 +62,15 @@ def find_recipe(name_or_path: str | Path) -> Path:
         return builtin
     raise UsageError(f"no recipe file or built-in recipe named {name_or_path!r}",
                      hint=f"built-in recipes: {', '.join(builtin_recipes()) or 'none'} (corral recipe list)")
+
+
+def locate(path: Path, root: Any, loc: tuple[Any, ...], *, unplaced: str = "") -> tuple[str, str]:
+    """("FILE:LINE:COL", "steps[2].output") of a field location in a composed YAML node tree (the deepest
+    node the file has); `unplaced` follows FILE when no node carries a position."""
+    node, names = _node_at(root, loc) if root is not None else (None, [])
+    mark = getattr(node, "start_mark", None)
+    where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else f"{path}{unplaced}"
+    return where, ".".join(names).replace(".[", "[") or "(top level)"
 
 
 def _node_at(root: Any, loc: tuple[Any, ...]) -> tuple[Any, list[str]]:

@@ -21,7 +21,7 @@ from typing import Any
 
 from toolbox.merge.methods import SPECS
 from toolbox.merge_choices import METHODS
-from toolbox.recipe.load import RecipeError, _node_at, parse_yaml, read_text
+from toolbox.recipe.load import RecipeError, locate, parse_yaml, read_text
 
 TOP_KEYS = ("merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "tokenizer_source")
 GLOBAL_PARAMS = ("weight", "density", "normalize", "rescale", "t", "filter_wise")
@@ -56,10 +56,7 @@ class _Located:
         self.path, self.root = path, root
 
     def error(self, loc: tuple[Any, ...], message: str) -> RecipeError:
-        node, names = _node_at(self.root, loc)
-        mark = getattr(node, "start_mark", None)
-        where = f"{self.path}:{mark.line + 1}:{mark.column + 1}" if mark else f"{self.path}:1:1"
-        name = ".".join(names).replace(".[", "[") or "(top level)"
+        where, name = locate(self.path, self.root, loc, unplaced=":1:1")
         return RecipeError(f"{where}: {name}: {message}", path=self.path,
                            hint="corral merge --help lists the mergekit keys corral reads")
 
