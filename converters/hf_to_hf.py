@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 OUT_DTYPES = {"auto": None, "bf16": "BF16", "f32": "F32", "f16": "F16"}
 _FLOATS = frozenset({"BF16", "F16", "F32", "F64"})
 _FUSED = ("experts.gate_up_proj", "experts.down_proj")
+ROW_BLOCK_BYTES = 64 * 2**20  # a large tensor (a 202,048-row embedding is 2 GB) is written in row blocks of this size
 
 
 @dataclass
@@ -124,6 +125,10 @@ def _write_tensor(writer: Any, source: TensorSource, info: TensorInfo, st_dtype:
     if len(info.shape) == 3 and info.name.endswith(_FUSED):
         for e in range(info.shape[0]):
             writer.write(info.name, cast(source.load_slice(info.name, e)))
+    elif getattr(source, "row_slices", False) and len(info.shape) >= 2 and info.nbytes > ROW_BLOCK_BYTES:
+        step = max(1, ROW_BLOCK_BYTES * info.shape[0] // info.nbytes)  # a source that reads only the rows asked
+        for start in range(0, info.shape[0], step):
+            writer.write(info.name, cast(source.load_slice(info.name, slice(start, start + step))))
     else:
         writer.write(info.name, cast(source.load(info.name)))
 

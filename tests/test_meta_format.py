@@ -11,14 +11,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from meta_reference import PARAMS, TOKENS
+from meta_reference import PARAMS, TOKENS, make_meta_checkpoint
 from safetensors.torch import load_file
 from transformers import Llama4ForCausalLM
 
@@ -27,28 +24,6 @@ from toolbox.convert import ConvertRequest, convert
 from toolbox.errors import CorruptFileError, UnsupportedModelError
 
 DECL = LicenseOptions(mau_declaration="below-700m")
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def make_meta_checkpoint(out: Path, world: int, profile: str = "tiny") -> Path:
-    """Run Meta's reference code in `world` processes (one per model-parallel rank)."""
-    out.mkdir(parents=True, exist_ok=True)
-    port = _port()
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    script = str(ROOT / "tests" / "meta_reference.py")
-    procs = [subprocess.Popen([sys.executable, script, str(out), str(rank), str(world), str(port), profile],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-             for rank in range(world)]
-    logs = [p.communicate(timeout=180)[0].decode(errors="replace") for p in procs]
-    for p, log in zip(procs, logs, strict=True):
-        assert p.returncode == 0, log[-3000:]
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -121,9 +96,9 @@ def test_hostile_shards_are_refused(meta1: Path, tmp_path: Path) -> None:
         MetaSource(bad)
     (bad / "consolidated.01.pth").rename(bad / "consolidated.00.pth")
     sd = torch.load(bad / "consolidated.00.pth", weights_only=True)
-    sd["vision_embeddings.vision_encoder.conv1._linear.weight"] = torch.zeros(4, 4)
+    sd["vision_embeddings.vision_adapter.fc.weight"] = torch.zeros(4, 4)  # add_fc: no transformers name
     torch.save(sd, bad / "consolidated.00.pth")
-    with pytest.raises(UnsupportedModelError, match="vision tower"):
+    with pytest.raises(UnsupportedModelError, match=r"no transformers name: vision_embeddings\.vision_adapter\.fc"):
         MetaSource(bad)
 
 

@@ -6,6 +6,13 @@ layers are every `nope_layer_interval`-th layer, MoE layers every `interleave_mo
 `use_scaled_rope` becomes llama3 rope scaling (factor `rope_scaling_factor`, default 16; high-frequency
 factor `rope_high_freq_factor`, default 1; low-frequency factor 1 and an original context of 8192, the
 constants of llama_models' `apply_scaling`), and widths come from the tensors themselves.
+
+With `vision_args` (and the vision tensors) the config is `Llama4ForConditionalGeneration`'s: the text
+config above as `text_config`, and a `vision_config` from llama_models' `VisionArgs` (`vision/embedding.py`,
+`vision/encoder.py`): its MLP is `mlp_ratio * dim` wide, its pixel-shuffled adapter input `dim / ratio**2`
+(transformers reads both from one `intermediate_size`, so they must agree), the adapter and projector
+`output_dim` wide, layer norms at torch's default eps 1e-5 and the 2-D rotary base 10000 (fixed in
+llama_models' encoder).
 """
 
 from __future__ import annotations
@@ -16,8 +23,9 @@ from typing import Any
 from toolbox.errors import ConfigError
 from toolbox.tensors.source import TensorInfo
 
-SIDECAR_REVISION = 2  # bump when the derived config or tokenizer changes, so cached sidecars are rebuilt
+SIDECAR_REVISION = 3  # bump when the derived config or tokenizer changes, so cached sidecars are rebuilt
 BOS, EOS, PAD = 200000, 200001, 200018  # <|begin_of_text|>, <|end_of_text|>, <|finetune_right_pad|>
+BOI, EOI, IMAGE = 200080, 200081, 200092  # <|image_start|>, <|image_end|>, <|image|> (transformers' Llama4Config)
 
 
 def dense_width(dim: int, params: dict[str, Any]) -> int:
@@ -52,7 +60,7 @@ def hf_config_from_params(params: dict[str, Any], infos: dict[str, TensorInfo], 
     step = int(moe.get("interleave_moe_layer_step") or 1) if experts else 0
     gu = next((i for n, i in infos.items() if n.endswith("experts.gate_up_proj")), None)
     dense = next((i for n, i in infos.items() if n.endswith("feed_forward.gate_proj.weight")), None)
-    embed = infos.get("model.embed_tokens.weight")
+    embed = infos.get("model.embed_tokens.weight") or infos.get("language_model.model.embed_tokens.weight")
     interval = params.get("nope_layer_interval")
     tc: dict[str, Any] = {
         "model_type": "llama4_text", "architectures": ["Llama4ForCausalLM"],
@@ -88,7 +96,40 @@ def hf_config_from_params(params: dict[str, Any], infos: dict[str, TensorInfo], 
                                       "low_freq_factor": 1.0, "original_max_position_embeddings": 8192})
     if tc["attention_chunk_size"] is None:
         tc["cache_implementation"] = "static"  # as transformers' conversion: no chunked layers
-    return tc
+    if "multi_modal_projector.linear_1.weight" not in infos:
+        return tc
+    return {"model_type": "llama4", "architectures": ["Llama4ForConditionalGeneration"],
+            "text_config": {k: v for k, v in tc.items() if k != "architectures"},
+            "vision_config": vision_config(params, where), "boi_token_index": BOI, "eoi_token_index": EOI,
+            "image_token_index": IMAGE, "tie_word_embeddings": False, "dtype": "bfloat16"}
+
+
+def vision_config(params: dict[str, Any], where: str) -> dict[str, Any]:
+    """transformers' Llama4VisionConfig for llama_models' VisionArgs (`params["vision_args"]`)."""
+    va = params.get("vision_args")
+    if not isinstance(va, dict):
+        raise ConfigError(f"{where}: the shards hold a vision tower but vision_args is missing",
+                          hint="Meta's params.json of a multimodal release has a vision_args object")
+    dim, ratio = int(_need(va, "dim", where)), float(_need(va, "pixel_shuffle_ratio", where))
+    size, patch = va.get("image_size") or {}, va.get("patch_size") or {}
+    if not (isinstance(size, dict) and isinstance(patch, dict) and size.get("height") == size.get("width")
+            and patch.get("height") == patch.get("width") and size.get("height") and patch.get("height")):
+        raise ConfigError(f"{where}: vision_args image_size {size} / patch_size {patch} are not square",
+                          hint="transformers' Llama4VisionConfig takes one image and one patch side")
+    width = int(float(_need(va, "mlp_ratio", where)) * dim)
+    if int(dim // (ratio * ratio)) != width:
+        raise ConfigError(f"{where}: vision_args mlp_ratio gives an MLP {width} wide but the pixel-shuffled "
+                          f"adapter input is {int(dim // (ratio * ratio))}",
+                          hint="transformers' Llama4VisionConfig holds both in one intermediate_size")
+    out = int(_need(va, "output_dim", where))
+    return {"model_type": "llama4_vision_model", "hidden_size": dim,
+            "num_hidden_layers": int(_need(va, "n_layers", where)),
+            "num_attention_heads": int(_need(va, "n_heads", where)), "intermediate_size": width,
+            "image_size": int(size["height"]), "patch_size": int(patch["height"]), "num_channels": 3,
+            "vision_output_dim": out, "projector_input_dim": out, "projector_output_dim": out,
+            "pixel_shuffle_ratio": ratio, "norm_eps": 1e-5, "hidden_act": "gelu", "multi_modal_projector_bias": False,
+            "vision_feature_select_strategy": "default", "dtype": "bfloat16",
+            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}}
 
 
 def sidecar_directory(meta_dir: Path, infos: dict[str, TensorInfo], params: dict[str, Any], cache: Path) -> Path:
@@ -113,6 +154,9 @@ def sidecar_directory(meta_dir: Path, infos: dict[str, TensorInfo], params: dict
     config = hf_config_from_params(params, infos, str(meta_dir / "params.json"))
     floats = {i.dtype for i in infos.values()}
     config["dtype"] = TORCH_NAME["F32" if floats == {"F32"} else next(iter(floats)) if len(floats) == 1 else "BF16"]
+    for sub in ("text_config", "vision_config"):
+        if isinstance(config.get(sub), dict):
+            config[sub]["dtype"] = config["dtype"]
     target.parent.mkdir(parents=True, exist_ok=True)
     with atomic_directory(target, force=True) as staging:
         (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

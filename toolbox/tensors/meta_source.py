@@ -5,19 +5,28 @@ ColumnParallelLinear splits the output dim 0, RowParallelLinear the input dim 1;
 experts split their hidden width F; norms and the router are repeated on every rank). The pickles
 are opened only with `torch.load(weights_only=True, mmap=True)`, PyTorch's restricted unpickler, so
 no code runs and no tensor bytes are read until asked for; a tensor (one expert of a routed tensor)
-is assembled from the ranks' parts when loaded, so memory is bounded by that slice.
+is assembled from the ranks' parts when loaded (or only some of its rows: `load_slice` with a slice), so
+memory is bounded by that slice. The parts' pages are dropped from the process once copied (see
+`MetaSource._release`): torch's mapping would otherwise keep every byte read resident.
 
 Names are presented as transformers' text model names (`model.layers.N.self_attn.q_proj.weight`,
 fused experts `feed_forward.experts.gate_up_proj` [E, D, 2F] and `down_proj` [E, F, D]). Both the
 names of Meta's released files (`attention.wqkv`, `experts.moe_w_in_eD_F`, `feed_forward.w_in_shared_FD`,
 `mlp.fc1_weight`) and those of llama_models' module state dict (`attention.wq`, `experts.w1`,
 `shared_expert.w1`) are read: llama_models' load hooks map the first onto the second, as here.
-The vision tower in this format is not read yet (refused, naming it).
+
+A checkpoint with a vision tower (`vision_embeddings.*`, `vision_projection.weight`) is presented as
+transformers' `Llama4ForConditionalGeneration` names: the text model under `language_model.`, the encoder
+under `vision_model.`, the projector as `multi_modal_projector.linear_1.weight`. The vision ranks split as
+fairscale does (column-parallel weights and biases on dim 0, row-parallel weights on dim 1; row-parallel
+biases, layer norms, the class and positional embeddings whole on every rank). No rotary permutation is
+needed: llama_models' vision attention and transformers' both rotate interleaved pairs (complex view).
 """
 
 from __future__ import annotations
 
 import io
+import mmap
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +45,26 @@ _SHARD = re.compile(r"^consolidated(?:\.(\d{2}))?\.pth$")
 _IGNORED = re.compile(r"(_extra_state|global_gate_stats_3E|running_gate_stats_3E|expert_activation_DE"
                       r"|^rope\.freqs|^freqs?_cis)$")
 _VISION = ("vision_embeddings.", "vision_projection.")
+_ENC = r"vision_embeddings\.vision_encoder\."
+_BLOCK = _ENC + r"transformer\.resblocks\.(\d+)\."
+_LAYER = r"vision_model.model.layers.\1."
+# (Meta key pattern, HF name template, how ranks combine) for the vision tower
+_VISION_KEYS: tuple[tuple[re.Pattern[str], str, str], ...] = tuple((re.compile(f"^{k}$"), v, how) for k, v, how in (
+    (_ENC + r"conv1\._linear\.weight", "vision_model.patch_embedding.linear.weight", "cat0"),
+    (_ENC + r"(class_embedding|positional_embedding_vlm)", r"vision_model.\1", "same"),
+    (_ENC + r"ln_(pre|post)\.(weight|bias)", r"vision_model.layernorm_\1.\2", "same"),
+    (_BLOCK + r"attn\.w([qkv])\.(weight|bias)", _LAYER + r"self_attn.\2_proj.\3", "cat0"),
+    (_BLOCK + r"attn\.wo\.weight", _LAYER + "self_attn.o_proj.weight", "cat1"),
+    (_BLOCK + r"attn\.wo\.bias", _LAYER + "self_attn.o_proj.bias", "same"),
+    (_BLOCK + r"mlp\.c_fc\.(weight|bias)", _LAYER + r"mlp.fc1.\2", "cat0"),
+    (_BLOCK + r"mlp\.c_proj\.weight", _LAYER + "mlp.fc2.weight", "cat1"),
+    (_BLOCK + r"mlp\.c_proj\.bias", _LAYER + "mlp.fc2.bias", "same"),
+    (_BLOCK + r"ln_1\.(weight|bias)", _LAYER + r"input_layernorm.\2", "same"),
+    (_BLOCK + r"ln_2\.(weight|bias)", _LAYER + r"post_attention_layernorm.\2", "same"),
+    (r"vision_embeddings\.vision_adapter\.mlp\.c_fc\.weight", "vision_model.vision_adapter.mlp.fc1.weight", "cat0"),
+    (r"vision_embeddings\.vision_adapter\.mlp\.c_proj\.weight", "vision_model.vision_adapter.mlp.fc2.weight", "cat1"),
+    (r"vision_projection\.weight", "multi_modal_projector.linear_1.weight", "cat0"),
+))
 _FLOAT_DTYPES = frozenset({"BF16", "F16", "F32"})
 
 # (Meta key suffixes, HF suffix, how ranks combine): "cat0"/"cat1" concatenate along that dim,
@@ -113,6 +142,49 @@ def _open_shard(path: Path) -> dict[str, torch.Tensor]:
     return {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
 
 
+def _libc_madvise() -> Any:
+    """libc's madvise(addr, length, advice), or None where there is none to call (not Linux)."""
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
+    return fn
+
+
+_MADVISE = _libc_madvise()
+_MADV_DONTNEED = 4  # linux/mman.h
+_PAGE = mmap.PAGESIZE
+
+
+def _mapped_range(path: Path, shard: dict[str, torch.Tensor]) -> tuple[int, int]:
+    """The address range of `path`'s own file mapping (from /proc/self/maps) that holds all of the shard's
+    tensors, or (0, 0) when they are not all inside it (nothing is then ever released)."""
+    ptrs = [(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()) for t in shard.values()]
+    ptrs = [(a, n) for a, n in ptrs if n > 0]
+    if _MADVISE is None or not ptrs:
+        return 0, 0
+    lo, hi = min(a for a, _ in ptrs), max(a + n for a, n in ptrs)
+    target = str(path.resolve())
+    try:
+        with open("/proc/self/maps", encoding="utf-8", errors="replace") as f:
+            lines = f.read(64 * 1024 * 1024).splitlines()
+    except OSError:
+        return 0, 0
+    for line in lines:
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and fields[5] == target:
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            if start <= lo and hi <= end:
+                return start, end
+    return 0, 0
+
+
 @dataclass(frozen=True)
 class _Plan:
     keys: tuple[str, ...]  # the Meta key in every rank (one per part)
@@ -120,23 +192,21 @@ class _Plan:
 
 
 class MetaSource(TensorSource):
-    """The tensors of a Meta-format checkpoint under transformers' text-model names (see the module doc)."""
+    """The tensors of a Meta-format checkpoint under transformers' names (see the module doc)."""
+
+    row_slices = True  # load_slice(name, slice) of any tensor reads only those rows of the ranks' parts
 
     def __init__(self, directory: str | Path) -> None:
         self.path = Path(directory)
         self.params = read_params(self.path)
         self.files = shard_paths(self.path)
         self._shards = [_open_shard(f) for f in self.files]
+        self._maps = [_mapped_range(f, s) for f, s in zip(self.files, self._shards, strict=True)]
         keys = [k for k in self._shards[0] if not _IGNORED.search(k)]
         for f, shard in zip(self.files[1:], self._shards[1:], strict=True):
             if {k for k in shard if not _IGNORED.search(k)} != set(keys):
                 raise CorruptFileError(f"{f}: its tensor names differ from {self.files[0].name}'s", path=f)
-        vision = next((k for k in keys if k.startswith(_VISION)), None)
-        if vision is not None:
-            raise UnsupportedModelError(
-                f"{self.path}: the vision tower in Meta's original format ({vision}) is not read yet",
-                hint="convert the HF safetensors of the same release, or a text-only original checkpoint",
-                path=self.path)
+        self.multimodal = any(k.startswith(_VISION) for k in keys)
         self._n_heads = int(self.params.get("n_heads") or 0)
         self._n_kv = int(self.params.get("n_kv_heads") or self._n_heads)
         if self._n_heads <= 0:
@@ -149,6 +219,16 @@ class MetaSource(TensorSource):
         if self._unmapped:
             raise UnsupportedModelError(f"{self.path}: tensors with no transformers name: "
                                         f"{', '.join(self._unmapped[:5])}", path=self.path)
+        if self.multimodal:
+            self._prefix_text()
+
+    def _prefix_text(self) -> None:
+        """Llama4ForConditionalGeneration's names: the text model under `language_model.`."""
+        def hf(name: str) -> str:
+            return name if name.startswith(("vision_model.", "multi_modal_projector.")) else f"language_model.{name}"
+
+        self._plans = {hf(n): p for n, p in self._plans.items()}
+        self._infos = {hf(n): TensorInfo(hf(n), i.shape, i.dtype) for n, i in self._infos.items()}
 
     # -- planning ----------------------------------------------------------------------------
     def _mapped(self, key: str) -> bool:
@@ -159,6 +239,12 @@ class MetaSource(TensorSource):
         self._infos[name] = self._info(name)
 
     def _plan_key(self, key: str, keys: list[str]) -> None:
+        if key.startswith(_VISION):
+            for pattern, hf, how in _VISION_KEYS:
+                if pattern.match(key):
+                    self._add(pattern.sub(hf, key), key, how)
+                    return
+            return
         if key in _GLOBAL_KEYS:
             name, how = _GLOBAL_KEYS[key]
             self._add(name, key, how)
@@ -263,40 +349,79 @@ class MetaSource(TensorSource):
     def load(self, name: str) -> torch.Tensor:
         import torch
 
-        plan = self._plans[name]
-        how = plan.how
-        if how in ("gu", "down"):
+        if self._plans[name].how in ("gu", "down"):
             return torch.stack([self.load_slice(name, e) for e in range(self._infos[name].shape[0])])
-        parts = self._parts(plan.keys[0])
-        if how == "same":
-            return parts[0].clone()
-        if how == "T":
-            return parts[0].T.contiguous()
-        if how.startswith("qkv:"):
-            q, kv = self._qkv_rows(plan.keys[0], tuple(parts[0].shape))
-            start, rows = {"q": (0, q), "k": (q, kv), "v": (q + kv, kv)}[how[-1]]
-            return torch.cat([p[start:start + rows] for p in parts], dim=0)
-        if how.startswith("fc1:"):
-            half = int(how[-1])
-            return torch.cat([p.chunk(2, dim=0)[half] for p in parts], dim=0)
-        return torch.cat(parts, dim=int(how[-1]))
+        return self._rows(name, 0, self._infos[name].shape[0])
 
     def load_slice(self, name: str, index: int | slice) -> torch.Tensor:
-        """One expert (or a range) of a routed expert tensor from each rank's part; other tensors as the base."""
+        """One expert (or a range) of a routed expert tensor; rows `index` of any other tensor (only those rows
+        of the ranks' parts are read, so a large embedding can be written in row blocks)."""
         import torch
 
         plan = self._plans[name]
         if plan.how not in ("gu", "down"):
-            return self.load(name)[index]
+            rows = range(self._infos[name].shape[0])[index]
+            if isinstance(rows, int):
+                return self._rows(name, rows, rows + 1)[0]
+            return self._rows(name, rows.start, rows.stop) if rows.step == 1 else self.load(name)[index]
         e, d = self._infos[name].shape[0], int(self.params["dim"])
 
         def expert(key: str, down: bool) -> torch.Tensor:
-            views = [p.view(e, -1, d) if down else p.view(e, d, -1) for p in self._parts(key)]
-            return torch.cat([v[index] for v in views], dim=-2 if down else -1)
+            parts = self._parts(key)
+            views = [p.view(e, -1, d) if down else p.view(e, d, -1) for p in parts]
+            try:
+                return torch.cat([v[index] for v in views], dim=-2 if down else -1)
+            finally:
+                self._release(parts)
 
         if plan.how == "down":
             return expert(plan.keys[0], True)
         return torch.cat([expert(plan.keys[0], False), expert(plan.keys[1], False)], dim=-1)
+
+    def _rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows start:stop of a tensor that is not a routed expert tensor, as a new tensor."""
+        import torch
+
+        plan = self._plans[name]
+        how = plan.how
+        parts = self._parts(plan.keys[0])
+        try:
+            if how == "same":
+                return parts[0][start:stop].clone()
+            if how == "T":
+                return parts[0].T[start:stop].clone(memory_format=torch.contiguous_format)
+            if how == "cat1":
+                return torch.cat([p[start:stop] for p in parts], dim=1)
+            n = parts[0].shape[0]  # rows of each rank's part taken, from `lo`
+            if how.startswith("qkv:"):
+                q, kv = self._qkv_rows(plan.keys[0], tuple(parts[0].shape))
+                lo, n = {"q": (0, q), "k": (q, kv), "v": (q + kv, kv)}[how[-1]]
+            elif how.startswith("fc1:"):
+                n //= 2
+                lo = n * int(how[-1])
+            else:  # cat0
+                lo = 0
+            pieces = [p[lo + max(start - r * n, 0):lo + min(stop - r * n, n)] for r, p in enumerate(parts)
+                      if start < (r + 1) * n and stop > r * n]
+            return torch.cat(pieces, dim=0) if pieces else parts[0][lo:lo].clone()
+        finally:
+            self._release(parts)
+
+    def _release(self, parts: list[torch.Tensor]) -> None:
+        """Drop the pages of parts already copied from this process's view of the shard files.
+
+        torch.load(mmap=True) maps each file privately and read-only in use; every page read stays resident in
+        the process (its RSS) until unmapped, so a whole conversion would end holding every byte of the
+        checkpoint. madvise(MADV_DONTNEED) on clean private file pages only unmaps them: a later read faults
+        them back from the page cache. Kept inside each shard's mapped range; a no-op off Linux."""
+        if _MADVISE is None:
+            return
+        for p, (lo, hi) in zip(parts, self._maps, strict=True):
+            st = p.untyped_storage()
+            a, b = st.data_ptr(), st.data_ptr() + st.nbytes()
+            a, b = max(a - a % _PAGE, lo), min(b + (-b) % _PAGE, hi)
+            if a < b:
+                _MADVISE(a, b - a, _MADV_DONTNEED)
 
     def close(self) -> None:
         self._shards = []

@@ -31,7 +31,7 @@ def inspect_meta(model: ResolvedModel) -> dict[str, Any]:
     try:
         info: dict[str, Any] = {
             "path": str(model.path), "format": "meta-original", "architecture": ckpt.architecture,
-            "variant": ckpt.variant, "shaped_like": ckpt.family, "multimodal": False,
+            "variant": ckpt.variant, "shaped_like": ckpt.family, "multimodal": ckpt.multimodal,
             "parameters": {**ckpt.parameter_counts(), "stored": sum(i.numel for i in src.infos().values())},
             **ckpt.summary(),
             "dtypes": dict(Counter(i.dtype for i in src.infos().values())),
@@ -111,7 +111,7 @@ def _params(src: Any, report: VerifyReport) -> None:
     p = src.params
     path = str(src.path / "params.json")
     infos = src.infos()
-    embed = infos.get("model.embed_tokens.weight")
+    embed = infos.get("model.embed_tokens.weight") or infos.get("language_model.model.embed_tokens.weight")
     if embed is not None and p.get("vocab_size") not in (None, embed.shape[0]):
         report.add("meta.vocab", "warning", f"{path}: vocab_size {p['vocab_size']} but the embedding has "
                    f"{embed.shape[0]} rows", path=path)
