@@ -21,8 +21,14 @@ def finish_hf_directory(staging: Path, src_dir: Path, config: dict[str, Any], st
     """Write `config` as config.json, copy the input's tokenizer/processor files and write the sidecars."""
     from license.stamp import write_sidecars
 
+    write_model_files(staging, src_dir, config)
+    write_sidecars(staging, stamp)
+
+
+def write_model_files(staging: Path, src_dir: Path, config: dict[str, Any]) -> None:
+    """`config` as config.json and the input's tokenizer/processor files: an HF checkpoint without its weights,
+    what a converter reads beside the tensors of a model streamed to it (`toolbox.reference.DerivedModel`)."""
     (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     for filename in COPIED_FILES:
         if (src_dir / filename).is_file():
             shutil.copyfile(src_dir / filename, staging / filename)
-    write_sidecars(staging, stamp)

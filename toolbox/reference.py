@@ -20,6 +20,8 @@ from toolbox.errors import BadInputError, CorralError
 from toolbox.progress import NULL_PROGRESS, Progress
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from license.stamp import StampInput
     from toolbox.checkpoint import Llama4Checkpoint
     from toolbox.tensors.source import TensorSource
@@ -131,6 +133,20 @@ class ResolvedModel:
 
             source = hf_view(source, self._config())
         return source
+
+
+@dataclass
+class DerivedModel(ResolvedModel):
+    """A model that exists only as a tensor source over another one (a merge or a prune streamed into a
+    converter, with no copy on disk): `path` is a small directory with its config.json and tokenizer files,
+    `tensors` opens its tensors (already canonical; their metadata is the stamp the model would carry, so an
+    output inherits its history). The reference is the input the chain started from: provenance names it."""
+
+    tensors: Callable[[], TensorSource] | None = field(default=None, repr=False)
+
+    def open_source(self, *, canonical: bool = True) -> TensorSource:
+        assert self.tensors is not None
+        return self.tensors()
 
 
 ModelLike = str | Path | ModelReference | ResolvedModel

@@ -72,14 +72,24 @@ def most_used_experts(src: str | Path, calibration: str | Path | None = None, *,
 
 def extract_dense(src: ModelLike, out: str | Path, *, expert: int | Mapping[int, int], force: bool = False,
                   extra_provenance: dict[str, Any] | None = None, license_options: LicenseOptions | None = None,
-                  progress: Progress = NULL_PROGRESS, **legacy: Any) -> ExtractResult:
-    """Write a dense model: in each MoE layer, [shared expert | routed `expert`] as one MLP."""
+                  progress: Progress = NULL_PROGRESS, to: str = "hf", outtype: str = "auto",
+                  **legacy: Any) -> ExtractResult:
+    """Write a dense model: in each MoE layer, [shared expert | routed `expert`] as one MLP.
+
+    `to="gguf"` streams the dense model straight into the GGUF `out` of `outtype` (no HF copy on disk),
+    byte for byte the conversion of the HF output."""
     from toolbox.experts.output import require_hf
     from toolbox.reference import resolve
     from toolbox.tensors.atomic import check_output_path
 
     require_hf(src)
     opts = LicenseOptions.of(license_options, **legacy)
+    if to not in ("hf", "gguf"):
+        raise UsageError(f"unknown --to {to!r}", hint="choose hf or gguf")
+    if to == "gguf":
+        from toolbox.merge.chain import gguf_output
+
+        out = gguf_output(out, force=force)
     out = Path(out).absolute()
     check_output_path(out, force=force)
     model = resolve(src)
@@ -96,6 +106,17 @@ def extract_dense(src: ModelLike, out: str | Path, *, expert: int | Mapping[int,
     source = model.open_source()
     try:
         stamp = make_stamp(model, source, op, suffix="dense", options=opts)
+        if to == "gguf":
+            from toolbox.experts.dense_source import DenseSource
+            from toolbox.merge.chain import derived_to_gguf
+
+            dense = DenseSource(source, chosen, t.expert_width, t.hidden, stamp)
+            cfg = dense_config(ckpt.config)
+            cfg.pop("quantization_config", None)  # as write_checkpoint: FP8 sources are dequantized on read
+            res = derived_to_gguf(model, cfg, lambda: dense, out, tag="extract-", progress=progress, force=force,
+                                  license_options=LicenseOptions(name=stamp.name, mau_declaration=opts.mau_declaration,
+                                                                 base_model=opts.base_model), outtype=outtype)
+            return ExtractResult(out, chosen, res.bytes, stamp.name)
         infos = source.infos()
         plan: list[Planned] = []
         for info in infos.values():
@@ -120,15 +141,8 @@ def extract_dense(src: ModelLike, out: str | Path, *, expert: int | Mapping[int,
 
 def _folded(source: Any, base: str, proj: str, e: int, width: int) -> Any:
     """Writer callback: shared expert's rows (or columns, for down) then the routed expert's."""
-    import torch
+    from toolbox.experts.dense_source import folded
 
     def emit(writer: Any) -> None:
-        shared = source.load(f"{base}shared_expert.{proj}.weight")
-        if proj == "down_proj":  # [H, I] | down[e].T [H, I] -> [H, 2I]
-            routed = source.load_slice(f"{base}experts.down_proj", e).T
-            writer.write(f"{base}{proj}.weight", torch.cat([shared, routed.to(shared.dtype)], dim=1).contiguous())
-            return
-        gate_up = source.load_slice(f"{base}experts.gate_up_proj", e)  # [H, 2I]
-        part = gate_up[:, :width] if proj == "gate_proj" else gate_up[:, width:]
-        writer.write(f"{base}{proj}.weight", torch.cat([shared, part.T.to(shared.dtype)], dim=0).contiguous())
+        writer.write(f"{base}{proj}.weight", folded(source, base, proj, e, width))
     return emit

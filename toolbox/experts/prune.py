@@ -5,18 +5,17 @@ dropped experts' router logits at -inf (top-k of sigmoid scores, no softmax reno
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from license.stamp import LicenseOptions
 from toolbox.experts.output import Planned, copy_tensor, make_stamp, text_config, write_checkpoint
+from toolbox.experts.pruned_source import MOE as _MOE
+from toolbox.experts.pruned_source import PrunedSource
 from toolbox.experts.selection import KeepSpec, resolve_keep
 from toolbox.progress import NULL_PROGRESS, Progress
 from toolbox.reference import ModelLike
-
-_MOE = re.compile(r"\.layers\.(\d+)\.feed_forward\.(experts\.gate_up_proj|experts\.down_proj|router\.weight)$")
 
 
 @dataclass
@@ -34,17 +33,28 @@ class PruneResult:
 def prune_experts(src: ModelLike, out: str | Path, *, keep: KeepSpec | None = None, drop: KeepSpec | None = None,
                   criterion: str | None = None, force: bool = False,
                   extra_provenance: dict[str, Any] | None = None, license_options: LicenseOptions | None = None,
-                  progress: Progress = NULL_PROGRESS, **legacy: Any) -> PruneResult:
+                  progress: Progress = NULL_PROGRESS, to: str = "hf", outtype: str = "auto",
+                  **legacy: Any) -> PruneResult:
     """Write a copy of `src` keeping, in every MoE layer, the experts in `keep` (or all but `drop`).
 
     `keep`/`drop` is one list for every MoE layer or {layer: list}; the same count must remain in
-    every layer and at least num_experts_per_tok. Streams one expert slice at a time."""
+    every layer and at least num_experts_per_tok. Streams one expert slice at a time.
+    `to="gguf"` writes the pruned model straight as the GGUF `out` of `outtype` (no HF copy on disk:
+    `toolbox.merge.chain`), byte for byte the conversion of the HF output."""
     from toolbox.experts.output import require_hf
     from toolbox.reference import resolve
     from toolbox.tensors.atomic import check_output_path
 
     require_hf(src)
     opts = LicenseOptions.of(license_options, **legacy)
+    if to not in ("hf", "gguf"):
+        from toolbox.errors import UsageError
+
+        raise UsageError(f"unknown --to {to!r}", hint="choose hf or gguf")
+    if to == "gguf":
+        from toolbox.merge.chain import gguf_output
+
+        out = gguf_output(out, force=force)
     out = Path(out).absolute()
     check_output_path(out, force=force)
     model = resolve(src)
@@ -60,6 +70,9 @@ def prune_experts(src: ModelLike, out: str | Path, *, keep: KeepSpec | None = No
     source = model.open_source()
     try:
         stamp = make_stamp(model, source, op, suffix=f"{n_kept}E-pruned", options=opts)
+        if to == "gguf":
+            written = _to_gguf(model, PrunedSource(source, kept, stamp), config, out, outtype, opts, force, progress)
+            return PruneResult(out, kept, t.experts, n_kept, written, stamp.name, criterion)
         plan: list[Planned] = []
         for info in source.infos().values():
             m = _MOE.search(info.name)
@@ -74,6 +87,20 @@ def prune_experts(src: ModelLike, out: str | Path, *, keep: KeepSpec | None = No
     finally:
         source.close()
     return PruneResult(out, kept, t.experts, n_kept, written, stamp.name, criterion)
+
+
+def _to_gguf(model: Any, pruned: PrunedSource, config: dict[str, Any], out: Path, outtype: str,
+             opts: LicenseOptions, force: bool, progress: Progress) -> int:
+    """The pruned model streamed into the GGUF converter (named and declared as the HF output would be)."""
+    from toolbox.merge.chain import derived_to_gguf
+
+    cfg = json.loads(json.dumps(config))
+    cfg.pop("quantization_config", None)  # as write_checkpoint: FP8 sources are dequantized on read
+    gguf_opts = LicenseOptions(name=pruned.stamp.name, mau_declaration=opts.mau_declaration,
+                               base_model=opts.base_model)
+    res = derived_to_gguf(model, cfg, lambda: pruned, out, tag="prune-", license_options=gguf_opts, force=force,
+                          progress=progress, outtype=outtype)
+    return res.bytes
 
 
 def _sliced(source: Any, name: str, ids: list[int], whole: bool) -> Any:

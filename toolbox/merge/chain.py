@@ -1,21 +1,31 @@
-"""`corral merge --to gguf`: merge, then convert with corral's HF -> GGUF converter.
+"""Chains into GGUF without staging: `corral merge --to gguf`, `corral experts prune --to gguf`.
 
-The converter reads an HF directory, so the merged checkpoint is staged in full on disk (a
-hidden directory beside the output, removed afterwards, also on failure); memory stays
-bounded in both steps, disk does not. A streaming path would need the converter to take a
-tensor source instead of a directory.
+The operation's result is a tensor source (a view over the input that merges or prunes each piece when the
+converter reads it), handed to corral's HF -> GGUF converter as a `toolbox.reference.DerivedModel`. No HF
+copy of the result is written: besides the GGUF, only config.json and the tokenizer files land on disk (a
+hidden directory beside the output, removed afterwards, also on failure). Memory stays one expert slice.
+The GGUF equals, byte for byte, the conversion of the HF checkpoint the operation would have written, its
+stamp included (the operation and the inputs' hashes, then the conversion); provenance names the chain's
+input as the source.
 """
 
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from license.stamp import LicenseOptions
 from toolbox.errors import UsageError
 from toolbox.progress import NULL_PROGRESS, Progress
 from toolbox.tensors.atomic import check_output_path, new_partial
+
+if TYPE_CHECKING:
+    from converters.hf_to_gguf import GGUFResult
+    from toolbox.reference import ResolvedModel
+    from toolbox.tensors.source import TensorSource
 
 
 @dataclass
@@ -32,28 +42,62 @@ class ChainResult:
                 "name": self.name, "adapters": self.adapters, "warnings": self.warnings}
 
 
-def merge_to_gguf(base: str | Path, adapters: list[Any], out: str | Path, *, weights: list[float] | None = None,
-                  dtype: str | None = None, outtype: str = "auto", name: str | None = None,
-                  mau_declaration: str | None = None, fix_name: bool = False, force: bool = False,
-                  base_model: str | None = None, progress: Progress = NULL_PROGRESS) -> ChainResult:
-    from converters.hf_to_gguf import convert_hf_to_gguf
-    from toolbox.merge.merge import merge_adapters
-
+def gguf_output(out: str | Path, *, force: bool) -> Path:
+    """The absolute .gguf output path, checked before any work (UsageError for another suffix)."""
     out = Path(out).absolute()
     if out.suffix != ".gguf":
         raise UsageError(f"output {out} must end in .gguf with --to gguf")
     check_output_path(out, force=force)
     out.parent.mkdir(parents=True, exist_ok=True)
-    if (dtype or "auto").lower() == "auto" and outtype.lower() == "f32":
-        dtype = "f32"  # do not round the merged weights to the base's bf16 on the way to an f32 GGUF
-    holder = new_partial(out, directory=True, tag="merge-")  # owned: the GGUF step must not take it for stale
+    return out
+
+
+def derived_to_gguf(origin: ResolvedModel, config: dict[str, Any], tensors: Callable[[], TensorSource],
+                    out: Path, *, tag: str, license_options: LicenseOptions, force: bool = False,
+                    progress: Progress = NULL_PROGRESS, **convert: Any) -> GGUFResult:
+    """Convert the model whose tensors `tensors` opens and whose config is `config` (tokenizer files taken from
+    `origin`, the chain's input) to the GGUF `out`; `convert` are `convert_hf_to_gguf`'s options."""
+    from converters.hf_to_gguf import convert_hf_to_gguf
+    from toolbox.hf_output import write_model_files
+    from toolbox.reference import DerivedModel, ModelReference
+
+    holder = new_partial(out, directory=True, tag=tag)  # owned: the GGUF step must not take it for stale
     try:
-        merged = merge_adapters(base, adapters, holder / "hf", weights=weights, dtype=dtype, name=name,
-                                mau_declaration=mau_declaration, fix_name=fix_name, base_model=base_model,
-                                progress=progress)
-        gres = convert_hf_to_gguf(holder / "hf", out, outtype=outtype, name=merged.name, base_model=base_model,
-                                  mau_declaration=mau_declaration, force=force, progress=progress)
+        write_model_files(holder, origin.directory, config)
+        model = DerivedModel(ModelReference(origin.label, "path"), holder, tensors=tensors)
+        return convert_hf_to_gguf(model, out, license_options=license_options, force=force, progress=progress,
+                                  **convert)
     finally:
         shutil.rmtree(holder, ignore_errors=True)
-    return ChainResult([str(p) for p in gres.paths], gres.outtype, len(merged.merged), gres.name or merged.name,
-                       merged.adapters, [*merged.warnings, *gres.warnings])
+
+
+def merge_to_gguf(base: str | Path, adapters: list[Any], out: str | Path, *, weights: list[float] | None = None,
+                  dtype: str | None = None, outtype: str = "auto", name: str | None = None,
+                  mau_declaration: str | None = None, fix_name: bool = False, force: bool = False,
+                  base_model: str | None = None, progress: Progress = NULL_PROGRESS) -> ChainResult:
+    """Merge LoRA adapters into `base` and write the result as a GGUF of `outtype`, streamed: each merged
+    piece goes from the merge straight into the quantizer (see the module docstring)."""
+    from toolbox.merge.merged_source import merged_config, open_merged
+
+    out = gguf_output(out, force=force)
+    if (dtype or "auto").lower() == "auto" and outtype.lower() == "f32":
+        dtype = "f32"  # do not round the merged weights to the base's bf16 on the way to an f32 GGUF
+    opts = LicenseOptions(name=name, mau_declaration=mau_declaration, fix_name=fix_name, base_model=base_model)
+    merged = open_merged(base, adapters, weights=weights, dtype=dtype, license_options=opts, progress=progress)
+    try:
+        gguf_opts = LicenseOptions(name=merged.prep.stamp.name, mau_declaration=mau_declaration,
+                                   base_model=base_model)
+        gres = derived_to_gguf(merged.prep.model, merged_config(merged), lambda: merged, out, tag="merge-",
+                               license_options=gguf_opts, force=force, progress=progress, outtype=outtype)
+        reports = merged.reports()
+    finally:
+        merged.close()
+    from toolbox.merge.merge import lossy_warnings
+
+    warnings = lossy_warnings(reports)
+    unread = merged.unread()
+    if unread:
+        warnings.append(f"{len(unread)} merged tensors are not part of a GGUF (first: {unread[0]}); "
+                        "merge --to hf keeps them")
+    return ChainResult([str(p) for p in gres.paths], gres.outtype, len(reports), gres.name or merged.prep.stamp.name,
+                       merged.prep.described, [*warnings, *gres.warnings])

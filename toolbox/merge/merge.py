@@ -19,11 +19,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from license.stamp import LicenseOptions, Stamp, StampInput, derive_stamp
-from toolbox.errors import BadInputError, UsageError
+from license.stamp import LicenseOptions
+from toolbox.errors import BadInputError
 from toolbox.hf_output import finish_hf_directory
-from toolbox.merge.adapter import Adapter, load_adapter
-from toolbox.merge.plan import Contribution, MergePlan, build_plan
+from toolbox.merge.adapter import Adapter
+from toolbox.merge.plan import Contribution
 from toolbox.progress import NULL_PROGRESS, Progress
 from toolbox.reference import ModelLike
 from toolbox.tensors.dtypes import HF_OUT_DTYPES
@@ -248,70 +248,96 @@ def _combine(contribs: list[Contribution], w: torch.Tensor, deltas: list[torch.T
     return total if total is not None else w.new_zeros(w.shape, dtype=torch.float32)
 
 
+class TensorMerge:
+    """The merge of one base tensor, piece by piece (a small tensor, a row block, an expert slice): what
+    `merge_adapters` writes and what `toolbox.merge.merged_source.MergedSource` serves to a converter, so the
+    two give the same bytes. Each piece's delta statistics go into the `_Stats` the caller passes."""
+
+    def __init__(self, info: TensorInfo, out_st: str, contribs: list[Contribution], f: _Factors) -> None:
+        self.info, self.contribs, self.f = info, contribs, f
+        self.dt = _torch_dtype(out_st)
+        self.step = _rows_per_block(info.shape[2] if len(info.shape) == 3 else math.prod(info.shape[1:]))
+        self._local = threading.local()
+        self._bufs: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def small(self, w: torch.Tensor, stats: _Stats) -> torch.Tensor:
+        """The merged tensor of fewer than two dimensions (`w`: the base's)."""
+        w = w.float()
+        rows = slice(0, self.info.shape[0] if self.info.shape else 1)
+        sole = _sole_absolute(self.contribs, w, rows, self.f)
+        delta = sole - w if sole is not None else _combine(self.contribs, w,
+                                                           [_delta_2d_1d(c, w, self.f) for c in self.contribs])
+        return stats.store(delta, sole, w, self.dt)
+
+    def rows(self, w: torch.Tensor, r0: int, stats: _Stats) -> torch.Tensor:
+        """The merged rows r0:r0+len(w) of a 2-D tensor, `w` the base's rows (at most `step` of them); the result
+        may be a buffer the next call reuses."""
+        import torch
+
+        rows = slice(r0, r0 + w.shape[0])
+        factors = _low_rank(self.contribs, [_linear_factors(c, rows, self.f) for c in self.contribs]) \
+            if w.dim() == 2 else None
+        if factors is not None:
+            if self._bufs is None:  # reused across row blocks
+                self._bufs = (torch.empty((self.step, self.info.shape[1]), dtype=torch.float32),
+                              torch.empty((self.step, self.info.shape[1]), dtype=self.dt))
+            buf, out = self._bufs
+            n = w.shape[0]
+            stats.add(_merge_low_rank(buf[:n], factors, w, out[:n], self.info.name))
+            return out[:n]
+        w = w.float()
+        sole = _sole_absolute(self.contribs, w, rows, self.f)
+        delta = sole - w if sole is not None else _combine(self.contribs, w,
+                                                           [_delta_2d(c, w, rows, self.f) for c in self.contribs])
+        return stats.store(delta, sole, w, self.dt)
+
+    def _low_rank_block(self, e: int, r0: int, slab: torch.Tensor, out: torch.Tensor) -> tuple[float, float] | None:
+        import torch
+
+        info, step = self.info, self.step
+        rows = slice(r0, min(r0 + step, info.shape[1]))
+        factors = _low_rank(self.contribs, [_expert_factors(c, e, rows, self.f) for c in self.contribs])
+        if factors is None:
+            return None
+        if not hasattr(self._local, "buf"):  # one float32 block per worker, reused (fresh MiBs fault in every time)
+            self._local.buf = torch.empty((step, info.shape[2]), dtype=torch.float32)
+        return _merge_low_rank(self._local.buf[:rows.stop - r0], factors, slab[rows], out[rows], info.name)
+
+    def expert(self, e: int, slab: torch.Tensor, out: torch.Tensor, pool: ThreadPoolExecutor, stats: _Stats) -> None:
+        """Expert e's merged slice of a fused expert tensor into `out` (`slab`: the base's), its row blocks
+        computed by `pool`'s workers (torch single-threaded meanwhile, see `_pipelined`)."""
+        f, step, n_rows = self.f, self.step, self.info.shape[1]
+        starts = range(0, n_rows, step)
+        for c in self.contribs:  # the factors are loaded here, once, not raced for by the workers
+            _expert_factors(c, e, slice(0, 1), f)
+        parts = list(pool.map(lambda r0: self._low_rank_block(e, r0, slab, out), starts))
+        for r0, part in zip(starts, parts, strict=True):  # summed in row order: the report is deterministic
+            if part is not None:
+                stats.add(part)
+                continue
+            rows = slice(r0, min(r0 + step, n_rows))
+            w = slab[rows]  # the base dtype: adding it into a float32 delta widens it exactly, in one pass
+            pieces = [(c, _delta_expert(c, w, e, rows, slab, f)) for c in self.contribs]
+            live = [(c, d) for c, d in pieces if d is not None]
+            out[rows] = stats.store(_combine([c for c, _ in live], w, [d for _, d in live]), None, w, self.dt)
+        f.forget()
+
+
 def _merge_tensor(source: TensorSource, writer: Any, info: TensorInfo, out_st: str, contribs: list[Contribution],
                   f: _Factors) -> _Stats:
     """Write one output tensor, merged piece by piece; return its delta statistics."""
-    import torch
-
-    dt = _torch_dtype(out_st)
+    m = TensorMerge(info, out_st, contribs, f)
     name = info.name
     stats = _Stats(name)
     if len(info.shape) == 3:  # one expert slice at a time, merged in row blocks of it
-        step = _rows_per_block(info.shape[2])
-        starts = range(0, info.shape[1], step)
-        local = threading.local()
-
-        def low_rank_block(e: int, r0: int, slab: torch.Tensor, out: torch.Tensor) -> tuple[float, float] | None:
-            rows = slice(r0, min(r0 + step, info.shape[1]))
-            factors = _low_rank(contribs, [_expert_factors(c, e, rows, f) for c in contribs])
-            if factors is None:
-                return None
-            if not hasattr(local, "buf"):  # one float32 block per worker, reused (fresh MiBs fault in every time)
-                local.buf = torch.empty((step, info.shape[2]), dtype=torch.float32)
-            return _merge_low_rank(local.buf[:rows.stop - r0], factors, slab[rows], out[rows], name)
-
-        def merge_expert(e: int, slab: torch.Tensor, out: torch.Tensor, pool: ThreadPoolExecutor) -> None:
-            for c in contribs:  # the factors are loaded here, once, not raced for by the workers
-                _expert_factors(c, e, slice(0, 1), f)
-            parts = list(pool.map(lambda r0: low_rank_block(e, r0, slab, out), starts))
-            for r0, part in zip(starts, parts, strict=True):  # summed in row order: the report is deterministic
-                if part is not None:
-                    stats.add(part)
-                    continue
-                rows = slice(r0, min(r0 + step, info.shape[1]))
-                w = slab[rows]  # the base dtype: adding it into a float32 delta widens it exactly, in one pass
-                pieces = [(c, _delta_expert(c, w, e, rows, slab, f)) for c in contribs]
-                live = [(c, d) for c, d in pieces if d is not None]
-                out[rows] = stats.store(_combine([c for c, _ in live], w, [d for _, d in live]), None, w, dt)
-            f.forget()
-
-        _pipelined(source, writer, info, dt, merge_expert)
+        _pipelined(source, writer, info, m.dt, lambda e, slab, out, pool: m.expert(e, slab, out, pool, stats))
         return stats
     if len(info.shape) < 2:
-        w = source.load(name).float()
-        rows = slice(0, info.shape[0] if info.shape else 1)
-        sole = _sole_absolute(contribs, w, rows, f)
-        delta = sole - w if sole is not None else _combine(contribs, w, [_delta_2d_1d(c, w, f) for c in contribs])
-        writer.write(name, stats.store(delta, sole, w, dt))
+        writer.write(name, m.small(source.load(name), stats))
         return stats
-    step = _rows_per_block(math.prod(info.shape[1:]))
-    buf = out = None
-    for r0 in range(0, info.shape[0], step):
-        rows = slice(r0, min(r0 + step, info.shape[0]))
-        w = source.load_slice(name, rows)
-        factors = _low_rank(contribs, [_linear_factors(c, rows, f) for c in contribs]) if w.dim() == 2 else None
-        if factors is not None:
-            if buf is None or out is None:  # reused across row blocks
-                buf = torch.empty((step, info.shape[1]), dtype=torch.float32)
-                out = torch.empty((step, info.shape[1]), dtype=dt)
-            n = w.shape[0]
-            stats.add(_merge_low_rank(buf[:n], factors, w, out[:n], name))
-            writer.write(name, out[:n])
-            continue
-        w = w.float()
-        sole = _sole_absolute(contribs, w, rows, f)
-        delta = sole - w if sole is not None else _combine(contribs, w, [_delta_2d(c, w, rows, f) for c in contribs])
-        writer.write(name, stats.store(delta, sole, w, dt))
+    for r0 in range(0, info.shape[0], m.step):
+        w = source.load_slice(name, slice(r0, min(r0 + m.step, info.shape[0])))
+        writer.write(name, m.rows(w, r0, stats))
     return stats
 
 
@@ -453,41 +479,20 @@ def merge_adapters(base: ModelLike, adapters: list[str | Path | Adapter], out: s
     config). Every adapter key must land on a base
     tensor; the output directory appears only once complete.
     """
-    from toolbox.reference import resolve
+    from toolbox.merge.prepare import check_merge_args, prepare_merge
     from toolbox.tensors.atomic import atomic_directory, check_output_path, ensure_free_space
     from toolbox.tensors.sink import SafetensorsWriter
     from toolbox.tensors.source import TensorInfo
 
     opts = LicenseOptions.of(license_options, **legacy)
-    if not adapters:
-        raise UsageError("no adapter to merge", hint="pass one or more PEFT adapter directories")
-    weights = [1.0] * len(adapters) if weights is None or len(weights) == 0 else [float(w) for w in weights]
-    if len(weights) != len(adapters):
-        raise UsageError(f"{len(weights)} weights for {len(adapters)} adapters",
-                         hint="give --weight once per adapter, in the same order, or not at all")
-    if any(not math.isfinite(w) for w in weights):
-        raise UsageError("adapter weights must be finite numbers")
-    key = (dtype or "auto").lower()
-    if key not in OUT_DTYPES:
-        raise UsageError(f"unknown --dtype {dtype!r}", hint="choose auto, bf16, f16 or f32")
-    requested = OUT_DTYPES[key]
+    weights, key, requested = check_merge_args(adapters, weights, dtype)
     out = Path(out).absolute()
     check_output_path(out, force=force)
-    model = resolve(base)
-    base_dir, ckpt = model.path, model.checkpoint
-    loaded = [_open_adapter(a, progress) for a in adapters]
-    seen: set[str] = set()
-    for i, a in enumerate(loaded):  # labels key the provenance: unique, even for two directories named alike
-        a.label = a.label or f"adapter{i}"
-        if a.label in seen:
-            a.label = f"{a.label}#{i}"
-        seen.add(a.label)
-    source = model.open_source()
+    prep = prepare_merge(base, adapters, weights=weights, key=key, requested=requested, opts=opts, progress=progress)
+    source, plan, stamp, loaded, ckpt = prep.source, prep.plan, prep.stamp, prep.loaded, prep.ckpt
     try:
         infos = source.infos()
-        plan = build_plan(loaded, weights, infos, ckpt.family)
-        stamp, described = _stamp(model.stamp_input(source), ckpt, loaded, weights, plan, opts, key)
-        result = MergeResult(out, len(infos), requested or "auto", described, name=stamp.name)
+        result = MergeResult(out, len(infos), requested or "auto", prep.described, name=stamp.name)
         ensure_free_space(out, sum(TensorInfo(i.name, i.shape, _out_dtype(i.dtype, requested)).nbytes
                                    for i in infos.values()), f"the merged checkpoint {out.name}")
         with atomic_directory(out, force=force) as staging:
@@ -502,66 +507,28 @@ def merge_adapters(base: ModelLike, adapters: list[str | Path | Adapter], out: s
                     contribs = plan.by_base.get(info.name)
                     if contribs:
                         stats = _merge_tensor(source, writer, info, out_st, contribs, _Factors(loaded))
-                        lost = stats.err / stats.delta if stats.delta > 0 else 0.0
-                        result.merged.append(TensorReport(info.name, [c.adapter for c in contribs],
-                                                          [c.kind for c in contribs], math.sqrt(stats.delta), lost))
+                        result.merged.append(tensor_report(info.name, contribs, stats.delta, stats.err))
                     else:
                         _copy_tensor(source, writer, info, out_st)
                     task.advance(info.nbytes)
             writer.finish()
-            lossy = sorted((t for t in result.merged if t.lost_share > LOST_WARN), key=lambda t: -t.lost_share)
-            if lossy:
-                result.warnings.append(
-                    f"{len(lossy)} of {len(result.merged)} merged tensors lose more than {LOST_WARN:.0%} of their "
-                    f"delta's energy to rounding (worst: {lossy[0].name}, {lossy[0].lost_share:.0%}); "
-                    "--dtype f32 keeps it")
-            finish_hf_directory(staging, base_dir, _output_config(ckpt.config, requested), stamp)
+            result.warnings.extend(lossy_warnings(result.merged))
+            finish_hf_directory(staging, prep.model.path, _output_config(ckpt.config, requested), stamp)
     finally:
-        source.close()
-        for a in loaded:
-            a.close()
+        prep.close()
     return result
 
 
-def _open_adapter(spec: str | Path | Adapter, progress: Progress) -> Adapter:
-    """An Adapter from a directory, or from a Hub repo id (fetched through corral's downloader)."""
-    from toolbox.merge.fetch import fetch_adapter, is_repo_id
-
-    if isinstance(spec, Adapter):
-        return spec
-    if is_repo_id(spec):
-        directory, origin = fetch_adapter(str(spec), progress=progress)
-        adapter = load_adapter(directory)
-        adapter.label, adapter.origin = str(spec), origin
-        return adapter
-    return load_adapter(spec)
+def tensor_report(name: str, contribs: list[Contribution], delta: float, err: float) -> TensorReport:
+    """A merged tensor's line of the report, from its summed ||delta||^2 and ||rounding loss||^2."""
+    return TensorReport(name, [c.adapter for c in contribs], [c.kind for c in contribs], math.sqrt(delta),
+                        err / delta if delta > 0 else 0.0)
 
 
-def _stamp(inp: StampInput, ckpt: Any, loaded: list[Adapter], weights: list[float], plan: MergePlan,
-           opts: LicenseOptions, dtype: str) -> tuple[Stamp, list[dict[str, Any]]]:
-    """The license stamp: relation finetune (one adapter) or merge (several), adapters with hashes in provenance."""
-    described = []
-    sources: dict[str, str] = {}
-    for i, (a, w) in enumerate(zip(loaded, weights, strict=True)):
-        d = a.describe()
-        d["weight"] = w
-        d["expert_layout"] = plan.layouts.get(i)
-        d["tensors"] = sum(1 for cs in plan.by_base.values() for c in cs if c.adapter == i)
-        described.append(d)
-        for filename, digest in a.sha256.items():
-            sources[f"{a.label}/{filename}"] = f"sha256:{digest}"
-    op = {"op": "merge", "method": "lora", "dtype": dtype,
-          "adapters": [{"name": d["label"], "weight": d["weight"], "sha256": d["sha256"]["adapter_model.safetensors"],
-                        "peft_version": d["peft_version"], "expert_layout": d["expert_layout"],
-                        **({"origin": d["origin"]} if d["origin"] else {})} for d in described]}
-    from_adapter = next((a.base_model_name for a in loaded
-                         if a.base_model_name and _looks_like_repo(a.base_model_name)), None)
-    stamp = derive_stamp(inp, op, opts, suffix="merged", multimodal=ckpt.multimodal,
-                         relation="finetune" if len(loaded) == 1 else "merge", sources=sources,
-                         base_model=inp.origin.get("base_model") or from_adapter)
-    return stamp, described
-
-
-def _looks_like_repo(text: str) -> bool:
-    parts = text.split("/")
-    return len(parts) == 2 and all(parts) and not text.startswith((".", "~")) and not Path(text).exists()
+def lossy_warnings(merged: list[TensorReport]) -> list[str]:
+    """The warning when rounding to the output dtype lost much of some tensors' deltas (none otherwise)."""
+    lossy = sorted((t for t in merged if t.lost_share > LOST_WARN), key=lambda t: -t.lost_share)
+    if not lossy:
+        return []
+    return [f"{len(lossy)} of {len(merged)} merged tensors lose more than {LOST_WARN:.0%} of their "
+            f"delta's energy to rounding (worst: {lossy[0].name}, {lossy[0].lost_share:.0%}); --dtype f32 keeps it"]
