@@ -1,20 +1,26 @@
-"""The per-tensor math of weight merges, applied one block at a time (mergekit's definitions).
+"""The per-tensor math of weight merges, applied one chunk at a time (mergekit's definitions).
 
-Every method works on float32 blocks of the same elements of every input: a row block of a 2-D tensor
-or of one expert slice, in flat order. What is elementwise (linear, task arithmetic, TIES's sign
-election, DARE's masks) is exact per block. What mergekit computes over the whole tensor is gathered
-in statistics passes first, over the same blocks, and applied in the last pass:
+Every method works on chunks of the same elements of every input (`CHUNK` elements in flat order, inside
+a piece: an expert slice, a row block or a small tensor), widened to float32 into a worker's preallocated
+buffers (`Workspace`) and merged by a chain of in-place torch ops: a chunk of float32 is 1 MiB, so the
+chain runs in the core's L2 cache and allocates nothing. What is elementwise (linear, task arithmetic,
+TIES's sign election, DARE's masks) is exact per chunk. What mergekit computes over the whole tensor is
+gathered in statistics passes first, over the same chunks, and applied in the last pass:
 
 - TIES keeps, per input, the `int(density * numel)` largest |delta| of the whole tensor (mergekit
   `sparsify.magnitude`: an argsort over the flattened tensor, a fused expert tensor being one tensor).
-  The threshold is found exactly by a two-pass radix select over the float32 bit patterns of |delta|
-  (16 high bits, then 16 low bits inside the chosen bin); ties at the threshold are kept in flat
+  mergekit ranks |delta| in its compute `dtype`; corral ranks it in the output dtype. A 16-bit |delta|
+  (bf16, f16: mergekit subtracts in that dtype) has at most 2**15 values, so one histogram pass gives
+  the exact k-th value; a float32 one is found by a two-pass radix select over its bit patterns (16
+  high bits, then 16 low bits inside the chosen bin). Elements tied at the threshold are kept in flat
   order (mergekit's argsort picks among equal values in an unspecified order).
 - DARE's rescale is the L1 ratio ||delta||_1 / ||masked delta||_1 over the whole tensor (mergekit
   `rescaled_masked_tensor`, RescaleNorm.l1), so the masks are drawn twice from the same seeds.
 - SLERP takes one norm and one cosine per whole tensor (mergekit `slerp`: the inputs are reshaped
   to [1, -1] per tensor), model stock one mean cosine of the task vectors per whole tensor
   (`filter_wise: false`, mergekit's default).
+
+The kept values and their sums are float32 whatever the ranking dtype.
 """
 
 from __future__ import annotations
@@ -22,15 +28,16 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
 
+CHUNK = 1 << 18  # elements per step of the op chain: 1 MiB float32 buffers, resident in L2
 SLERP_DOT_THRESHOLD = 0.9995  # mergekit: above it the inputs are collinear and interpolated linearly
 EPS_NORM = 1e-8  # mergekit slerp: a norm below it counts as 1
 EPS_RESCALE = 1e-7  # mergekit rescaled_masked_tensor
-HI_BINS = 1 << 15  # |x| as float32 has the sign bit clear: its high 16 bits are below 2**15
+HI_BINS = 1 << 15  # |x| has the sign bit clear: a 16-bit |x|, or the high half of a float32 one, is below 2**15
 LO_BINS = 1 << 16
 
 
@@ -72,53 +79,68 @@ class MergeParams:
     seed: int = 0
 
 
-class _Select:
-    """Exact top-k of |delta| of one input over a whole tensor, streamed: radix select on float32 bits."""
+class Workspace:
+    """One worker's float32 buffers of CHUNK elements, reused for every chunk (no allocation per step)."""
 
-    def __init__(self, k: int) -> None:
+    def __init__(self, n_models: int) -> None:
         import torch
 
-        self.k = k
-        self.hi_hist = torch.zeros(HI_BINS, dtype=torch.int64)
-        self.lo_hist = torch.zeros(LO_BINS, dtype=torch.int64)
+        self.base = torch.empty(CHUNK)
+        self.d = [torch.empty(CHUNK) for _ in range(n_models)]
+        self.acc, self.div, self.sign, self.tmp, self.flag = (torch.empty(CHUNK) for _ in range(5))
+        self.one = torch.ones(CHUNK)
+
+
+class _Select:
+    """Exact top-k of |delta| of one input over a whole tensor, streamed: a histogram of 16-bit keys, or a
+    radix select on float32 bits (high half, then low half)."""
+
+    def __init__(self, k: int, key16: bool) -> None:
+        import torch
+
+        self.k, self.key16 = k, key16
+        self.hist = torch.zeros(HI_BINS, dtype=torch.int64)
+        self.lo_hist = torch.zeros(LO_BINS if not key16 else 1, dtype=torch.int64)
         self.hi_bin = -1
-        self.need = 0  # how many of the chosen high bin belong to the top k
-        self.threshold = 0  # bit pattern of the k-th largest |delta|
+        self.need = 0  # float32: how many of the chosen high bin belong to the top k
+        self.threshold = 0  # key of the k-th largest |delta|
         self.ties_left = 0  # elements equal to the threshold still to keep, in flat order
 
-    def observe_hi(self, bits: torch.Tensor) -> None:
+    def counts(self, kind: str, keys: torch.Tensor) -> torch.Tensor:
         import torch
 
-        self.hi_hist += torch.bincount((bits >> 16).reshape(-1), minlength=HI_BINS)[:HI_BINS]
+        if kind == "lo":
+            sel = keys[(keys >> 16) == self.hi_bin]
+            return torch.bincount(sel & 0xFFFF, minlength=LO_BINS)
+        return torch.bincount(keys >> 16 if kind == "hi" else keys, minlength=HI_BINS)[:HI_BINS]
 
-    def choose_hi(self) -> None:
-        self.hi_bin, self.need, _ = _descend(self.hi_hist, self.k)
+    def absorb(self, kind: str, counts: torch.Tensor) -> None:
+        (self.lo_hist if kind == "lo" else self.hist).add_(counts)
 
-    def observe_lo(self, bits: torch.Tensor) -> None:
+    def choose(self, kind: str) -> None:
+        if kind == "hi":
+            self.hi_bin, self.need, _ = _descend(self.hist, self.k)
+            return
+        if kind == "lo":
+            lo, _, greater = _descend(self.lo_hist, self.need)
+            self.threshold, self.ties_left = (self.hi_bin << 16) | lo, self.need - greater
+            return
+        self.threshold, _, greater = _descend(self.hist, self.k)
+        self.ties_left = self.k - greater
+
+    def keep(self, keys: torch.Tensor, budget: int) -> tuple[torch.Tensor, int]:
+        """(mask of kept elements of this chunk, ties used): above the threshold, and the first `budget`
+        elements equal to it."""
         import torch
 
-        sel = bits[(bits >> 16) == self.hi_bin]
-        if sel.numel():
-            self.lo_hist += torch.bincount(sel & 0xFFFF, minlength=LO_BINS)
-
-    def choose_lo(self) -> None:
-        lo, _, greater = _descend(self.lo_hist, self.need)
-        self.threshold = (self.hi_bin << 16) | lo
-        self.ties_left = self.need - greater
-
-    def keep(self, bits: torch.Tensor) -> torch.Tensor:
-        """The mask of kept elements of this block (blocks come in flat order)."""
-        import torch
-
-        keep = bits > self.threshold
-        eq = bits == self.threshold
-        if self.ties_left > 0:
-            flat = eq.reshape(-1)
-            rank = torch.cumsum(flat, 0, dtype=torch.int64)
-            take = flat & (rank <= self.ties_left)
-            self.ties_left -= int(take.sum())
-            keep |= take.reshape(bits.shape)
-        return keep
+        if budget <= 0:
+            return keys > self.threshold, 0
+        eq = keys == self.threshold
+        tied = int(eq.sum())
+        if tied <= budget:  # all of this chunk's ties are kept: no ranking needed
+            return keys >= self.threshold, tied
+        rank = torch.cumsum(eq, 0, dtype=torch.int32)
+        return (keys > self.threshold) | (eq & (rank <= budget)), budget
 
 
 def _descend(hist: torch.Tensor, k: int) -> tuple[int, int, int]:
@@ -132,15 +154,9 @@ def _descend(hist: torch.Tensor, k: int) -> tuple[int, int, int]:
     return idx, k - greater, greater
 
 
-def _abs_bits(d: torch.Tensor) -> torch.Tensor:
-    import torch
-
-    return d.abs().view(torch.int32)
-
-
 def dare_mask(seed: int, name: str, model: int, offset: int, shape: tuple[int, ...], density: float) -> torch.Tensor:
-    """DARE's keep mask of one block: Bernoulli(density) from a generator seeded by seed, tensor, input and
-    block offset, so a rerun (or the second pass) draws the same mask whatever ran before."""
+    """DARE's keep mask of one chunk: Bernoulli(density) from a generator seeded by seed, tensor, input and
+    chunk offset, so a rerun (or the second pass) draws the same mask whatever ran before."""
     import torch
 
     digest = hashlib.sha256(f"{seed}\0{name}\0{model}\0{offset}".encode()).digest()
@@ -148,12 +164,33 @@ def dare_mask(seed: int, name: str, model: int, offset: int, shape: tuple[int, .
     return torch.rand(shape, generator=gen, dtype=torch.float32) < density
 
 
-class TensorMerge:
-    """One output tensor's merge: `passes` statistics passes (`observe`, then `end_pass`) and `merge`."""
+def _chunks(lo: int, hi: int) -> range:
+    return range(lo, hi, CHUNK)
 
-    def __init__(self, name: str, numel: int, params: MergeParams) -> None:
+
+def spans(numel: int, parts: int) -> list[tuple[int, int]]:
+    """[lo, hi) of each worker's share of a piece, cut at chunk boundaries: the chunks (and so DARE's
+    masks) are the same however many workers share the piece."""
+    chunks = -(-numel // CHUNK)
+    per = max(1, -(-chunks // parts)) * CHUNK
+    return [(lo, min(numel, lo + per)) for lo in range(0, max(numel, 1), per)]
+
+
+class TensorMerge:
+    """One output tensor's merge: `passes` statistics passes (`observe` spans of pieces, `absorb` their
+    partial results in flat order, then `end_pass`) and `merge` spans into the output piece.
+
+    `key_dtype` is the dtype TIES ranks |delta| in (16-bit: one histogram pass; else float32 bits, two).
+    Spans of one piece may run in worker threads at once, each with its own Workspace: partial results
+    are returned, never accumulated in place, so the sums do not depend on the threads' timing.
+    """
+
+    def __init__(self, name: str, numel: int, params: MergeParams, key_dtype: torch.dtype | None = None) -> None:
+        import torch
+
         self.name, self.numel, self.p = name, numel, params
         self.spec = SPECS[params.method]
+        self.key_dtype = key_dtype if key_dtype in (torch.bfloat16, torch.float16) else None
         n = len(params.weights)
         self.selects: list[_Select | None] = [None] * n
         self.l1 = [[0.0, 0.0] for _ in range(n)]  # DARE: ||delta||_1, ||masked delta||_1
@@ -162,9 +199,9 @@ class TensorMerge:
         if self.spec.sparsify == "magnitude":
             for i, dens in enumerate(params.densities):
                 if 0 < dens < 1 and numel:
-                    self.selects[i] = _Select(max(1, int(dens * numel)))
+                    self.selects[i] = _Select(max(1, int(dens * numel)), self.key_dtype is not None)
             if any(self.selects):
-                self.stats = ["hi", "lo"]
+                self.stats = ["key16"] if self.key_dtype is not None else ["hi", "lo"]
         elif self.spec.sparsify == "random" and params.rescale and any(d < 1 for d in params.densities):
             self.stats = ["l1"]
         elif params.method in ("slerp", "model_stock"):
@@ -174,95 +211,219 @@ class TensorMerge:
     def passes(self) -> int:
         return len(self.stats)
 
-    def observe(self, k: int, offset: int, base: torch.Tensor, models: list[torch.Tensor]) -> None:
+    def _keys(self, d: torch.Tensor | None, m: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """TIES's ranking key of |m - b| for one chunk: the 16-bit pattern of |m - b| computed in key_dtype
+        (as mergekit subtracts), else the float32 bits of |d|; ordered as the values are."""
+        import torch
+
+        kd = self.key_dtype
+        if kd is None:
+            assert d is not None
+            return d.abs().view(torch.int32)
+        # torch subtracts 16-bit floats in float32 and rounds once, so a float32 d of kd inputs rounds to it
+        same = d is not None and m.dtype == kd and b.dtype == kd
+        k = d.to(kd) if same and d is not None else torch.sub(m.to(kd), b.to(kd))
+        return k.view(torch.int16) & 0x7FFF
+
+    def observe(self, k: int, ws: Workspace, offset: int, base: torch.Tensor, models: list[torch.Tensor],
+                lo: int, hi: int) -> list[list[Any]]:
+        """Pass `k`'s statistics of elements [lo, hi) of one piece (flat views; `offset`: the piece's flat
+        offset in the tensor): one row per chunk for the float sums (added in flat order by `absorb`, so
+        they do not depend on how a piece is split among workers), one summed row for the histograms."""
         import torch
 
         kind = self.stats[k]
-        if kind == "gram":
-            vecs = [base.reshape(-1)] + [(m - base).reshape(-1) if self.p.method == "model_stock"
-                                         else m.reshape(-1) for m in models]
-            for i in range(len(vecs)):
-                for j in range(i, len(vecs)):
-                    self.gram[i][j] += float(torch.dot(vecs[i], vecs[j]))
-            return
-        for i, m in enumerate(models):
-            d = m - base
-            if kind == "l1":
-                dens = self.p.densities[i]
-                if 0 < dens < 1:
-                    mask = dare_mask(self.p.seed, self.name, i, offset, tuple(d.shape), dens)
-                    a = d.abs()
-                    self.l1[i][0] += float(a.sum(dtype=torch.float64))
-                    self.l1[i][1] += float((a * mask).sum(dtype=torch.float64))
+        rows: list[list[Any]] = []
+        hist: list[Any] = [None] * len(models)
+        for s in _chunks(lo, hi):
+            e = min(s + CHUNK, hi)
+            b, bf = base[s:e], ws.base[:e - s]
+            if kind != "key16":
+                bf.copy_(b)
+            if kind == "gram":
+                vecs = [bf]
+                for i, m in enumerate(models):
+                    v = ws.d[i][:e - s]
+                    if self.p.method == "model_stock":
+                        torch.sub(m[s:e], bf, out=v)
+                    else:
+                        v.copy_(m[s:e])
+                    vecs.append(v)
+                rows.append([float(torch.dot(vecs[i], vecs[j])) for i in range(len(vecs))
+                             for j in range(i, len(vecs))])
                 continue
-            sel = self.selects[i]
-            if sel is not None:
-                (sel.observe_hi if kind == "hi" else sel.observe_lo)(_abs_bits(d))
+            row = [self._observe_chunk(kind, i, ws, offset + s, m[s:e], b, bf) for i, m in enumerate(models)]
+            if kind == "l1":
+                rows.append(row)
+                continue
+            for i, c in enumerate(row):
+                if c is not None:
+                    hist[i] = c if hist[i] is None else hist[i].add_(c)
+        return rows if kind in ("gram", "l1") else [hist]
+
+    def _observe_chunk(self, kind: str, i: int, ws: Workspace, offset: int, m: torch.Tensor, b: torch.Tensor,
+                       bf: torch.Tensor) -> Any:
+        import torch
+
+        if kind == "l1":
+            dens = self.p.densities[i]
+            if not 0 < dens < 1:
+                return None
+            d = torch.sub(m, bf, out=ws.d[i][:m.numel()]).abs_()
+            mask = dare_mask(self.p.seed, self.name, i, offset, (m.numel(),), dens)
+            return [float(d.sum(dtype=torch.float64)), float(d.mul_(mask).sum(dtype=torch.float64))]
+        sel = self.selects[i]
+        if sel is None:
+            return None
+        d = None if kind == "key16" else torch.sub(m, bf, out=ws.d[i][:m.numel()])
+        return sel.counts(kind, self._keys(d, m, b))
+
+    def absorb(self, k: int, rows: list[list[Any]]) -> None:
+        """Add one span's statistics (spans, and their rows, in flat order)."""
+        kind = self.stats[k]
+        n = len(self.gram)
+        for row in rows:
+            if kind == "gram":
+                pairs = iter(row)
+                for i in range(n):
+                    for j in range(i, n):
+                        self.gram[i][j] += next(pairs)
+                continue
+            for i, part in enumerate(row):
+                if part is None:
+                    continue
+                if kind == "l1":
+                    self.l1[i][0] += part[0]
+                    self.l1[i][1] += part[1]
+                else:
+                    self.selects[i].absorb(kind, part)  # type: ignore[union-attr]
 
     def end_pass(self, k: int) -> None:
         for sel in self.selects:
             if sel is not None:
-                (sel.choose_hi if self.stats[k] == "hi" else sel.choose_lo)()
+                sel.choose(self.stats[k])
 
-    def merge(self, offset: int, base: torch.Tensor, models: list[torch.Tensor]) -> torch.Tensor:
-        """The merged float32 block."""
-        method = self.p.method
+    def spend(self, used: list[int]) -> None:
+        """Ties kept by one piece's merge: fewer remain for the pieces after it."""
+        for sel, u in zip(self.selects, used, strict=True):
+            if sel is not None:
+                sel.ties_left -= u
+
+    def tie_budgets(self) -> list[int]:
+        """Per input, how many elements tied at its TIES threshold are still to keep (flat order)."""
+        return [sel.ties_left if sel is not None else 0 for sel in self.selects]
+
+    def count_ties(self, ws: Workspace, base: torch.Tensor, models: list[torch.Tensor], lo: int, hi: int,
+                   which: list[int]) -> list[int]:
+        """Elements of [lo, hi) of a piece tied at each listed input's threshold (for a later span's budget)."""
+        import torch
+
+        counts = [0] * len(models)
+        for s in _chunks(lo, hi):
+            e = min(s + CHUNK, hi)
+            bf = ws.base[:e - s]
+            if self.key_dtype is None:
+                bf.copy_(base[s:e])
+            for i in which:
+                sel = self.selects[i]
+                assert sel is not None
+                m = models[i][s:e]
+                d = None if self.key_dtype is not None else torch.sub(m, bf, out=ws.d[i][:e - s])
+                counts[i] += int((self._keys(d, m, base[s:e]) == sel.threshold).sum())
+        return counts
+
+    def merge(self, ws: Workspace, offset: int, base: torch.Tensor, models: list[torch.Tensor], out: torch.Tensor,
+              lo: int, hi: int, budgets: list[int]) -> list[int]:
+        """Write the merged elements [lo, hi) of one piece into `out` (flat views, out in the output dtype);
+        `budgets`: ties each input may still keep. Returns the ties each input kept."""
+        used = [0] * len(models)
+        for s in _chunks(lo, hi):
+            e = min(s + CHUNK, hi)
+            bf = ws.base[:e - s]
+            bf.copy_(base[s:e])
+            chunk = [m[s:e] for m in models]
+            left = [b - u for b, u in zip(budgets, used, strict=True)]
+            result = self._merge_chunk(ws, offset + s, base[s:e], bf, chunk, left, used)
+            out[s:e].copy_(result)
+        return used
+
+    def _merge_chunk(self, ws: Workspace, offset: int, b: torch.Tensor, bf: torch.Tensor, models: list[torch.Tensor],
+                     left: list[int], used: list[int]) -> torch.Tensor:
+        """The merged float32 chunk (a view of a workspace buffer); `bf` is the base chunk `b` in float32."""
+        import torch
+
+        n, method, p = bf.numel(), self.p.method, self.p
+        acc = ws.acc[:n]
         if method == "linear":
-            return self._linear(models)
+            acc.zero_()
+            for i, (m, w) in enumerate(zip(models, p.weights, strict=True)):
+                acc.add_(ws.d[i][:n].copy_(m), alpha=w)
+            return acc.div_(sum(p.weights)) if p.normalize else acc
         if method == "slerp":
             ca, cb = self._slerp_coefficients()
-            return base * ca + models[0] * cb
+            torch.mul(bf, ca, out=acc)
+            return acc.add_(ws.d[0][:n].copy_(models[0]).mul_(cb))
         if method == "model_stock":
             t = self._stock_t()
-            avg = sum(models[1:], models[0]) / len(models)
-            return avg * t + base * (1 - t)
-        return self._task_arithmetic(offset, base, models)
-
-    def _linear(self, models: list[torch.Tensor]) -> torch.Tensor:
-        import torch
-
-        out = torch.zeros_like(models[0])
-        for m, w in zip(models, self.p.weights, strict=True):
-            out.add_(m, alpha=w)
-        if self.p.normalize:
-            out.div_(sum(self.p.weights))
-        return out
-
-    def _task_arithmetic(self, offset: int, base: torch.Tensor, models: list[torch.Tensor]) -> torch.Tensor:
-        import torch
-
-        deltas = []
-        for i, m in enumerate(models):
-            d = m - base
-            dens = self.p.densities[i]
-            if self.spec.sparsify and dens <= 0:
-                d.zero_()
-            elif self.spec.sparsify == "magnitude" and self.selects[i] is not None:
-                d = d * self.selects[i].keep(_abs_bits(d))  # type: ignore[union-attr]
-            elif self.spec.sparsify == "random" and dens < 1:
-                d = d * dare_mask(self.p.seed, self.name, i, offset, tuple(d.shape), dens)
-                before, after = self.l1[i]
-                if self.p.rescale and before >= EPS_RESCALE and after >= EPS_RESCALE:
-                    d = d * (before / after)
-            deltas.append(d.mul_(self.p.weights[i]))
-        weights = self.p.weights
+            acc.copy_(models[0])
+            for i, m in enumerate(models[1:], 1):
+                acc.add_(ws.d[i][:n].copy_(m))
+            acc.div_(len(models)).mul_(t)
+            return acc.add_(torch.mul(bf, 1 - t, out=ws.tmp[:n]))
+        deltas = [self._delta(ws, i, offset, m, b, bf, left, used) for i, m in enumerate(models)]
         if self.spec.consensus:
-            total = sum(deltas[1:], deltas[0])
-            majority = torch.where(total >= 0, 1.0, -1.0)
-            mixed = torch.zeros_like(base)
-            divisor = torch.zeros_like(base)
-            for d, w in zip(deltas, weights, strict=True):
-                agree = torch.sign(d) == majority
-                mixed += d * agree
-                divisor += agree * w
-            divisor[divisor == 0] = 1
+            self._elect(ws, deltas)
         else:
-            mixed = sum(deltas[1:], deltas[0])
-            divisor_value = sum(weights)
-            divisor = 1.0 if abs(divisor_value) < 1e-8 else divisor_value  # type: ignore[assignment]
+            acc.copy_(deltas[0])
+            for d in deltas[1:]:
+                acc.add_(d)
+            if p.normalize:
+                total = sum(p.weights)
+                acc.div_(1.0 if abs(total) < 1e-8 else total)
+        return acc.add_(bf)
+
+    def _delta(self, ws: Workspace, i: int, offset: int, m: torch.Tensor, b: torch.Tensor, bf: torch.Tensor,
+               left: list[int], used: list[int]) -> torch.Tensor:
+        """Input i's weighted, sparsified delta of one chunk (in its workspace buffer)."""
+        import torch
+
+        d = torch.sub(m, bf, out=ws.d[i][:bf.numel()])
+        dens, sel = self.p.densities[i], self.selects[i]
+        if self.spec.sparsify and dens <= 0:
+            d.zero_()
+        elif self.spec.sparsify == "magnitude" and sel is not None:
+            mask, took = sel.keep(self._keys(d, m, b), left[i])
+            used[i] += took
+            d.mul_(mask)
+        elif self.spec.sparsify == "random" and dens < 1:
+            d.mul_(dare_mask(self.p.seed, self.name, i, offset, (d.numel(),), dens))
+            before, after = self.l1[i]
+            if self.p.rescale and before >= EPS_RESCALE and after >= EPS_RESCALE:
+                d.mul_(before / after)
+        return d.mul_(self.p.weights[i])
+
+    def _elect(self, ws: Workspace, deltas: list[torch.Tensor]) -> None:
+        """TIES's sign election into ws.acc: the sum of the deltas agreeing with the majority sign of their
+        sum (ties to +), divided by the agreeing weights when normalizing (mergekit get_mask "sum")."""
+        import torch
+
+        n = deltas[0].numel()
+        acc, div, sign, tmp, flag = ws.acc[:n], ws.div[:n], ws.sign[:n], ws.tmp[:n], ws.flag[:n]
+        acc.copy_(deltas[0])
+        for d in deltas[1:]:
+            acc.add_(d)
+        # +1 where the sum is >= 0, else -1 (a sum of -0.0 only comes from all-zero deltas, which agree with
+        # neither sign); d * sign > 0 is "sign(d) == majority" with sign(0) = 0 agreeing with nothing
+        torch.copysign(ws.one[:n], acc, out=sign)
+        acc.zero_()
+        div.zero_()
+        for d, w in zip(deltas, self.p.weights, strict=True):
+            torch.gt(torch.mul(d, sign, out=tmp), 0, out=flag)
+            acc.addcmul_(d, flag)
+            if self.p.normalize:
+                div.add_(flag, alpha=w)
         if self.p.normalize:
-            mixed = mixed / divisor
-        return base + mixed
+            acc.div_(div.add_(torch.eq(div, 0, out=flag)))  # a divisor of 0 counts as 1
 
     def _slerp_coefficients(self) -> tuple[float, float]:
         t = self.p.t

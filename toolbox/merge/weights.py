@@ -2,18 +2,20 @@
 
 Every input is read through the canonical expert view (fused, per-expert and FP8 layouts alike) one
 piece at a time: an expert slice of a fused expert tensor, a row block of any other 2-D tensor, or a
-small tensor whole. Each piece of every input is widened to float32 in row blocks and merged by
-`toolbox.merge.methods`; methods that need whole-tensor statistics (TIES's top-k threshold, DARE's
-rescale, SLERP's and model stock's norms and cosines) read the tensor's pieces once more per
-statistics pass first. Memory is bounded by one expert slice per input (two while the next is read
-ahead), whatever the model size. The output is stamped `base_model_relation: merge` with every
-input's file hashes in the provenance.
+small tensor whole. Each piece is split among WORKERS threads (at chunk boundaries), each widening
+chunks of every input to float32 in its own buffers and merging them by `toolbox.merge.methods`;
+methods that need whole-tensor statistics (TIES's top-k threshold, DARE's rescale, SLERP's and model
+stock's norms and cosines) read the tensor's pieces once more per statistics pass first. Memory is
+bounded by one expert slice per input (two while the next is read ahead), whatever the model size.
+The output is stamped `base_model_relation: merge` with every input's file hashes in the provenance.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
+import os
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -23,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 from license.stamp import LicenseOptions, derive_stamp
 from toolbox.errors import BadInputError, UsageError
 from toolbox.hf_output import finish_hf_directory
-from toolbox.merge.methods import SPECS, MergeParams, TensorMerge
+from toolbox.merge.methods import SPECS, MergeParams, TensorMerge, Workspace, spans
 from toolbox.merge_choices import METHODS
 from toolbox.progress import NULL_PROGRESS, Progress
 from toolbox.reference import ModelLike
@@ -35,7 +37,8 @@ if TYPE_CHECKING:
     from toolbox.reference import ResolvedModel
     from toolbox.tensors.source import TensorInfo, TensorSource
 
-ROW_BLOCK_BYTES = 16 * 1024**2  # float32 bytes of one row block of one input being merged
+ROW_BLOCK_BYTES = 16 * 1024**2  # float32 bytes of one row block (a piece) of one input being merged
+WORKERS = max(1, min(4, os.cpu_count() or 1))  # merge threads; each piece is split among them
 FLOAT_ST = ("BF16", "F16", "F32")
 HASH_CHUNK = 16 * 1024**2
 
@@ -126,22 +129,32 @@ def _check_same_shape(base: ResolvedModel, base_src: TensorSource, models: list[
 
 def input_hashes(model: ResolvedModel) -> dict[str, str]:
     """sha256 of a checkpoint's weight and config files: a download manifest's (checked when fetched), else
-    computed here, one bounded chunk at a time."""
+    computed here, one bounded chunk at a time, the files in WORKERS threads at once (hashlib and file reads
+    release the GIL)."""
     from toolbox.hub.manifest import source_origin
 
     recorded = source_origin(model.directory).get("sources") or {}
     if recorded:
         return dict(recorded)
-    files = sorted(p for p in model.directory.iterdir()
-                   if p.is_file() and (p.suffix == ".safetensors" or p.name == "config.json"))
-    out = {}
-    for path in files:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            while chunk := f.read(HASH_CHUNK):
-                h.update(chunk)
-        out[path.name] = f"sha256:{h.hexdigest()}"
-    return out
+    return _dir_hashes(model.directory, "config.json")
+
+
+def _dir_hashes(directory: Path, config: str) -> dict[str, str]:
+    """sha256 of a directory's .safetensors files and its config file(s) (a name, or a suffix)."""
+    files = sorted(p for p in directory.iterdir()
+                   if p.is_file() and (p.suffix == ".safetensors" or p.name == config or p.suffix == config))
+    with ThreadPoolExecutor(WORKERS, thread_name_prefix="corral-hash") as pool:
+        return dict(zip((p.name for p in files), pool.map(_sha256, files), strict=True))
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    buf = bytearray(HASH_CHUNK)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(view):
+            h.update(view[:n])
+    return f"sha256:{h.hexdigest()}"
 
 
 def _units(info: TensorInfo) -> list[tuple[int | slice, int]]:
@@ -156,16 +169,28 @@ def _units(info: TensorInfo) -> list[tuple[int | slice, int]]:
     return [(slice(None), 0)]
 
 
-def _blocks(pieces: list[torch.Tensor], offset: int) -> Iterator[tuple[int, int, list[torch.Tensor]]]:
-    """(row start, flat offset, float32 blocks of every input) of loaded pieces, in row blocks."""
-    first = pieces[0]
-    if first.dim() < 2:
-        yield 0, offset, [p.float() for p in pieces]
-        return
-    cols = first.shape[-1]
-    step = max(1, ROW_BLOCK_BYTES // max(4 * cols, 1))
-    for r in range(0, first.shape[0], step):
-        yield r, offset + r * cols, [p[r:r + step].float() for p in pieces]
+class _Workers:
+    """The merge's worker threads, each with its own Workspace; the calling thread is worker 0. torch runs
+    each op on the thread that calls it (intra-op threads are set to 1 meanwhile), so the workers keep
+    the cores busy without torch's thread pool spinning against them on a loaded machine."""
+
+    def __init__(self, n_models: int, workers: int) -> None:
+        self.ws = [Workspace(n_models) for _ in range(workers)]
+        self.pool = ThreadPoolExecutor(workers - 1, thread_name_prefix="corral-merge") if workers > 1 else None
+
+    def run(self, tasks: list[Callable[[Workspace], Any]]) -> list[Any]:
+        """Each task on its own worker (at most one task per worker); the results in task order."""
+        if len(tasks) > len(self.ws):
+            raise ValueError(f"{len(tasks)} tasks for {len(self.ws)} workers")
+        if self.pool is None or len(tasks) == 1:
+            return [task(self.ws[0]) for task in tasks]
+        futures = [self.pool.submit(task, ws) for task, ws in zip(tasks[1:], self.ws[1:], strict=False)]
+        first = tasks[0](self.ws[0])
+        return [first, *(f.result() for f in futures)]
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True)
 
 
 def _stream(sources: list[TensorSource], info: TensorInfo,
@@ -189,25 +214,40 @@ def _stream(sources: list[TensorSource], info: TensorInfo,
 
 
 def _merge_tensor(sources: list[TensorSource], writer: Any, info: TensorInfo, out_dt: torch.dtype,
-                  params: MergeParams) -> int:
+                  params: MergeParams, workers: _Workers) -> int:
     """Write one merged tensor; returns how many times each input's tensor was read."""
     import torch
 
-    tm = TensorMerge(info.name, info.numel, params)
+    tm = TensorMerge(info.name, info.numel, params, key_dtype=out_dt)
+    parts = len(workers.ws)
+
+    def observe(k: int, offset: int, pieces: list[torch.Tensor]) -> None:
+        flat = [p.reshape(-1) for p in pieces]
+        results = workers.run([lambda ws, lo=lo, hi=hi: tm.observe(k, ws, offset, flat[0], flat[1:], lo, hi)
+                               for lo, hi in spans(flat[0].numel(), parts)])
+        for partial in results:
+            tm.absorb(k, partial)
+
     for k in range(tm.passes):
-        _stream(sources, info, lambda _i, off, pieces, k=k: [
-            tm.observe(k, o, bs[0], bs[1:]) for _r, o, bs in _blocks(pieces, off)])
+        _stream(sources, info, lambda _i, off, pieces, k=k: observe(k, off, pieces))
         tm.end_pass(k)
 
     def merge_piece(_index: int | slice, offset: int, pieces: list[torch.Tensor]) -> None:
-        out = torch.empty(pieces[0].shape, dtype=out_dt)
-        for r, off, bs in _blocks(pieces, offset):
-            merged = tm.merge(off, bs[0], bs[1:])
-            if out.dim() < 2:
-                out.copy_(merged)
-            else:
-                out[r:r + merged.shape[0]] = merged
-        writer.write(info.name, out.reshape(info.shape) if not info.shape else out)
+        flat = [p.reshape(-1) for p in pieces]
+        out = torch.empty(flat[0].numel(), dtype=out_dt)
+        budgets = tm.tie_budgets()
+        tied = [i for i, b in enumerate(budgets) if b > 0]
+
+        def span(ws: Workspace, lo: int, hi: int) -> list[int]:
+            left = budgets
+            if tied and lo:  # the ties before this span, in flat order, come first
+                before = tm.count_ties(ws, flat[0], flat[1:], 0, lo, tied)
+                left = [max(0, b - c) for b, c in zip(budgets, before, strict=True)]
+            return tm.merge(ws, offset, flat[0], flat[1:], out, lo, hi, left)
+
+        used = workers.run([lambda ws, lo=lo, hi=hi: span(ws, lo, hi) for lo, hi in spans(out.numel(), parts)])
+        tm.spend([sum(u) for u in zip(*used, strict=True)])
+        writer.write(info.name, out.reshape(pieces[0].shape))
 
     _stream(sources, info, merge_piece)
     return tm.passes + 1
@@ -247,19 +287,20 @@ def merge_weights(base: ModelLike, models: list[ModelLike], out: str | Path, *, 
     requested = HF_OUT_DTYPES[key]
     out = Path(out).absolute()
     check_output_path(out, force=force)
-    base_model = resolve(base)
-    resolved = [resolve(m) for m in models]
+    split = [split_lora(m) for m in [base, *models]]
+    loras = [lora for _m, lora in split]
+    base_model, *resolved = [resolve(m) for m, _lora in split]
     for m in [base_model, *resolved]:
         if not m.path.exists():
             raise BadInputError(f"{m.path}: no such checkpoint", path=m.path, hint="check the path")
-    base_src = base_model.open_source()
+    base_src = _open_input(base_model, loras[0], opts)
     sources = [base_src]
     try:
-        sources += [m.open_source() for m in resolved]
+        sources += [_open_input(m, lora, opts) for m, lora in zip(resolved, loras[1:], strict=True)]
         _check_same_shape(base_model, base_src, resolved, sources[1:])
         infos = base_src.infos()
         out_st = {n: (requested or i.dtype) if i.dtype in FLOAT_ST else i.dtype for n, i in infos.items()}
-        stamp, described = _stamp(base_model, base_src, resolved, params, key, opts, extra_op)
+        stamp, described = _stamp(base_model, base_src, resolved, params, key, opts, extra_op, loras)
         result = WeightMergeResult(out, method, len(infos), requested or "auto", described, name=stamp.name)
         ensure_free_space(out, sum(TensorInfo(n, i.shape, out_st[n]).nbytes for n, i in infos.items()),
                           f"the merged checkpoint {out.name}")
@@ -268,11 +309,16 @@ def merge_weights(base: ModelLike, models: list[ModelLike], out: str | Path, *, 
             for name, info in infos.items():
                 writer.add(name, info.shape, out_st[name])
             writer.begin()
-            with progress.task("merging", total=sum(i.nbytes for i in infos.values()), unit="bytes") as task:
-                for name, info in infos.items():
-                    reads = _write_tensor(sources, writer, info, out_st[name], params)
-                    result.passes[str(reads)] = result.passes.get(str(reads), 0) + 1
-                    task.advance(info.nbytes)
+            with progress.task("merging", total=sum(i.nbytes for i in infos.values()), unit="bytes") as task, \
+                    _single_threaded_ops():
+                workers = _Workers(len(sources) - 1, WORKERS)
+                try:
+                    for name, info in infos.items():
+                        reads = _write_tensor(sources, writer, info, out_st[name], params, workers)
+                        result.passes[str(reads)] = result.passes.get(str(reads), 0) + 1
+                        task.advance(info.nbytes)
+                finally:
+                    workers.close()
             writer.finish()
             finish_hf_directory(staging, base_model.directory, _out_config(base_model.checkpoint.config, requested),
                                 stamp)
@@ -282,8 +328,21 @@ def merge_weights(base: ModelLike, models: list[ModelLike], out: str | Path, *, 
     return result
 
 
+@contextlib.contextmanager
+def _single_threaded_ops() -> Iterator[None]:
+    """torch's intra-op threads set to 1 while the merge's own workers run (restored after)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def _write_tensor(sources: list[TensorSource], writer: Any, info: TensorInfo, out_st: str,
-                  params: MergeParams) -> int:
+                  params: MergeParams, workers: _Workers) -> int:
     """A float tensor merged; anything else (none in Llama 4 today) copied from the base."""
     import torch
 
@@ -292,19 +351,48 @@ def _write_tensor(sources: list[TensorSource], writer: Any, info: TensorInfo, ou
     if info.dtype not in FLOAT_ST:
         writer.write(info.name, sources[0].load(info.name))
         return 1
-    return _merge_tensor(sources, writer, info, getattr(torch, TORCH_NAME[out_st]), params)
+    return _merge_tensor(sources, writer, info, getattr(torch, TORCH_NAME[out_st]), params, workers)
+
+
+def split_lora(spec: ModelLike) -> tuple[ModelLike, str | None]:
+    """mergekit's `MODEL+LORA` input (a PEFT adapter applied to MODEL first): (MODEL, LORA); a path that
+    exists as written, or any other reference, is (spec, None)."""
+    text = str(spec) if isinstance(spec, (str, Path)) else ""
+    if "+" not in text or Path(text).exists():
+        return spec, None
+    model, _, lora = text.partition("+")
+    if not model or not lora or "+" in lora:
+        raise UsageError(f"{text!r} is not MODEL+LORA", hint="one '+' between a checkpoint and a PEFT adapter")
+    if not Path(lora).is_dir():
+        raise BadInputError(f"{lora}: no such adapter directory (in {text!r})", path=Path(lora),
+                            hint="MODEL+LORA names a PEFT adapter directory after the '+'")
+    return model, lora
+
+
+def _open_input(model: ResolvedModel, lora: str | None, opts: LicenseOptions) -> TensorSource:
+    """The input's canonical tensors; with a LoRA, merged into them piece by piece as they are read (the
+    bytes `corral merge MODEL LORA` would write, in MODEL's dtype)."""
+    if lora is None:
+        return model.open_source()
+    from toolbox.merge.merged_source import open_merged
+
+    return open_merged(model, [lora], license_options=opts)
 
 
 def _stamp(base: ResolvedModel, base_src: TensorSource, models: list[ResolvedModel], params: MergeParams,
-           dtype: str, opts: LicenseOptions, extra_op: dict[str, Any] | None) -> tuple[Any, list[dict[str, Any]]]:
-    """relation merge; the base's and every model's file hashes in the provenance, the parameters in the op."""
+           dtype: str, opts: LicenseOptions, extra_op: dict[str, Any] | None,
+           loras: list[str | None]) -> tuple[Any, list[dict[str, Any]]]:
+    """relation merge; every input's (and its LoRA's) file hashes in the provenance, the parameters in the op."""
     sources: dict[str, str] = {}
     described = []
     labels: set[str] = set()
     for i, m in enumerate([base, *models]):
-        label = m.label if m.label not in labels else f"{m.label}#{i}"
+        name = m.label if loras[i] is None else f"{m.label}+{Path(str(loras[i])).name}"
+        label = name if name not in labels else f"{name}#{i}"
         labels.add(label)
         hashes = input_hashes(m)
+        if loras[i] is not None:
+            hashes.update({f"lora/{k}": v for k, v in _dir_hashes(Path(str(loras[i])), ".json").items()})
         sources.update({f"{label}/{k}": v for k, v in hashes.items()})
         entry: dict[str, Any] = {"name": label, "role": "base" if i == 0 else "model",
                                  "sha256": {k: v.removeprefix("sha256:") for k, v in hashes.items()}}

@@ -1,12 +1,13 @@
 """mergekit's YAML merge configuration (the subset for corral's weight merges), read with located errors.
 
 Accepted: `merge_method` (linear, task_arithmetic, ties, dare_ties, dare_linear, slerp, model_stock),
-`base_model`, `models` (each `model:` with `parameters:` weight, density), top-level `parameters`
+`base_model`, `models` (each `model:`, a directory or MODEL+LORA, with `parameters:` weight, density),
+top-level `parameters`
 (weight, density, normalize, rescale, t, filter_wise: false), `dtype`, `out_dtype` and
 `tokenizer_source: base`. Semantics as mergekit's: the base model joins the inputs when it is not
 listed (for `linear` it then needs a weight from the top-level parameters); listed with the base-using
 methods it is the base, not a model; `weight` is required where mergekit requires it. Anything else
-(slices, modules, gradients or filters, `model+lora` references, other keys) is refused with
+(slices, modules, gradients or filters, other keys) is refused with
 FILE:LINE:COL (exit 3), as recipes are. The file is read under the recipe reader's bounds (size,
 nesting, aliases, safe tags only). mergekit computes in `dtype`; corral always computes in float32 and
 writes `out_dtype` (else `dtype`, else the base's).
@@ -92,9 +93,13 @@ def _params(loc: _Located, raw: Any, where: tuple[Any, ...], allowed: tuple[str,
 def _model_ref(loc: _Located, value: Any, where: tuple[Any, ...]) -> str:
     if not isinstance(value, str) or not value.strip():
         raise loc.error(where, "a model is a checkpoint directory (or demo:scout / demo:maverick)")
-    if "+" in value and not Path(value).exists():
-        raise loc.error(where, "model+lora references are not supported: merge the adapter first "
-                        "(corral merge BASE ADAPTER -o DIR) and name DIR")
+    if "+" in value and not Path(value).exists():  # model+lora: the PEFT adapter is applied to the model first
+        model, _, lora = value.partition("+")
+        if not model or "+" in lora or not Path(lora).is_dir():
+            raise loc.error(where, f"{value}: a model+lora reference needs a local PEFT adapter directory after "
+                            "the '+'")
+        _model_ref(loc, model, where)
+        return value
     if not value.startswith("demo:") and not Path(value).exists():
         raise loc.error(where, f"{value} is not a local checkpoint directory (Hub ids: corral download it first)")
     return value
