@@ -5,6 +5,9 @@
    (toolbox.runtime.onnx_decoder) and in onnxruntime-genai's own loop; ratios against fp32.
 2. `--memory`: `corral convert --to onnx --dtype int4` of the one-layer Scout-shaped checkpoint
    (bench/work/scout-1layer, read only): wall time, max RSS, bytes written.
+3. `--llama-cpp` (its own section): the same wide MoE with the real Llama 4 tokenizer (vocab sized to it),
+   exported by corral to ONNX int4 and to a q4_0 GGUF; decode ms/token of onnxruntime, onnxruntime-genai
+   and llama.cpp (llama-cpp-python, same threads, same prompt ids, same token count, greedy).
 """
 
 from __future__ import annotations
@@ -32,11 +35,7 @@ DTYPES = ("fp32", "fp16", "int8", "int4")
 
 def genai_ms(onnx_dir: Path, prompt: int, steps: int) -> float:
     """Median ms per generated token in onnxruntime-genai (greedy; the first step, with the prompt, left out)."""
-    from toolbox.runtime.genai_decoder import GenaiDecoder
-
-    dec = GenaiDecoder(onnx_dir)
-    _, times = dec.generate_timed(list(range(3, 3 + prompt)), steps + 1, min_length=prompt + steps + 1)
-    return statistics.median(times[1:]) * 1e3
+    return statistics.median(genai_steps(onnx_dir, prompt, steps))
 
 
 def dtype_bench(work: Path, quick: bool, threads: int) -> str:
@@ -86,15 +85,120 @@ def memory_bench(work: Path) -> str:
             f"{data / 2**30:.2f} GiB written to model.onnx.data.\n")
 
 
+def ort_steps(onnx_dir: Path, prompt: int, steps: int, threads: int) -> list[float]:
+    """ms of each decode step in onnxruntime (corral's step driver, KV cache, greedy)."""
+    import numpy as np
+
+    from toolbox.runtime.onnx_decoder import OnnxDecoder
+
+    dec = OnnxDecoder(onnx_dir, threads=threads)
+    ids = np.arange(3, 3 + prompt, dtype=np.int64)[None]
+    mask = np.ones_like(ids)
+    logits, cache = dec.run(ids, mask, np.arange(prompt, dtype=np.int64)[None])
+    times = []
+    for i in range(steps):
+        nxt = logits[:, -1].argmax(-1)[:, None].astype(np.int64)
+        mask = np.concatenate([mask, np.ones_like(nxt)], axis=1)
+        t = time.perf_counter()
+        logits, cache = dec.run(nxt, mask, np.array([[prompt + i]]), cache)
+        times.append((time.perf_counter() - t) * 1e3)
+    return times
+
+
+def genai_steps(onnx_dir: Path, prompt: int, steps: int) -> list[float]:
+    """ms of each generated token in onnxruntime-genai (greedy; the first step, with the prompt, left out)."""
+    from toolbox.runtime.genai_decoder import GenaiDecoder
+
+    _, times = GenaiDecoder(onnx_dir).generate_timed(list(range(3, 3 + prompt)), steps + 1,
+                                                     min_length=prompt + steps + 1)
+    return [t * 1e3 for t in times[1:]]
+
+
+def llama_cpp_steps(gguf_path: Path, prompt: int, steps: int, threads: int) -> list[float]:
+    """ms of each decoded token in llama.cpp (greedy on the returned logits; the prompt step left out)."""
+    import llama_cpp
+    import numpy as np
+
+    llm = llama_cpp.Llama(str(gguf_path), n_ctx=prompt + steps + 8, n_batch=prompt, n_threads=threads,
+                          n_threads_batch=threads, verbose=False, seed=0)
+    llm.eval(list(range(3, 3 + prompt)))
+    times = []
+    for _ in range(steps):  # the last position's logits, read in place (eval keeps none without logits_all)
+        last = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),))
+        nxt = int(np.argmax(last))
+        t = time.perf_counter()
+        llm.eval([nxt])
+        times.append((time.perf_counter() - t) * 1e3)
+    llm.close()
+    return times
+
+
+def llama_cpp_bench(work: Path, quick: bool, threads: int) -> str:
+    """ONNX int4 (onnxruntime, genai) vs llama.cpp q4_0, both written by corral from one HF checkpoint."""
+    from converters.hf_to_gguf import convert_hf_to_gguf
+    from converters.onnx_export import convert_hf_to_onnx
+    from toolbox.demo import EOS_IDS, cache_dir
+    from toolbox.tokenizer import save_llama4_tokenizer
+
+    hidden, experts, width, layers = (128, 32, 64, 4) if quick else (256, 128, 256, 4)
+    prompt, steps, vocab = (8, 8, 202048) if quick else (64, 64, 202048)
+    cfg = text_config(hidden, experts, width, layers, vocab, moe=True)
+    # the real tokenizer's ids; qk-norm off because llama.cpp's llama4 graph turns it off at 128 experts
+    cfg.update(bos_token_id=200000, eos_token_id=EOS_IDS, pad_token_id=200018, use_qk_norm=experts != 128)
+    src = work / f"moe-{experts}e-{hidden}-tok"
+    shutil.rmtree(src, ignore_errors=True)
+    make_random(src, cfg)
+    save_llama4_tokenizer(src, cache_dir=cache_dir() / "tokenizer")
+    onnx_dir, gguf_path = work / "onnx-int4-tok", work / "moe-tok-q4_0.gguf"
+    shutil.rmtree(onnx_dir, ignore_errors=True)
+    gguf_path.unlink(missing_ok=True)
+    try:
+        convert_hf_to_onnx(src, onnx_dir, name="Llama-4-bench-int4", mau_declaration=DECL, dtype="int4")
+        convert_hf_to_gguf(src, gguf_path, outtype="q4_0", name="Llama-4-bench-q4_0", mau_declaration=DECL)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        onnx_bytes = (onnx_dir / "model.onnx.data").stat().st_size
+        rows = [("llama.cpp q4_0 (llama-cpp-python)", gguf_path.stat().st_size,
+                 llama_cpp_steps(gguf_path, prompt, steps, threads)),
+                ("onnxruntime int4 (corral's step driver)", onnx_bytes, ort_steps(onnx_dir, prompt, steps, threads)),
+                ("onnxruntime-genai int4 (its own loop)", onnx_bytes, genai_steps(onnx_dir, prompt, steps))]
+    finally:  # 0.4 GB of checkpoint and both outputs: nothing stays behind
+        shutil.rmtree(onnx_dir, ignore_errors=True)
+        gguf_path.unlink(missing_ok=True)
+        shutil.rmtree(src, ignore_errors=True)
+    med = {r: statistics.median(t) for r, _, t in rows}
+    best = {r: min(t) for r, _, t in rows}
+    base = rows[0][0]
+    table = ["| runtime, weights | weights on disk | decode ms/token (median) | vs llama.cpp | fastest step | "
+             "vs llama.cpp |", "|---|---|---|---|---|---|"]
+    table += [f"| {r} | {b / 2**20:.1f} MiB | {med[r]:.2f} | {med[r] / med[base]:.2f}x | {best[r]:.2f} | "
+              f"{best[r] / best[base]:.2f}x |" for r, b, _ in rows]
+    return (f"The wide tiny MoE (hidden {hidden}, {layers} layers, {experts} experts of width {width}, top-1 + "
+            f"shared expert, qk-norm off as llama.cpp runs 128-expert llama4) with the real Llama 4 tokenizer, so "
+            f"vocab {vocab}; exported by corral to ONNX int4 (symmetric blocks of 32; embedding float32, lm_head "
+            f"int4) and to GGUF q4_0 (every matrix Q4_0, embedding and output included; norms and router F32). "
+            f"Decode: batch 1, CPU, {threads} threads, greedy, median and fastest of {steps} steps after the "
+            f"same {prompt}-token prompt (ids 3..{2 + prompt}).\n\n" + "\n".join(table) + "\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--work", type=Path, default=HERE / "work")
     ap.add_argument("--quick", action="store_true", help="tiny sizes, to check that the script runs")
     ap.add_argument("--memory", action="store_true", help="also the int4 export of the Scout-shaped layer")
+    ap.add_argument("--llama-cpp", action="store_true", help="only the comparison with llama.cpp's q4_0")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--write", action="store_true")
     a = ap.parse_args()
     a.work.mkdir(parents=True, exist_ok=True)
+    if a.llama_cpp:
+        marker = "## ONNX int4 vs llama.cpp q4_0, same model (issue 19)"
+        text = (f"{marker} — {time.strftime('%Y-%m-%d')}, {platform.machine()}, {os.cpu_count()} cores (shared "
+                f"with other work: loaded)\n\nCommand: `python bench/bench_onnx_quant.py --llama-cpp --write`.\n\n"
+                + llama_cpp_bench(a.work, a.quick, a.threads))
+        print(text)
+        if a.write:
+            write_section(marker, text)
+        return
     parts = [dtype_bench(a.work, a.quick, a.threads)]
     if a.memory:
         parts.append(memory_bench(a.work))

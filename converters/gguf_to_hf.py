@@ -132,7 +132,7 @@ def convert_gguf_to_hf(src: str | Path, out: str | Path, *, dtype: str = "auto",
     With `mmproj` (the vision tower's mmproj GGUF) the output is the full Llama4ForConditionalGeneration."""
     import torch
 
-    from license.stamp import StampInput, default_name, derive_stamp, write_sidecars
+    from license.stamp import write_sidecars
     from toolbox.tensors.atomic import atomic_directory
     from toolbox.tensors.safetensors_format import TORCH_TO_ST
     from toolbox.tensors.sink import SafetensorsWriter
@@ -151,17 +151,8 @@ def convert_gguf_to_hf(src: str | Path, out: str | Path, *, dtype: str = "auto",
         vision = MmprojFile(mmproj)
         config = vision.full_config(config, g.json_field(PROVENANCE_KEY))
     ckpt = from_config(config)
-    types = {g.type_name(n) for n in g.tensors if n.endswith(("_exps.weight", "attn_q.weight"))}
-    st_dtype = OUT_DTYPES[dtype] or next((t for t in ("F32", "BF16", "F16") if types == {t}), "BF16")
-    lossy = loss_reasons({g.type_name(n) for n in g.tensors}, types, st_dtype)
-    carried = {k: v for k, v in g.fields.items() if k.startswith("corral.") and isinstance(v, str)}
-    name = g.get("general.name")
-    if any(why.startswith("dequantized") for why in lossy):
-        name = dequantized_name(str(name or default_name(Path(src).name)))
-    op = {"op": "convert", "to": "hf", "from": "gguf", **({"lossy": True} if lossy else {})}
-    stamp = derive_stamp(StampInput(Path(src).name, prior=carried, carried_name=name), op, opts,
-                         multimodal=vision is not None,
-                         extra={"mmproj": Path(mmproj).name} if mmproj is not None else None)
+    st_dtype, lossy = output_dtype(g, dtype)
+    stamp = hf_stamp(g, src, lossy, opts, mmproj=mmproj)
     config["dtype"] = TORCH_NAME[st_dtype]
     torch_dtype = getattr(torch, TORCH_NAME[st_dtype])
     inventory = ckpt.expected_tensors()
@@ -188,6 +179,30 @@ def convert_gguf_to_hf(src: str | Path, out: str | Path, *, dtype: str = "auto",
         write_hf_tokenizer(g, staging)
         write_sidecars(staging, stamp)
     return HFResult(Path(out), len(inventory), st_dtype, lossy)
+
+
+def output_dtype(g: GGUFFile, dtype: str) -> tuple[str, list[str]]:
+    """The safetensors dtype an HF output of `g` gets for --dtype `dtype` (auto: the GGUF's one float type, else
+    BF16) and why that output is not exact (`loss_reasons`)."""
+    types = {g.type_name(n) for n in g.tensors if n.endswith(("_exps.weight", "attn_q.weight"))}
+    st_dtype = OUT_DTYPES[dtype] or next((t for t in ("F32", "BF16", "F16") if types == {t}), "BF16")
+    return st_dtype, loss_reasons({g.type_name(n) for n in g.tensors}, types, st_dtype)
+
+
+def hf_stamp(g: GGUFFile, src: str | Path, lossy: list[str], opts: LicenseOptions,
+             mmproj: str | Path | None = None) -> Any:
+    """The stamp of the HF model read from `g`: the GGUF's carried stamp and name (renamed `-dequantized` when
+    a quant type no longer names the weights), then this conversion."""
+    from license.stamp import StampInput, default_name, derive_stamp
+
+    carried = {k: v for k, v in g.fields.items() if k.startswith("corral.") and isinstance(v, str)}
+    name = g.get("general.name")
+    if any(why.startswith("dequantized") for why in lossy):
+        name = dequantized_name(str(name or default_name(Path(src).name)))
+    op = {"op": "convert", "to": "hf", "from": "gguf", **({"lossy": True} if lossy else {})}
+    return derive_stamp(StampInput(Path(src).name, prior=carried, carried_name=name), op, opts,
+                        multimodal=mmproj is not None,
+                        extra={"mmproj": Path(mmproj).name} if mmproj is not None else None)
 
 
 def _write_one(g: GGUFFile, writer: Any, name: str, shape: tuple[int, ...], global_map: dict[str, str],
@@ -223,15 +238,26 @@ def hf_slices(g: GGUFFile, name: str, shape: tuple[int, ...], global_map: dict[s
               ) -> Iterator[tuple[int | None, Any]]:
     """The HF tensor `name` rebuilt from the GGUF, dequantized: whole (index None) or, for routed
     experts, one expert at a time (index e), so memory stays at one expert slice."""
-    import torch
 
     sources = gguf_sources(name, global_map)
-    if name.endswith("feed_forward.experts.gate_up_proj"):
-        gate, up = sources
-        for e in range(shape[0]):  # [I, H] each -> [H, 2I]
-            yield e, torch.cat([g.load(gate, e).T, g.load(up, e).T], dim=1)
-    elif name.endswith("feed_forward.experts.down_proj"):
-        for e in range(shape[0]):  # [H, I] -> [I, H]
-            yield e, g.load(sources[0], e).T
+    if is_expert_tensor(name):
+        for e in range(shape[0]):
+            yield e, hf_expert(g, name, sources, e)
     else:
         yield None, g.load(sources[0])
+
+
+def is_expert_tensor(name: str) -> bool:
+    """A fused routed-expert tensor ([E, ...]), which GGUF holds per expert in other layouts."""
+    return name.endswith(("feed_forward.experts.gate_up_proj", "feed_forward.experts.down_proj"))
+
+
+def hf_expert(g: GGUFFile, name: str, sources: list[str], e: int) -> Any:
+    """Expert `e` of the fused HF expert tensor `name`, from its GGUF `sources` (`gguf_sources`), dequantized:
+    gate_up [H, 2I] from gate and up [I, H] each, down [I, H] from [H, I]."""
+    import torch
+
+    if name.endswith("gate_up_proj"):
+        gate, up = sources
+        return torch.cat([g.load(gate, e).T, g.load(up, e).T], dim=1)
+    return g.load(sources[0], e).T

@@ -88,20 +88,11 @@ def read_tensors(path: Path) -> tuple[Any, list[OnnxTensor]]:
     return proto, out
 
 
-def convert_onnx_to_hf(src: str | Path, out: str | Path, *, force: bool = False,
-                       license_options: LicenseOptions | None = None, progress: Progress = NULL_PROGRESS,
-                       **legacy: Any) -> OnnxToHFResult:
-    """Recover the HF checkpoint (safetensors, config, tokenizer) from a corral ONNX export, stamped."""
-    from license import keys as K
-    from license.stamp import StampInput, derive_stamp, write_sidecars
+def hf_config(path: Path, tensors: list[OnnxTensor]) -> dict[str, Any]:
+    """The export's config.json as the HF checkpoint's (dtype: the initializers' one float type), checked
+    against the initializers (CorruptFileError naming the first difference)."""
     from toolbox.checkpoint import from_config, read_config
-    from toolbox.tensors.atomic import atomic_directory, check_output_path
-    from toolbox.tensors.sink import SafetensorsWriter
 
-    opts = LicenseOptions.of(license_options, **legacy)
-    path = model_path(src)
-    check_output_path(Path(out), force=force)
-    proto, tensors = read_tensors(path)
     config = read_config(path.parent)
     ckpt = from_config(config, path.parent)  # refuses a config that is not Llama 4
     expected = ckpt.expected_tensors()
@@ -110,13 +101,37 @@ def convert_onnx_to_hf(src: str | Path, out: str | Path, *, force: bool = False,
         diff = sorted(set(have) ^ set(expected)) or [n for n in have if have[n] != expected.get(n)]
         raise CorruptFileError(f"{path}: initializers do not match config.json (first difference: {diff[0]})",
                                path=path)
+    dtypes = {t.dtype for t in tensors}
+    config["dtype"] = TORCH_NAME[next(iter(dtypes))] if len(dtypes) == 1 else config.get("dtype", "float32")
+    return config
+
+
+def hf_stamp(path: Path, proto: Any, opts: LicenseOptions) -> Any:
+    """The stamp of the HF model read from the export: the graph's carried stamp and name, then this conversion."""
+    from license import keys as K
+    from license.stamp import StampInput, derive_stamp
+
     props = {p.key: p.value for p in proto.metadata_props}
     carried = {k: v for k, v in props.items() if K.is_stamp_key(k)}
-    stamp = derive_stamp(StampInput(path.parent.name, prior=carried, carried_name=props.get(K.MODEL_NAME)),
-                         {"op": "convert", "to": "hf", "from": "onnx"}, opts)
+    return derive_stamp(StampInput(path.parent.name, prior=carried, carried_name=props.get(K.MODEL_NAME)),
+                        {"op": "convert", "to": "hf", "from": "onnx"}, opts)
+
+
+def convert_onnx_to_hf(src: str | Path, out: str | Path, *, force: bool = False,
+                       license_options: LicenseOptions | None = None, progress: Progress = NULL_PROGRESS,
+                       **legacy: Any) -> OnnxToHFResult:
+    """Recover the HF checkpoint (safetensors, config, tokenizer) from a corral ONNX export, stamped."""
+    from license.stamp import write_sidecars
+    from toolbox.tensors.atomic import atomic_directory, check_output_path
+    from toolbox.tensors.sink import SafetensorsWriter
+
+    opts = LicenseOptions.of(license_options, **legacy)
+    path = model_path(src)
+    check_output_path(Path(out), force=force)
+    proto, tensors = read_tensors(path)
+    config = hf_config(path, tensors)
+    stamp = hf_stamp(path, proto, opts)
     dtypes = {t.dtype for t in tensors}
-    config["dtype"] = TORCH_NAME[next(iter(dtypes))] \
-        if len(dtypes) == 1 else config.get("dtype", "float32")
     with atomic_directory(out, force=force) as staging:
         writer = SafetensorsWriter(staging, metadata=stamp.safetensors_metadata())
         for t in tensors:

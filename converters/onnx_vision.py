@@ -238,7 +238,7 @@ def place_vision(partial: Path, out_dir: Path, result: VisionResult) -> VisionRe
     try:
         for graph in write_embeds_graphs(out_dir, result.image_token_id):
             restamp_graph(graph, result.stamp)
-    except UnsupportedModelError as exc:  # a quantized text model: vision.onnx alone
+    except UnsupportedModelError as exc:  # a model.onnx corral cannot retrace (edited, no quant record)
         notes.append(f"no embedding.onnx / decoder_embeds.onnx: {exc.message}")
     return VisionResult(out_dir / VISION_FILE, result.tensors, result.bytes, result.dtype, result.tokens_per_tile,
                         result.image_size, result.stamp, result.image_token_id, notes)

@@ -9,7 +9,9 @@ corral writes (the layout of onnxruntime-genai's vision/embedding/decoder models
   (same attention_mask, position_ids, past_key_values.N.* -> logits, present.N.*).
 Neither has weights of its own: every initializer points at the bytes model.onnx already has in
 model.onnx.data (an ONNX external-data reference is a file, offset and length), so they cost no disk.
-Float exports only: a quantized model.onnx has other initializers than the traced module.
+An int4/int8 export gets the same pair: the decoder is quantized with the options recorded in model.onnx
+(`corral.onnx.quant`), so its MatMulNBits/QMoE initializers are model.onnx's; the embedding is float in
+every export (the quantizer never packs it).
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ def _pass_embeds(weight: Any) -> Any:
     return PassEmbeds()
 
 
-def _trace_embeds(module: Any, opset: int, kv_cache: bool) -> Any:
+def _trace_embeds(module: Any, opset: int, kv_cache: bool, quantized: bool = False) -> Any:
     import logging
     import warnings
 
@@ -74,6 +76,11 @@ def _trace_embeds(module: Any, opset: int, kv_cache: bool) -> Any:
     shapes: list[Any] = [{0: batch, 1: seq}, {0: batch, 1: total if kv_cache else seq}, {0: batch, 1: seq}]
     if kv_cache:
         shapes.append(tuple({0: batch, 2: torch.export.Dim("past_sequence")} for _ in range(2 * d.layers)))
+    extra: dict[str, Any] = {}
+    if quantized:
+        from converters.onnx_qops import TRANSLATIONS
+
+        extra["custom_translation_table"] = TRANSLATIONS()
     quiet = logging.getLogger("torch.onnx")
     level = quiet.level
     quiet.setLevel(logging.ERROR)
@@ -82,7 +89,7 @@ def _trace_embeds(module: Any, opset: int, kv_cache: bool) -> Any:
         try:
             return torch.onnx.export(module, inputs, input_names=ins, output_names=outs,
                                      dynamic_shapes=tuple(shapes), dynamo=True, optimize=False,
-                                     opset_version=opset, verbose=False).model
+                                     opset_version=opset, verbose=False, **extra).model
         except Exception as exc:
             first = next((ln for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
             raise UnsupportedModelError(f"torch.onnx could not export the inputs_embeds decoder ({first[:300]})"
@@ -120,7 +127,7 @@ def _save(proto: Any, target: Path, props: dict[str, str]) -> None:
 
 
 def write_embeds_graphs(out_dir: Path, image_token_id: int, *, opset: int | None = None) -> list[Path]:
-    """embedding.onnx and decoder_embeds.onnx beside a finished float text export in `out_dir`."""
+    """embedding.onnx and decoder_embeds.onnx beside a finished text export in `out_dir` (float or int4/int8)."""
     import onnx_ir as ir
     import torch
 
@@ -129,18 +136,26 @@ def write_embeds_graphs(out_dir: Path, image_token_id: int, *, opset: int | None
     refs, text = data_refs(out_dir / "model.onnx")
     props = {p.key: p.value for p in text.metadata_props}
     dtype_name = props.get("corral.onnx.dtype", "fp32")
-    dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    qcfg = _quant_config(props, out_dir) if dtype_name in ("int4", "int8") else None
+    # int4/int8 compute in float32 (the weights are packed; activations and the embedding are float)
+    dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "int4": torch.float32,
+              "int8": torch.float32}
     if dtype_name not in dtypes or EMBED_WEIGHT not in refs:
         raise UnsupportedModelError(f"{out_dir}: a {dtype_name} model.onnx cannot take image features here",
-                                    hint="export --dtype fp32, fp16 or bf16 for images")
+                                    hint="export --dtype fp32, fp16, bf16, int8 or int4 for images")
     tc = json.loads((out_dir / "config.json").read_text())
     kv_cache = props.get("corral.onnx.kv_cache", "true") == "true"
     moe = {"gather-when-decoding": "auto", "gather": "sparse", "dense": "dense"}.get(props.get("corral.onnx.moe", ""),
                                                                                    "auto")
     module = build_module(tc, dtypes[dtype_name], kv_cache=kv_cache, moe=moe)
+    if qcfg is not None:
+        from converters.onnx_qops import quantize_module
+
+        quantize_module(module, qcfg)  # the same swaps as the export: the same initializer names
     module.model.embed_tokens = _pass_embeds(module.model.embed_tokens.weight)
     graph = _trace_embeds(module, resolve_opset(opset or next(
-        (o.version for o in text.opset_import if o.domain in ("", "ai.onnx")), None)), kv_cache)
+        (o.version for o in text.opset_import if o.domain in ("", "ai.onnx")), None)), kv_cache,
+        quantized=qcfg is not None)
     _point_at(graph, refs, out_dir)
     stamp = {k: v for k, v in props.items() if not k.startswith("corral.onnx.")}  # the text model's license
     decoder = ir.serde.serialize_model(graph)
@@ -157,11 +172,28 @@ def write_embeds_graphs(out_dir: Path, image_token_id: int, *, opset: int | None
     return [out_dir / EMBEDDING_FILE, out_dir / DECODER_FILE]
 
 
+def _quant_config(props: dict[str, str], out_dir: Path) -> Any:
+    """The QuantConfig model.onnx was exported with (its `corral.onnx.quant` metadata), validated again."""
+    from converters.onnx_export import KEY_QUANT
+    from converters.onnx_qops import quant_config
+    from toolbox.tensors.jsonio import loads_json
+
+    if KEY_QUANT not in props:
+        raise UnsupportedModelError(f"{out_dir}: an int4/int8 model.onnx without {KEY_QUANT}",
+                                    hint="re-export it with corral convert --to onnx")
+    doc = loads_json(props[KEY_QUANT], what=f"{out_dir}: {KEY_QUANT}", max_bytes=64 * 1024**2, expect=dict)
+    c = doc.get("config")
+    if not isinstance(c, dict):
+        raise UnsupportedModelError(f"{out_dir}: {KEY_QUANT} has no config")
+    return quant_config(f"int{c.get('bits')}", c.get("block_size"), c.get("symmetric"), c.get("accuracy_level"),
+                        c.get("keep_float"))
+
+
 def _onnx_type(dtype_name: str) -> int:
     import onnx
 
-    return {"fp32": onnx.TensorProto.FLOAT, "fp16": onnx.TensorProto.FLOAT16, "bf16": onnx.TensorProto.BFLOAT16}[
-        dtype_name]
+    return {"fp32": onnx.TensorProto.FLOAT, "fp16": onnx.TensorProto.FLOAT16, "bf16": onnx.TensorProto.BFLOAT16,
+            "int4": onnx.TensorProto.FLOAT, "int8": onnx.TensorProto.FLOAT}[dtype_name]
 
 
 def _embedding_graph(ref: tuple[int, int], shape: tuple[int, int], elem: int, image_token_id: int) -> Any:

@@ -36,9 +36,9 @@ PAIRS: dict[tuple[str, str], Converter] = {
                                "keep_float")),
     ("onnx", "hf"): Converter("converters.onnx_to_hf:convert_onnx_to_hf", ()),
     ("hf", "hf"): Converter("converters.hf_to_hf:convert_hf_to_hf", ("dtype",)),
-    # through a staged HF checkpoint beside the output (converters/via_hf.py: one f32 copy of extra disk)
-    ("gguf", "onnx"): Converter("converters.via_hf:convert_gguf_to_onnx", ("dtype", "opset", "kv_cache")),
-    ("onnx", "gguf"): Converter("converters.via_hf:convert_onnx_to_gguf",
+    # streamed through a view of the input as an HF checkpoint (converters/hf_views.py): no HF copy on disk
+    ("gguf", "onnx"): Converter("converters.gguf_onnx:convert_gguf_to_onnx", ("dtype", "opset", "kv_cache")),
+    ("onnx", "gguf"): Converter("converters.gguf_onnx:convert_onnx_to_gguf",
                                 ("outtype", "split_max_size", "allow_lossy_config", "overrides", "imatrix",
                                  "include_weights", "exclude_weights")),
 }

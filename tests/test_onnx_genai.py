@@ -9,18 +9,16 @@ must compute).
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
 import torch
-from onnxruntime.capi._pybind_state import quantize_matmul_4bits, quantize_matmul_8bits
-from safetensors.torch import load_file, save_file
+from onnx_quant_ref import fake_quant_checkpoint, ort_quantize  # onnxruntime's quantizer, dequantized in numpy
 from transformers import AutoTokenizer, Llama4ForConditionalGeneration
 
-from converters.onnx_export import KEY_QUANT, convert_hf_to_onnx
+from converters.onnx_export import convert_hf_to_onnx
 from toolbox.cli.main import main
 from toolbox.runtime.genai_decoder import GenaiDecoder
 from toolbox.runtime.onnx_decoder import OnnxDecoder
@@ -31,30 +29,6 @@ TEXT = ("The quick brown fox jumps over the lazy dog while the llama watches fro
         "counting experts one by one.")
 
 
-def _ort_quantize(w_kn: np.ndarray, bits: int, block: int, symmetric: bool) -> tuple[np.ndarray, ...]:
-    """onnxruntime's quantizer on a [K, N] weight: (B [N, K/block, blob], scales [N, K/block], zero points)."""
-    k, n = w_kn.shape
-    kb = k // block
-    packed = np.zeros((n, kb, block * bits // 8), np.uint8)
-    scales = np.zeros((n, kb), np.float32)
-    zp = np.zeros((n, (kb * bits + 7) // 8), np.uint8)
-    (quantize_matmul_4bits if bits == 4 else quantize_matmul_8bits)(
-        packed, np.ascontiguousarray(w_kn, np.float32), scales, zp, block, n, k, symmetric)
-    return packed, scales, zp
-
-
-def _fake_quant(w_kn: np.ndarray, bits: int, block: int, symmetric: bool) -> np.ndarray:
-    """The [K, N] weight that onnxruntime's quantized bytes stand for, dequantized in numpy."""
-    packed, scales, zp = _ort_quantize(w_kn, bits, block, symmetric)
-    n, kb, _ = packed.shape
-    codes = np.stack([packed & 15, packed >> 4], -1).reshape(n, kb, block) if bits == 4 else packed
-    if symmetric:
-        zero = np.full((n, kb), 2 ** (bits - 1), np.float32)
-    else:
-        zero = (np.stack([zp & 15, zp >> 4], -1).reshape(n, -1) if bits == 4 else zp)[:, :kb].astype(np.float32)
-    return ((codes.astype(np.float32) - zero[..., None]) * scales[..., None]).reshape(n, kb * block).T
-
-
 @pytest.mark.parametrize(("bits", "symmetric"), [(4, True), (4, False), (8, True), (8, False)])
 def test_packing_equals_onnxruntime_quantizer(bits: int, symmetric: bool) -> None:
     rng = np.random.default_rng(bits)
@@ -62,7 +36,7 @@ def test_packing_equals_onnxruntime_quantizer(bits: int, symmetric: bool) -> Non
     w = torch.from_numpy(rng.standard_normal((48, 256)) * 0.05).to(torch.bfloat16).float().numpy()
     w[3, :32] = 0.0  # an all-zero block: scale 0
     ours = quantize_rows(w, bits, 32, symmetric)
-    packed, scales, zp = _ort_quantize(w.T, bits, 32, symmetric)
+    packed, scales, zp = ort_quantize(w.T, bits, 32, symmetric)
     assert np.array_equal(ours.data, packed) and np.array_equal(ours.scales, scales)
     assert ours.zero_points is None if symmetric else np.array_equal(ours.zero_points, zp)
 
@@ -128,26 +102,6 @@ def test_genai_sampling_uses_its_own_loop(exports: dict[str, Path]) -> None:
     assert all(0 <= t < 202048 for t in a)
 
 
-def _fake_quant_checkpoint(src: Path, dst: Path, export: Path) -> Path:
-    """A copy of `src` whose weights that the export packs are replaced by onnxruntime-quantized ones (f32)."""
-    model = onnx.load(str(export / "model.onnx"), load_external_data=False)
-    doc = json.loads(next(p.value for p in model.metadata_props if p.key == KEY_QUANT))
-    bits, block, sym = doc["config"]["bits"], doc["config"]["block_size"], doc["config"]["symmetric"]
-    sources = {entry[0] for entry in doc["tensors"].values()}
-    shutil.copytree(src, dst)
-    for shard in sorted(dst.glob("*.safetensors")):
-        tensors = load_file(shard)
-        for name in sources & tensors.keys():
-            w = tensors[name].float().numpy()
-            if w.ndim == 2:  # nn.Linear [N, K]: y = x @ W^T
-                q = _fake_quant(w.T, bits, block, sym).T
-            else:  # fused experts [E, K, N]: y = x @ W[e]
-                q = np.stack([_fake_quant(w[e], bits, block, sym) for e in range(w.shape[0])])
-            tensors[name] = torch.from_numpy(np.ascontiguousarray(q))
-        save_file(tensors, shard, metadata={"format": "pt"})
-    return dst
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["int4", "int8"])
 def test_quantized_next_token_agreement(dtype: str, exports: dict[str, Path], scout_dir: Path,
@@ -158,7 +112,7 @@ def test_quantized_next_token_agreement(dtype: str, exports: dict[str, Path], sc
     assert {"MatMulNBits", "QMoE"} <= ops and "If" not in ops
     ids = np.array([AutoTokenizer.from_pretrained(d)(TEXT).input_ids])
     got, _ = OnnxDecoder(d).run(ids, np.ones_like(ids), np.arange(ids.shape[1])[None])
-    fake = _fake_quant_checkpoint(scout_dir, tmp_path / "fake", d)
+    fake = fake_quant_checkpoint(scout_dir, tmp_path / "fake", d)
     with torch.no_grad():
         ref = Llama4ForConditionalGeneration.from_pretrained(scout_dir, dtype=torch.float32).eval()(
             input_ids=torch.tensor(ids)).logits.numpy()

@@ -1,4 +1,4 @@
-"""GGUF -> ONNX and ONNX -> GGUF (through a staged HF checkpoint): each runtime gives the other's logits."""
+"""GGUF -> ONNX and ONNX -> GGUF (streamed, converters/gguf_onnx.py): each runtime gives the other's logits."""
 
 from __future__ import annotations
 
