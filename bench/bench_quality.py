@@ -5,8 +5,9 @@ layers, tied embedding; the final norm scaled by 0.03, since a random model's ne
 are otherwise nearly one-hot and leave no KL divergence to measure): the importance matrix computed by
 `corral imatrix` from the HF checkpoint and by llama.cpp's `llama-imatrix` from the BF16 GGUF (timed
 side by side, both on the Llama 4 license text that ships in corral's `license/texts`), then `corral eval`
-of q8_0, q6_k, q4_k_m, iq4_xs and q2_k (without and with each imatrix) against the HF source on held-out
-text (the Llama 4 acceptable use policy, also shipped). Everything is written under a temporary
+of q8_0, q6_k, q4_k_m, iq4_xs and q2_k (without and with each imatrix) and corral's built-in dynamic mixes
+(scout-dynamic, maverick-dynamic; scout-dynamic-iq2 with each imatrix, since it needs one) against the HF
+source on held-out text (the Llama 4 acceptable use policy, also shipped). Everything is written under a temporary
 directory and removed at the end (~0.7 GB).
 
 Run:  python bench/bench_quality.py [--ctx 128] [--chunks 8] [--write]
@@ -64,6 +65,7 @@ def main() -> None:
 
     from converters.hf_to_gguf import convert_hf_to_gguf
     from license.stamp import LicenseOptions
+    from toolbox.convert import ConvertRequest, convert
     from toolbox.demo import create_demo
     from toolbox.experts.imatrix import compute_imatrix
     from toolbox.experts.quality import evaluate_gguf
@@ -95,11 +97,14 @@ def main() -> None:
         files: dict[str, Path] = {}
         plan = [(o, None) for o in ("q8_0", "q6_k", "q4_k_m", "iq4_xs", "q2_k")]
         plan += [(o, k) for o in ("q4_k_m", "iq4_xs", "q2_k") for k in imatrices]
+        plan += [("scout-dynamic", None), ("maverick-dynamic", None)] + [("scout-dynamic-iq2", k) for k in imatrices]
         for outtype, im in plan:
             label = outtype + (f" + {im}" if im else "")
             files[label] = work / f"{outtype}-{len(files)}.gguf"
-            convert_hf_to_gguf(src, files[label], outtype=outtype, mau_declaration=DECL, name="Llama-4-wide8",
-                               imatrix=imatrices[im] if im else None)
+            # the CLI's own request: a dynamic mix name expands to its llama.cpp mix and per-tensor types
+            convert(ConvertRequest(src, "gguf", files[label], outtype=outtype,
+                                   imatrix=imatrices[im] if im else None,
+                                   license=LicenseOptions(name="Llama-4-wide8", mau_declaration=DECL)))
         t = time.perf_counter()
         rep = evaluate_gguf(list(files.values()), src, heldout, ctx=args.ctx, chunks=args.chunks)
         t_eval = time.perf_counter() - t

@@ -344,7 +344,12 @@ def assign(plan: Sequence[PlannedTensor], outtype: str, hp: Hparams, *, has_imat
                                  "importance matrix", hint="pass --imatrix FILE (llama-imatrix's output), or "
                                  "choose a type that does not, e.g. q4_k_m, iq4_xs or q3_k_s")
     for p in plan:
-        p.qtype = types[p.name]
+        t = types[p.name]
+        if t not in ("F32", "F16", "BF16") and p.shape[-1] % block_size(t):
+            raise UsageError(f"{p.name}: rows of {p.shape[-1]} do not fill whole {t} blocks of {block_size(t)}",
+                             hint="llama-quantize does not adjust --output-tensor-type/--token-embedding-type "
+                             "either: choose a type with smaller blocks (q8_0) for this model")
+        p.qtype = t
 
 
 def is_mix(gg_type: str) -> bool:

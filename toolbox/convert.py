@@ -81,6 +81,7 @@ def convert(request: ConvertRequest, progress: Progress = NULL_PROGRESS) -> Conv
     """Convert as `request` says; UsageError (exit 2) for a pair or option corral does not support."""
     from converters.registry import converter_for
 
+    request = expand_dynamic_mix(request)
     target = request.to.lower()
     fmt = source_format(request)
     conv = converter_for(fmt, target)  # refuses an unsupported pair before any work
@@ -140,7 +141,22 @@ def gguf_part_count(request: ConvertRequest, progress: Progress = NULL_PROGRESS)
 
     if request.to.lower() != "gguf" or source_format(request) != "hf":
         raise UsageError(f"{request.source}: only an HF -> GGUF conversion is written in parts")
+    request = expand_dynamic_mix(request)
     return split_part_count(resolve(request.source, progress), **_converter_options(request, "hf", "gguf"))
+
+
+def expand_dynamic_mix(request: ConvertRequest) -> ConvertRequest:
+    """A built-in dynamic mix --outtype (scout-dynamic, ...; converters/gguf_dynamic_mixes.yaml) as the
+    llama.cpp mix and per-tensor options it stands for, the request's own options laid over them."""
+    from dataclasses import replace
+
+    from converters.gguf_dynamic import expand, is_dynamic
+
+    if request.to.lower() != "gguf" or not is_dynamic(request.outtype):
+        return request
+    return replace(request, **expand(request.outtype, tensor_types=request.tensor_types,
+                                     output_tensor_type=request.output_tensor_type,
+                                     token_embedding_type=request.token_embedding_type, pure=request.pure))
 
 
 def _converter_options(request: ConvertRequest, fmt: str, target: str) -> dict[str, Any]:

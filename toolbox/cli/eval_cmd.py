@@ -1,4 +1,4 @@
-"""`corral eval`: measured quality of GGUF files against their HF source."""
+"""`corral eval`: measured quality of GGUF files against their HF source (or its BF16/F32 GGUF)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,11 @@ if TYPE_CHECKING:
 
 EPILOG = """\
 Each GGUF runs in llama.cpp (llama-cpp-python, logits of every position); the source runs in
-transformers, one decoder layer at a time in float32. The text is cut into --chunks chunks of
---ctx tokens, each starting with BOS. Reported per file: KL(source || gguf) of the next-token
+transformers, one decoder layer at a time in float32, or, when --against names a .gguf (the BF16 or
+F32 GGUF of the source), in llama.cpp too, tokenized by that file's vocabulary. The source's logits
+are computed once for all files, into a temporary file under $TMPDIR (positions x vocabulary x 4
+bytes: 3.3 GB for 8 chunks of 512 tokens at Llama 4's vocabulary). The text is cut into --chunks
+chunks of --ctx tokens, each starting with BOS. Reported per file: KL(source || gguf) of the next-token
 distributions (mean and 99th percentile, nats), top-1 agreement, and the perplexity of the text
 under the GGUF and under the source. --json: {"variants": [{"file", "size_bytes", "outtype",
 "kl_divergence": {"mean", "p99"}, "top1_agreement", "perplexity", "source_perplexity"}, ...],
@@ -25,6 +28,8 @@ Examples:
 
   corral --json eval *.gguf --against ./Llama-4-Scout-17B-16E-Instruct --calibration heldout.txt \\
       --ctx 512 --chunks 16 > quality.json
+
+  corral eval scout-q4_k_m.gguf scout-dynamic.gguf --against scout-bf16.gguf --calibration heldout.txt
 """
 
 
@@ -32,8 +37,8 @@ def eval_gguf(
     ctx: typer.Context,
     files: Annotated[list[Path], typer.Argument(help="GGUF files to measure.", metavar="QUANT.gguf...",
                                                 show_default=False)],
-    against: Annotated[str, typer.Option("--against", help="The HF source checkpoint (or demo:*).",
-                                         show_default=False)],
+    against: Annotated[str, typer.Option(
+        "--against", help="The source: an HF checkpoint (or demo:*), or its BF16/F32 .gguf.", show_default=False)],
     calibration: Annotated[Path, typer.Option("--calibration", help="Held-out text (.txt, .jsonl).",
                                               show_default=False)],
     n_ctx: Annotated[int, typer.Option("--ctx", help="Tokens per chunk.")] = 512,
