@@ -209,7 +209,7 @@ def test_per_expert_layout_verifies_clean(scout_copy: Path) -> None:
 def test_deep_statistics_match_float64_over_many_pieces(scout_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Small pieces: every tensor is read by several workers in turn; the folded statistics (in file order)
     are the whole tensor's, against a float64 reference."""
-    monkeypatch.setattr("toolbox.verify.checks.DEEP_CHUNK_BYTES", 8 * 4096 * 2)  # whole bf16 rows per piece
+    monkeypatch.setattr("toolbox.verify.deep.DEEP_CHUNK_BYTES", 8 * 4096 * 2)  # whole bf16 rows per piece
     report = verify_checkpoint(scout_dir, deep=True)
     tensors = _load_all(scout_dir)
     for name in (EXPERTS, NORM, "language_model.model.embed_tokens.weight"):
@@ -221,7 +221,7 @@ def test_deep_statistics_match_float64_over_many_pieces(scout_dir: Path, monkeyp
 
 
 def test_chunk_statistics_count_nan_and_inf_and_ignore_them() -> None:
-    from toolbox.verify.checks import BF16_ROW, chunk_stats
+    from toolbox.verify.deep import BF16_ROW, chunk_stats
 
     torch.manual_seed(0)  # the bounds below hold for any draw; a fixed one keeps a failure reproducible
     x = (torch.randn(4 * BF16_ROW) * 0.02).to(torch.bfloat16)

@@ -8,9 +8,6 @@ reported but does not fail. Without --deep only headers and the tokenizer are re
 from __future__ import annotations
 
 import hashlib
-import math
-import os
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -124,13 +121,18 @@ def verify_checkpoint(path: str | Path, *, deep: bool = False, against: str | Pa
 
         verify_meta(model, report, deep=deep, progress=progress)
         return report
-    ckpt = _check_config(root, report)
-    headers = _check_shards(root, report)
+    shard_part = VerifyReport(path=report.path)
+    headers = _check_shards(root, shard_part)  # first: the byte scan needs only the headers
+    from toolbox.verify.deep import deep_scan
+
     with ThreadPoolExecutor(1, thread_name_prefix="corral-deep-scan") as pool:
-        # the byte scan (I/O and torch kernels) runs while the inventory and tokenizer are checked
-        # (Python): its findings are appended after theirs, as if it had run last
+        # the byte scan (I/O and torch kernels) runs while config, inventory and tokenizer are checked
+        # (Python); findings keep the order config, shards, inventory, tokenizer, deep, as if run in turn
         deep_part = VerifyReport(path=report.path)
-        scan = pool.submit(_deep_scan, headers, deep_part, progress) if deep and headers is not None else None
+        scan = pool.submit(deep_scan, headers, deep_part, progress) if deep and headers is not None else None
+        ckpt = _check_config(root, report)
+        report.findings.extend(shard_part.findings)
+        report.checked.update(shard_part.checked)
         if ckpt is not None and headers is not None:
             _check_inventory(ckpt, root, report)
         if ckpt is not None:
@@ -356,208 +358,3 @@ def _check_tokenizer(ckpt: Llama4Checkpoint, root: Path, report: VerifyReport) -
                        path=tpath)
     if tok.chat_template is None:
         report.add("tokenizer.chat-template", "info", "no chat template (fine for a base model)", path=tpath)
-
-
-# -- deep scan ----------------------------------------------------------------------------------
-DEEP_CHUNK_BYTES = 8 * 1024**2  # read and reduced by one worker while it is still in that core's cache
-DEEP_EXTRA_WORKERS = 2  # workers beyond one per core: reads stay in flight while others compute
-BF16_ROW = 4096
-Part = tuple[int, int, int, float, float, float, float]  # n, nan, inf, sum, sum of squares, min, max
-
-
-def chunk_stats(x: Any) -> Part:
-    """The statistics of one chunk, reduced where it lies, by vectorised kernels that read it and write
-    nothing: min/max (which also tells whether NaN/Inf is present: aminmax propagates NaN, and an Inf is the
-    min or the max), then row sums and row norms. bf16 stays bf16 (a conversion pass costs more than the
-    three reductions); the kernels accumulate in float32 and round each 4096-element row's result to bf16
-    (2**-9 relative), and the rows are summed in float64, where those errors average out: ~4 significant
-    digits for a tensor of many rows, what a health check needs. Only a chunk holding NaN/Inf is counted with masks."""
-    import torch
-
-    nan = inf = 0
-    lo, hi = torch.aminmax(x)
-    lo_f, hi_f = float(lo), float(hi)
-    if not (math.isfinite(lo_f) and math.isfinite(hi_f)):
-        nan_mask, inf_mask = torch.isnan(x), torch.isinf(x)
-        nan, inf = int(nan_mask.sum()), int(inf_mask.sum())
-        x = x[~(nan_mask | inf_mask)]
-        if not x.numel():
-            return 0, nan, inf, 0.0, 0.0, math.inf, -math.inf
-        lo, hi = torch.aminmax(x)
-        lo_f, hi_f = float(lo), float(hi)
-    if x.dtype == torch.bfloat16 and x.numel() % BF16_ROW == 0:
-        rows = x.view(-1, BF16_ROW)
-        s = float(rows.sum(dim=1).double().sum())
-        ss = float(torch.linalg.vector_norm(rows, dim=1).double().square().sum())
-    else:
-        x = x.float()
-        s, ss = float(x.sum()), float(torch.dot(x, x))
-    return x.numel(), nan, inf, s, ss, lo_f, hi_f
-
-
-class _Stats:
-    """Running per-tensor statistics over chunks (float64 accumulators), folded in file order."""
-
-    def __init__(self) -> None:
-        self.n = self.nan = self.inf = 0
-        self.s = self.ss = 0.0
-        self.lo, self.hi = math.inf, -math.inf
-
-    def add(self, x: Any) -> None:
-        """Fold in a chunk (bf16 with whole 4096-element rows natively, anything else as float32)."""
-        self.fold(chunk_stats(x))
-
-    def fold(self, part: Part) -> None:
-        n, nan, inf, s, ss, lo, hi = part
-        self.n, self.nan, self.inf = self.n + n, self.nan + nan, self.inf + inf
-        self.s, self.ss = self.s + s, self.ss + ss
-        self.lo, self.hi = min(self.lo, lo), max(self.hi, hi)
-
-    def summary(self) -> dict[str, float]:
-        mean = self.s / self.n if self.n else 0.0
-        std = math.sqrt(max(self.ss / self.n - mean * mean, 0.0)) if self.n and self.lo != self.hi else 0.0
-        return {"min": self.lo if self.n else 0.0, "max": self.hi if self.n else 0.0, "mean": mean, "std": std,
-                "nan": self.nan, "inf": self.inf}
-
-
-def _chunks(headers: list[SafetensorsHeader]) -> list[tuple[SafetensorsHeader, Any, int, int]]:
-    """(shard, tensor entry, absolute begin, end) pieces of at most DEEP_CHUNK_BYTES, whole elements."""
-    from toolbox.tensors.safetensors_format import DTYPES
-
-    out = []
-    for h in headers:
-        for e in sorted(h.tensors.values(), key=lambda e: e.begin):
-            step = DEEP_CHUNK_BYTES - DEEP_CHUNK_BYTES % DTYPES[e.dtype][0]
-            out.extend((h, e, pos, min(pos + step, e.end)) for pos in range(e.begin, e.end, step))
-    return out
-
-
-class _Reader:
-    """Positioned reads of shard files through the page cache with the kernel's sequential read-ahead
-    (on the reference VM, direct reads of the same files were capped at half the buffered rate), each
-    range dropped from the cache once read: a checkpoint is read once, and hundreds of GB passing
-    through would evict everything else."""
-
-    def __init__(self) -> None:
-        import threading
-
-        self.fds: dict[Path, int] = {}
-        self.lock = threading.Lock()
-
-    def _fd(self, path: Path) -> int:
-        with self.lock:
-            if path not in self.fds:
-                self.fds[path] = os.open(path, os.O_RDONLY)
-                if hasattr(os, "posix_fadvise"):
-                    os.posix_fadvise(self.fds[path], 0, 0, os.POSIX_FADV_SEQUENTIAL)
-            return self.fds[path]
-
-    def read(self, path: Path, slot: Any, begin: int, length: int) -> tuple[Any, int]:
-        """(uint8 view of the bytes in `slot`, how many were read) for [begin, begin + length)."""
-        fd = self._fd(path)
-        got = _pread_all(fd, slot, begin, length)
-        if hasattr(os, "posix_fadvise"):
-            os.posix_fadvise(fd, begin, length, os.POSIX_FADV_DONTNEED)
-        return slot[:length], got
-
-    def close(self) -> None:
-        for fd in self.fds.values():
-            os.close(fd)
-
-
-def _pread_all(fd: int, buf: Any, begin: int, length: int) -> int:
-    view = memoryview(buf.numpy())[:length]
-    done = 0
-    while done < length:
-        n = os.preadv(fd, [view[done:]], begin + done)
-        if n == 0:
-            break
-        done += n
-    return done
-
-
-def _scan_pieces(pieces: list[tuple[SafetensorsHeader, Any, int, int]], task: Any) -> Iterator[tuple[int, Part | None]]:
-    """(bytes read, statistics or None) per piece, in order. Each worker reads a piece into its slot and
-    reduces it at once, single-threaded (torch's own threads wait on each other in lock step, four times
-    slower on a busy machine); a few more workers than cores keep several reads in flight."""
-    from concurrent.futures import Future, ThreadPoolExecutor
-
-    import torch
-
-    from toolbox.tensors.safetensors_format import DTYPES
-
-    workers = max(1, min(4, os.cpu_count() or 1)) + DEEP_EXTRA_WORKERS
-    window = workers + 1
-    slots = [torch.empty(DEEP_CHUNK_BYTES, dtype=torch.uint8) for _ in range(min(window, len(pieces)))]
-    wide: dict[int, Any] = {}  # slot -> float32 buffer, for chunks that are not bf16
-    reader = _Reader()
-
-    def work(i: int) -> tuple[int, Part | None]:
-        h, e, begin, end = pieces[i]
-        slot = i % window
-        raw, got = reader.read(h.path, slots[slot], begin, end - begin)
-        if got != end - begin or e.dtype not in FLOAT_DTYPES:
-            return got, None
-        x = raw.view(getattr(torch, DTYPES[e.dtype][1]))
-        if x.dtype != torch.bfloat16:  # into a reused buffer: converting into fresh memory is 7x slower
-            if slot not in wide:
-                wide[slot] = torch.empty(DEEP_CHUNK_BYTES, dtype=torch.float32)  # room for 1-byte dtypes
-            x = wide[slot][: x.numel()].copy_(x)
-        return got, chunk_stats(x)
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    futures: dict[int, Future[tuple[int, Part | None]]] = {}
-    try:
-        with ThreadPoolExecutor(workers, thread_name_prefix="corral-deep") as pool:
-            try:
-                for i in range(min(window, len(pieces))):
-                    futures[i] = pool.submit(work, i)
-                for i in range(len(pieces)):
-                    result = futures.pop(i).result()
-                    if i + window < len(pieces):  # slot i % window is free again
-                        futures[i + window] = pool.submit(work, i + window)
-                    task.advance(result[0])
-                    yield result
-            finally:
-                for f in futures.values():
-                    f.cancel()
-    finally:
-        torch.set_num_threads(threads)
-        reader.close()
-
-
-def _deep_scan(headers: list[SafetensorsHeader], report: VerifyReport, progress: Progress) -> None:
-    """Read every byte once, in bounded chunks read and reduced by one worker per core: NaN/Inf counts and
-    per-tensor statistics."""
-    pieces = _chunks(headers)
-    total = sum(end - begin for _h, _e, begin, end in pieces)
-    stats: dict[str, _Stats] = {}
-    with progress.task("reading (bytes)", total=total) as task:
-        scan = _scan_pieces(pieces, task)
-        try:
-            for (h, e, begin, end), (got, part) in zip(pieces, scan, strict=True):
-                if got != end - begin:
-                    report.add("shard.truncated", "fatal", f"{h.path}: short read in {e.name}", path=str(h.path),
-                               tensor=e.name)
-                    return
-                if part is not None:
-                    stats.setdefault(e.name, _Stats()).fold(part)
-        finally:
-            scan.close()
-    for h in headers:
-        for e in h.tensors.values():
-            if e.name not in stats:
-                continue
-            summary = stats[e.name].summary()
-            report.tensor_stats[e.name] = summary
-            if summary["nan"]:
-                report.add("deep.nan", "error", f"{e.name} has {summary['nan']} NaN values", tensor=e.name,
-                           path=str(h.path))
-            if summary["inf"]:
-                report.add("deep.inf", "error", f"{e.name} has {summary['inf']} infinite values", tensor=e.name,
-                           path=str(h.path))
-            if summary["std"] == 0.0 and e.numel > 1 and not e.name.endswith(("norm.weight", ".bias")):
-                report.add("deep.constant", "warning", f"{e.name} is constant ({summary['mean']:g})", tensor=e.name,
-                           path=str(h.path))
-    report.checked["bytes_read"] = total
