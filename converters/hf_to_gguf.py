@@ -25,7 +25,6 @@ from toolbox.reference import ModelLike, resolve
 from toolbox.tensors.atomic import check_output_path, ensure_free_space, new_partial
 from toolbox.tensors.gguf.quant import FLOAT_TYPES, LLAMA_CPP_OUTTYPES, PY_OUTTYPES, can_encode, encode, nbytes
 from toolbox.tensors.source import TensorSource
-from toolbox.tensors.transpose import transpose2d
 
 ROW_CHUNK_BYTES = 64 * 1024**2
 PROVENANCE_KEY = "corral.hf_config"  # the source config.json, so GGUF -> HF can restore what GGUF cannot hold
@@ -128,24 +127,25 @@ def _expert_pieces(source: TensorSource, name: str, which: str, width: int) -> C
     def gen() -> Iterator[Any]:
         for e in range(experts):
             t = source.load_slice(name, e)  # gate_up: [H, 2I]; down: [I, H]
+            # transposed views: ggml's encoder reads them in tiles, the others copy them (quant.dense)
             if which == "gate":
-                yield transpose2d(t[:, :width])
+                yield t[:, :width].T
             elif which == "up":
-                yield transpose2d(t[:, width:])
+                yield t[:, width:].T
             else:
-                yield transpose2d(t)
+                yield t.T
 
     return gen
 
 
 def _gate_up_pairs(source: TensorSource, name: str, width: int) -> Callable[[], Iterator[Any]]:
-    """(gate [I, H], up [I, H]) per expert from one read of the fused gate_up [H, 2I] slice."""
+    """(gate [I, H], up [I, H]) per expert from one read of the fused gate_up [H, 2I] slice (transposed views)."""
     experts = source.infos()[name].shape[0]
 
     def gen() -> Iterator[Any]:
         for e in range(experts):
             t = source.load_slice(name, e)
-            yield transpose2d(t[:, :width]), transpose2d(t[:, width:])
+            yield t[:, :width].T, t[:, width:].T
 
     return gen
 
@@ -422,7 +422,11 @@ def _lossy_config(ckpt: Llama4Checkpoint, allow_lossy_config: bool) -> list[str]
 
 def _write_tensors(writer: Any, plan: list[Planned], source: TensorSource, task: Any) -> None:
     """Every planned tensor in order, encoded piece by piece; a gate/up expert pair in one pass when the
-    writer can (both halves come from one fused source tensor)."""
+    writer can (both halves come from one fused source tensor).
+
+    Three stages overlap, each in its own thread and one piece ahead of the next (bounded queues): reading
+    a piece (preadv), encoding the one before (ggml's kernels on every core), writing the one before that
+    (the writer's direct I/O). Memory: about three raw and three encoded pieces."""
     from toolbox.tensors.prefetch import prefetch
 
     i = 0
@@ -433,22 +437,23 @@ def _write_tensors(writer: Any, plan: list[Planned], source: TensorSource, task:
                 nxt.name.endswith("ffn_up_exps.weight") and p.source == nxt.source:
 
             def pairs(gate: Planned = p, up: Planned = nxt) -> Iterator[Any]:
-                for e, (g, u) in enumerate(_gate_up_pairs(source, gate.source, gate.shape[1])()):
+                reads = prefetch(_gate_up_pairs(source, gate.source, gate.shape[1])(), depth=1)
+                for e, (g, u) in enumerate(reads):
                     data = (_encode(g, gate, e), _encode(u, up, e))
                     task.advance(data[0].nbytes + data[1].nbytes)
                     yield data
 
-            if writer.write_expert_pair((p.name, nxt.name), prefetch(pairs())) is not None:
+            if writer.write_expert_pair((p.name, nxt.name), prefetch(pairs(), depth=1)) is not None:
                 i += 2
                 continue
 
         def pieces(p: Planned = p) -> Iterator[Any]:
-            for e, t in enumerate(p.pieces()):  # a 3-D tensor's pieces are its experts, in order
+            for e, t in enumerate(prefetch(p.pieces(), depth=1)):  # a 3-D tensor's pieces are its experts
                 data = _encode(t, p, e)
                 task.advance(data.nbytes)
                 yield data
 
-        writer.write_tensor_pieces(p.name, prefetch(pieces()))  # read+encode overlap the write
+        writer.write_tensor_pieces(p.name, prefetch(pieces(), depth=1))
         i += 1
 
 
@@ -457,12 +462,9 @@ def _encode(t: Any, p: Planned, expert: int) -> Any:
     (expert `expert`'s for a 3-D tensor), as llama-quantize passes it."""
     if p.imatrix is None or p.qtype in FLOAT_TYPES:
         return encode(t, p.qtype)
-    import torch
-
     from toolbox.tensors.gguf import ggml
 
-    return memoryview(ggml.quantize(t.to(torch.float32).numpy(), p.qtype, imatrix=p.imatrix.row(expert),
-                                    what=p.name))
+    return memoryview(ggml.quantize(t, p.qtype, imatrix=p.imatrix.row(expert), what=p.name))
 
 
 def _publish(staging: Path, out: Path, *, force: bool) -> list[Path]:

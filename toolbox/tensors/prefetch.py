@@ -9,9 +9,11 @@ from typing import Any
 def prefetch(items: Iterable[Any], depth: int = 2) -> Iterator[Any]:
     """Iterate `items` in a background thread, `depth` items ahead.
 
-    Reading and transposing the next piece (preadv, torch: both release the GIL) then overlaps
-    with writing the current one; memory stays at `depth` + 2 pieces. An exception in the
-    producer is raised here; stopping early (an exception in the consumer) stops the producer.
+    Reading and encoding the next piece (preadv, ggml, numpy: all release the GIL) then overlaps
+    with writing the current one; memory stays at `depth` + 2 pieces. Stages chain: the items may
+    themselves come from a prefetch (read -> encode -> write, each stage in its own thread). An
+    exception in the producer is raised here; stopping early (an exception in the consumer) stops
+    the producer, and the producer closes `items`, which stops the stage before it.
     """
     import queue
     import threading
@@ -20,9 +22,11 @@ def prefetch(items: Iterable[Any], depth: int = 2) -> Iterator[Any]:
     stop = threading.Event()
     done = object()
 
+    it = iter(items)
+
     def produce() -> None:
         try:
-            for item in items:
+            for item in it:
                 while not stop.is_set():
                     try:
                         q.put((None, item), timeout=0.1)
@@ -34,6 +38,10 @@ def prefetch(items: Iterable[Any], depth: int = 2) -> Iterator[Any]:
             q.put((None, done))
         except BaseException as exc:  # handed to the consumer
             q.put((exc, None))
+        finally:  # an inner stage (a prefetch of its own) stops here, in the thread that ran it
+            close = getattr(it, "close", None)
+            if close is not None:
+                close()
 
     worker = threading.Thread(target=produce, name="corral-prefetch", daemon=True)
     worker.start()

@@ -14,6 +14,7 @@ import ctypes
 import importlib.util
 import os
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -25,6 +26,8 @@ if TYPE_CHECKING:
 
 INSTALL_HINT = "pip install 'llama-cpp-python==0.3.36' (compiles llama.cpp once)"
 BLOCK_BYTES = 4 * 1024**2  # float32 input per task: big enough to amortise the call, small enough to balance
+SUB_ELEMENTS = 256 * 1024  # converted and quantized at once: the float32 rows (1 MiB) stay in a core's L2
+TILE = 256  # columns of a strided (transposed) source converted at once
 # ggml type ids (ggml.h, enum ggml_type) of types gguf-py 0.19 has no name for
 EXTRA_TYPE_IDS = {"Q2_0": 42}
 
@@ -32,6 +35,7 @@ _lib: ctypes.CDLL | None = None
 _lock = threading.Lock()
 _pool: ThreadPoolExecutor | None = None
 _initialised: set[int] = set()
+_available: bool | None = None
 
 
 def library_path() -> Path:
@@ -63,12 +67,27 @@ def lib() -> ctypes.CDLL:
                 "ggml_is_quantized": (ctypes.c_bool, [c_int]),
                 "ggml_validate_row_data": (ctypes.c_bool, [c_int, vp, sz]),
                 "ggml_type_name": (ctypes.c_char_p, [c_int]),
+                "ggml_bf16_to_fp32_row": (None, [vp, vp, i64]),
+                "ggml_fp16_to_fp32_row": (None, [vp, vp, i64]),
             }
             for fname, (res, args) in protos.items():
                 fn = getattr(dll, fname)
                 fn.restype, fn.argtypes = res, args
             _lib = dll
         return _lib
+
+
+def available() -> bool:
+    """Whether ggml's library can be loaded (llama-cpp-python is installed): callers with a pure-Python
+    twin of a kernel (Q8_0) use ggml's when it is there."""
+    global _available
+    if _available is None:
+        try:
+            lib()
+            _available = True
+        except (CorralError, OSError, AttributeError):
+            _available = False
+    return _available
 
 
 def type_id(name: str) -> int:
@@ -119,18 +138,24 @@ def _init(tid: int) -> None:
         _initialised.add(tid)
 
 
-def quantize(x: np.ndarray, qtype_name: str, *, imatrix: np.ndarray | None = None, what: str = "tensor",
-             workers: int | None = None) -> np.ndarray:
+def quantize(x: Any, qtype_name: str, *, imatrix: np.ndarray | None = None, what: str = "tensor",
+             workers: int | None = None, carry: Callable[[np.ndarray], np.ndarray] | None = None) -> np.ndarray:
     """The bytes of float rows `x` ([..., n_per_row]) in ggml type `qtype_name`, as uint8.
 
+    `x`: a numpy array or torch tensor of float32, float16 or bfloat16 (any other dtype is cast first); a 2-D
+    one may have any strides (a transposed view is read in tiles, so no transposed copy is made). Each task
+    turns a few rows into float32 in a per-thread buffer and quantizes them while they are in cache.
     `imatrix`: one importance weight per column (float32, n_per_row), or None. `what` names the tensor
-    in errors. Row blocks are encoded in parallel; the result equals one `ggml_quantize_chunk` over all rows.
+    in errors. `carry`: an encoder for rows whose source holds NaN/Inf (float32 rows in, bytes out), so
+    that they are encoded as the caller's reference does; with it, checking the scales is the caller's.
+    Row blocks are encoded in parallel; the result equals one `ggml_quantize_chunk` over all rows.
     """
     import numpy as np
 
     dll = lib()
     tid = type_id(qtype_name)
-    n_per_row = int(x.shape[-1])
+    rows = _Rows(x)
+    n_per_row, nrows = rows.n_per_row, rows.nrows
     block = int(dll.ggml_blck_size(tid))
     if n_per_row % block:
         raise UsageError(f"{what}: rows of {n_per_row} are not a multiple of {qtype_name}'s block of {block}")
@@ -140,8 +165,6 @@ def quantize(x: np.ndarray, qtype_name: str, *, imatrix: np.ndarray | None = Non
         imatrix = np.ascontiguousarray(imatrix, dtype=np.float32)
         if imatrix.shape != (n_per_row,):
             raise BadInputError(f"{what}: importance matrix has {imatrix.size} values, rows have {n_per_row}")
-    rows = np.ascontiguousarray(x.reshape(-1, n_per_row), dtype=np.float32)
-    nrows = rows.shape[0]
     rsize = int(dll.ggml_row_size(tid, n_per_row))
     out = np.empty(nrows * rsize, dtype=np.uint8)
     if nrows == 0:
@@ -149,17 +172,23 @@ def quantize(x: np.ndarray, qtype_name: str, *, imatrix: np.ndarray | None = Non
     _init(tid)
     n_workers = workers or max(1, os.cpu_count() or 1)
     step = max(1, min(BLOCK_BYTES // (4 * n_per_row), -(-nrows // n_workers)))
-    src0, dst0 = rows.ctypes.data, out.ctypes.data
+    sub = max(1, SUB_ELEMENTS // n_per_row)
+    dst0 = out.ctypes.data
     imat = imatrix.ctypes.data if imatrix is not None else None
 
     def run(r0: int) -> None:
-        n = min(step, nrows - r0)
-        dst = dst0 + r0 * rsize
-        size = dll.ggml_quantize_chunk(tid, src0 + r0 * n_per_row * 4, dst, 0, n, n_per_row, imat)
-        if size != n * rsize:
-            raise CorralError(f"{what}: ggml wrote {size} bytes for {n} rows of {qtype_name}, expected {n * rsize}")
-        if not dll.ggml_validate_row_data(tid, dst, size):
-            raise BadInputError(f"{what}: rows {r0}..{r0 + n - 1} quantize to non-finite {qtype_name} scales "
+        end = min(r0 + step, nrows)
+        for s in range(r0, end, sub):
+            n = min(sub, end - s)
+            src = rows.float32(s, n)
+            if carry is not None and not _finite(src):
+                out[s * rsize:(s + n) * rsize] = carry(src)
+                continue
+            size = dll.ggml_quantize_chunk(tid, src.ctypes.data, dst0 + s * rsize, 0, n, n_per_row, imat)
+            if size != n * rsize:
+                raise CorralError(f"{what}: ggml wrote {size} bytes for {n} rows of {qtype_name}, expected {n * rsize}")
+        if carry is None and not dll.ggml_validate_row_data(tid, dst0 + r0 * rsize, (end - r0) * rsize):
+            raise BadInputError(f"{what}: rows {r0}..{end - 1} quantize to non-finite {qtype_name} scales "
                                 "(weights beyond float16's range, or Inf)",
                                 hint="run `corral verify --deep` on the source, or write bf16/f32")
 
@@ -173,3 +202,69 @@ def quantize(x: np.ndarray, qtype_name: str, *, imatrix: np.ndarray | None = Non
         for f in futures:
             f.result()
     return out
+
+
+def _finite(rows: np.ndarray) -> bool:
+    """Whether float32 rows hold no NaN/Inf: one summing pass (in cache), the exact test only if the sum is not
+    finite (NaN/Inf, or finite values whose sum overflows)."""
+    import numpy as np
+
+    with np.errstate(over="ignore", invalid="ignore"):
+        total = np.add.reduce(rows, axis=None)
+    return bool(np.isfinite(total)) or bool(np.isfinite(rows).all())
+
+
+class _Rows:
+    """A 2-D view of float rows whose row blocks come out as contiguous float32, converted per thread.
+
+    float32 rows that are already contiguous are used in place; contiguous bf16/f16 go through ggml's own
+    row converters; any other layout (a transposed expert slice) is converted in column tiles of TILE,
+    so that the reads of a tile stay within a few hundred source rows (pages) at a time. bf16 -> f32 is
+    exact (the 16 bits shifted up), as are f16 -> f32 and the float32 copy: the bytes do not depend on the path.
+    """
+
+    def __init__(self, x: Any) -> None:
+        import numpy as np
+
+        if hasattr(x, "detach"):  # a torch tensor: a numpy view of the same memory (bf16 as its raw 16 bits)
+            import torch
+
+            if x.dtype == torch.bfloat16:
+                arr, self.kind = x.detach().view(torch.int16).numpy().view(np.uint16), "bf16"
+            elif x.dtype in (torch.float16, torch.float32):
+                arr, self.kind = x.detach().numpy(), str(x.dtype).removeprefix("torch.")
+            else:
+                arr, self.kind = x.detach().to(torch.float32).numpy(), "float32"
+        else:
+            arr = np.asarray(x)
+            if arr.dtype not in (np.float16, np.float32):
+                arr = arr.astype(np.float32)
+            self.kind = str(arr.dtype)
+        if arr.ndim != 2:
+            arr = arr.reshape(-1, arr.shape[-1]) if arr.ndim else arr.reshape(1, 1)
+        self.arr = arr
+        self.nrows, self.n_per_row = (int(d) for d in arr.shape)
+        self._local = threading.local()
+
+    def float32(self, r0: int, n: int) -> np.ndarray:
+        """Rows r0..r0+n as a contiguous float32 [n, n_per_row] array (valid until this thread's next call)."""
+        import numpy as np
+
+        src = self.arr[r0:r0 + n]
+        if self.kind == "float32" and src.flags.c_contiguous:
+            return src
+        buf = getattr(self._local, "buf", None)
+        if buf is None or buf.shape[0] < n:
+            buf = self._local.buf = np.empty((n, self.n_per_row), dtype=np.float32)
+        dst = buf[:n]
+        if src.flags.c_contiguous:
+            convert = lib().ggml_bf16_to_fp32_row if self.kind == "bf16" else lib().ggml_fp16_to_fp32_row
+            convert(src.ctypes.data, dst.ctypes.data, src.size)
+            return dst
+        bits = dst.view(np.uint32)
+        for c in range(0, self.n_per_row, TILE):
+            if self.kind == "bf16":
+                np.left_shift(src[:, c:c + TILE], 16, out=bits[:, c:c + TILE], dtype=np.uint32)
+            else:
+                np.copyto(dst[:, c:c + TILE], src[:, c:c + TILE])
+        return dst

@@ -1,7 +1,8 @@
 """GGUF tensor encodings, computed on row slices so memory stays bounded.
 
-F32/F16/BF16 are plain casts. Q8_0 has a torch implementation (multi-threaded, bit-exact
-with gguf-py's numpy reference, checked in tests) because gguf-py's is single-threaded numpy.
+F32/F16/BF16 are plain casts. Q8_0 is ggml's kernel when llama-cpp-python is installed (row blocks on
+every core, converted from bf16 in cache, no float32 copy of a piece), else a torch twin; both are
+bit-exact with gguf-py's numpy reference (checked in tests), which is single-threaded.
 The other types gguf-py implements are computed by gguf-py on row groups in a thread pool
 (numpy releases the GIL in its kernels). K- and I-quants (every other ggml type) are encoded
 in-process by ggml's own kernels (`toolbox.tensors.gguf.ggml`).
@@ -134,22 +135,25 @@ def _quantize_quietly(rows: np.ndarray, name: str) -> np.ndarray:
 def encode(t: torch.Tensor, qtype_name: str, *, workers: int = 2) -> memoryview:
     """The bytes of `t` (rows along the last dim) in GGUF type `qtype_name`.
 
-    NonFiniteError when the encoding creates Inf/NaN that `t` does not hold (see the module docstring)."""
+    `t` may be a strided view (a transposed expert slice): ggml reads it in tiles, the other encodings
+    get a cache-blocked transposed copy. NonFiniteError when the encoding creates Inf/NaN that `t` does
+    not hold (see the module docstring)."""
     import numpy as np
     import torch
 
+    if qtype_name == "Q8_0":
+        return memoryview(_q8_0_encode(t))
+    if qtype_name not in PY_OUTTYPES.values():  # K-, I-quants and the rest: ggml's own kernels, all cores
+        from toolbox.tensors.gguf import ggml
+
+        return memoryview(ggml.quantize(t, qtype_name))
+    t = dense(t)
     if qtype_name == "F32":
         out = t.to(torch.float32)
     elif qtype_name == "F16":
         out = t.to(torch.float16)
     elif qtype_name == "BF16":
         out = t.to(torch.bfloat16)
-    elif qtype_name == "Q8_0":
-        out = q8_0(t.to(torch.float32))
-    elif qtype_name not in PY_OUTTYPES.values():  # K-, I-quants and the rest: ggml's own kernels, all cores
-        from toolbox.tensors.gguf import ggml
-
-        return memoryview(ggml.quantize(t.to(torch.float32).numpy(), qtype_name))
     else:
         arr = _gguf_py(t.to(torch.float32).numpy(), qtype_name, workers)
         raw = np.ascontiguousarray(arr).view(np.uint8).reshape(-1)
@@ -157,6 +161,36 @@ def encode(t: torch.Tensor, qtype_name: str, *, workers: int = 2) -> memoryview:
         return memoryview(raw)
     _check_finite(t, qtype_name, out)
     return memoryview(out.contiguous().view(torch.uint8).reshape(-1).numpy())
+
+
+def dense(t: torch.Tensor) -> torch.Tensor:
+    """`t` contiguous; a transposed 2-D view through the cache-blocked transpose (twice as fast as torch's)."""
+    if t.is_contiguous():
+        return t
+    if t.dim() == 2 and t.stride(0) == 1:
+        from toolbox.tensors.transpose import transpose2d
+
+        return transpose2d(t.T)
+    return t.contiguous()
+
+
+def _q8_0_encode(t: torch.Tensor) -> np.ndarray:
+    """Q8_0 bytes of `t`: ggml's quantize_row_q8_0_ref when llama-cpp-python is there (one core per row block,
+    straight from bf16 and strided views), else the torch twin; the two are byte-identical on finite rows
+    (tests). Row blocks holding NaN/Inf go through the torch twin either way, which carries them as gguf-py
+    does (ggml's max() drops a NaN)."""
+    import numpy as np
+    import torch
+
+    from toolbox.tensors.gguf import ggml
+
+    if not ggml.available():
+        raw = q8_0(dense(t).to(torch.float32)).numpy()
+    else:
+        raw = ggml.quantize(t, "Q8_0", carry=lambda rows: q8_0(torch.from_numpy(rows)).numpy())
+    if not np.isfinite(raw.reshape(-1, 34)[:, :2].copy().view(np.float16)).all():  # the f16 block scales
+        _check_finite(t, "Q8_0", torch.from_numpy(raw))  # raises unless the source was already non-finite
+    return raw
 
 
 def _check_finite(t: torch.Tensor, qtype_name: str, out: torch.Tensor) -> None:
