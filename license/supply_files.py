@@ -5,9 +5,10 @@ with it. This module reads them without the signing or BOM libraries (the licens
 supply code): the OpenSSF model-signing bundle is a Sigstore bundle whose DSSE payload is an in-toto
 statement listing every signed file with its SHA-256 (`predicate.resources`); a CycloneDX BOM lists
 the files as components with SHA-256 hashes; an SPDX 2.3 document lists `files` with SHA256
-checksums. Checking the signature's cryptography needs the signer's key (`corral verify
---public-key`); what is checked here is that the signed manifest and the BOM name the files on
-disk, with their hashes when the caller has them, and that the BOM's license facts are the stamp's.
+checksums; an SPDX 3 JSON-LD graph the `software_File`s its root element `contains`. Checking the
+signature's cryptography needs the signer's key (`corral verify --public-key`); what is checked here
+is that the signed manifest and the BOM name the files on disk, with their hashes when the caller
+has them, and that the BOM's license facts are the stamp's.
 """
 
 from __future__ import annotations
@@ -20,9 +21,16 @@ from pathlib import Path
 from typing import Any
 
 SIGNATURE_NAME = "model.sig"  # model-signing's default inside a directory
-BOM_NAMES = ("bom.cdx.json", "bom.spdx.json")  # inside a directory; FILE.cdx.json / FILE.spdx.json beside a file
+# format -> (name inside a directory, suffix beside a lone file): where corral writes and looks for a BOM
+BOM_FILES = {"cyclonedx": ("bom.cdx.json", ".cdx.json"), "spdx": ("bom.spdx.json", ".spdx.json"),
+             "spdx3": ("bom.spdx3.json", ".spdx3.json")}
+BOM_NAMES = tuple(inside for inside, _ in BOM_FILES.values())
 MAX_SUPPLY_BYTES = 64 * 1024**2
 GIT_PATHS = (".git", ".github", ".gitattributes", ".gitignore")
+# corral download's bookkeeping in the directory it fills (toolbox.hub: MANIFEST_NAME, and RESERVED_DIR where its
+# state and huggingface_hub's live): not part of the model, so it is never signed, listed in a BOM or published,
+# and a signature made right after a download still matches what publish uploads
+DOWNLOAD_PATHS = ("corral-manifest.json", ".cache")
 
 
 class SupplyFileError(ValueError):
@@ -34,7 +42,7 @@ class SupplyDoc:
     """What a signature or BOM says: the files it lists (name -> sha256 hex) and, for a BOM, its facts."""
 
     path: Path
-    kind: str  # signature | cyclonedx | spdx
+    kind: str  # signature | cyclonedx | spdx | spdx3
     files: dict[str, str]
     ignored: list[str] = field(default_factory=list)
     facts: dict[str, str] = field(default_factory=dict)  # model name, license id, MAU declaration
@@ -44,11 +52,15 @@ def signature_path(artifact: Path) -> Path:
     return artifact / SIGNATURE_NAME if artifact.is_dir() else artifact.with_name(artifact.name + ".sig")
 
 
+def bom_path(artifact: Path, fmt: str) -> Path:
+    """The conventional place of a `fmt` BOM: DIR/bom.cdx.json inside a directory, FILE.cdx.json beside a file."""
+    inside, suffix = BOM_FILES[fmt]
+    return artifact / inside if artifact.is_dir() else artifact.with_name(artifact.name + suffix)
+
+
 def bom_candidates(artifact: Path) -> list[Path]:
-    """Where corral looks for a BOM: bom.cdx.json / bom.spdx.json in a directory, FILE.cdx.json beside a file."""
-    if artifact.is_dir():
-        return [artifact / n for n in BOM_NAMES]
-    return [artifact.with_name(artifact.name + s) for s in (".cdx.json", ".spdx.json")]
+    """Where corral looks for a BOM: each format's conventional place (`bom_path`), CycloneDX first."""
+    return [bom_path(artifact, fmt) for fmt in BOM_FILES]
 
 
 def _load(path: Path) -> Any:
@@ -82,7 +94,7 @@ def read_signature(path: Path, *, lone_file: str | None = None) -> SupplyDoc:
 
 
 def read_bom(path: Path) -> SupplyDoc:
-    """The files (name -> sha256) and license facts of a CycloneDX or SPDX 2.3 JSON BOM corral wrote."""
+    """The files (name -> sha256) and license facts of a CycloneDX, SPDX 2.3 or SPDX 3 JSON BOM corral wrote."""
     doc = _load(path)
     if not isinstance(doc, dict):
         raise SupplyFileError(f"{path}: not a BOM (a JSON object was expected)")
@@ -91,7 +103,9 @@ def read_bom(path: Path) -> SupplyDoc:
             return _cyclonedx(path, doc)
         if str(doc.get("spdxVersion", "")).startswith("SPDX-"):
             return _spdx(path, doc)
-    except (KeyError, TypeError, AttributeError, IndexError) as exc:
+        if str(doc.get("@context", "")).startswith("https://spdx.org/rdf/3."):
+            return _spdx3(path, doc)
+    except (KeyError, TypeError, AttributeError, IndexError, StopIteration) as exc:
         raise SupplyFileError(f"{path}: a BOM without the fields corral writes ({type(exc).__name__})") from None
     raise SupplyFileError(f"{path}: neither a CycloneDX nor an SPDX document")
 
@@ -125,6 +139,28 @@ def _spdx(path: Path, doc: dict[str, Any]) -> SupplyDoc:
     files = {f["fileName"].removeprefix("./"): _sha(f.get("checksums", []), "algorithm", "checksumValue",
                                                      "SHA256") or "" for f in doc.get("files", [])}
     return SupplyDoc(path, "spdx", files, facts=facts)
+
+
+def _spdx3(path: Path, doc: dict[str, Any]) -> SupplyDoc:
+    """An SPDX 3 JSON-LD graph: the root element's name, the files it `contains` with their sha256, the declared
+    license expression and the `corral.license.mau_declaration=` annotation on it."""
+    graph = [e for e in doc["@graph"] if isinstance(e, dict)]
+    by_id = {e.get("spdxId"): e for e in graph if e.get("spdxId")}
+    root_id = next(e for e in graph if e.get("type") == "SpdxDocument")["rootElement"][0]
+    model = by_id[root_id]
+
+    def related(kind: str) -> list[dict[str, Any]]:
+        return [by_id[t] for r in graph if r.get("type") == "Relationship" and r.get("from") == root_id
+                and r.get("relationshipType") == kind for t in r.get("to", []) if t in by_id]
+
+    files = {f["name"]: _sha(f.get("verifiedUsing", []), "algorithm", "hashValue", "sha256") or ""
+             for f in related("contains") if f.get("type") == "software_File"}
+    lic = next((e.get("simplelicensing_licenseExpression", "") for e in related("hasDeclaredLicense")), "")
+    key = "corral.license.mau_declaration="
+    mau = next((str(a["statement"])[len(key):] for a in graph if a.get("type") == "Annotation"
+                and a.get("subject") == root_id and str(a.get("statement", "")).startswith(key)), "")
+    return SupplyDoc(path, "spdx3", files, facts={"name": model.get("name", ""), "license": lic,
+                                                  "mau_declaration": mau})
 
 
 def compare_files(doc: SupplyDoc, on_disk: dict[str, str | None]) -> list[str]:
@@ -163,9 +199,9 @@ def signature_leaves(doc: SupplyDoc) -> set[str]:
 
 
 def bom_leaves(doc: SupplyDoc, artifact: Path) -> set[str]:
-    """What a BOM leaves out: git metadata, the signature, the BOMs (itself included)."""
+    """What a BOM leaves out: git metadata, a download's bookkeeping, the signature, the BOMs (itself included)."""
     own = doc.path.name if artifact.is_dir() and doc.path.parent.resolve() == artifact.resolve() else None
-    return {*GIT_PATHS, SIGNATURE_NAME, *BOM_NAMES, *([own] if own else [])}
+    return {*GIT_PATHS, *DOWNLOAD_PATHS, SIGNATURE_NAME, *BOM_NAMES, *([own] if own else [])}
 
 
 def _sha256(path: Path) -> str:

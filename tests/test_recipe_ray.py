@@ -206,6 +206,65 @@ def test_a_step_no_node_can_run_is_refused_not_queued(cluster, tmp_path: Path, m
     assert not (tmp_path / "out").exists()
 
 
+ENV_RECIPE = """\
+corral: 1
+name: env
+source: demo:scout
+steps:
+  - id: pruned
+    uses: prune
+    with: {keep: [0, 1, 2, 3, 4, 5, 6, 7]}
+    output: Llama-4-Scout-env-8e
+"""
+
+
+@pytest.mark.slow
+def test_driver_settings_reach_tasks_on_an_already_started_cluster(cluster, tmp_path: Path, monkeypatch) -> None:
+    """Settings the driver gets after the cluster started (and after ray.init, by someone else) reach every
+    task through its runtime_env: the step stamps the driver's MAU declaration, which no node was started
+    with; the Hub endpoint arrives as the driver has it; the token is not forwarded, and no runtime_env holds it."""
+    import ray
+
+    from license.artifact import detect, read_file_meta
+    from toolbox.recipe.executors import Job
+    from toolbox.recipe.ray_executor import FORWARDED_ENV, SECRET_ENV, task_options
+
+    def probe(names: list[str]) -> dict[str, str | None]:  # local, so Ray ships it by value to the workers
+        import os
+
+        return {k: os.environ.get(k) for k in names}
+
+    secret = "hf_driverONLYsecretTOKEN0123456789abcd"
+    monkeypatch.setenv("CORRAL_MAU_DECLARATION", "meta-license:ACME-2026-01")
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9/corral-test-hub")
+    monkeypatch.setenv("CORRAL_HUB_TIMEOUT", "7")
+    monkeypatch.setenv("HF_TOKEN", secret)
+    monkeypatch.delenv("SOURCE_DATE_EPOCH", raising=False)
+    (tmp_path / "env.yaml").write_text(ENV_RECIPE)
+    ray.init(address=str(cluster["address"]), log_to_driver=False, configure_logging=False)
+    try:
+        res = run_recipe(load_recipe(tmp_path / "env.yaml"), tmp_path / "out", cache_dir=tmp_path / "cache",
+                         executor="ray", address=str(cluster["address"]))
+        assert ray.is_initialized()  # the run used the connection it found and left it open
+        job = Job("prune", {}, "k", "prune", False, "/src", None, "/o", {})
+        opts = task_options(job, 0, {})
+        assert secret not in json.dumps(opts)
+        seen = ray.get([ray.remote(probe).options(**opts, resources={node: 0.01}).remote(
+            [*FORWARDED_ENV, *SECRET_ENV]) for node in ("node_a", "node_b")], timeout=RUN_TIMEOUT)
+    finally:
+        ray.shutdown()
+    (inst,) = res.instances
+    assert inst.built_by["executor"] == "ray"
+    out = tmp_path / "out" / "Llama-4-Scout-env-8e"
+    stamp = next(read_file_meta(f).corral for f in detect(out).files)
+    assert stamp["corral.license.mau_declaration"] == "meta-license:ACME-2026-01"
+    for env in seen:
+        assert env["HF_ENDPOINT"] == "http://127.0.0.1:9/corral-test-hub" and env["CORRAL_HUB_TIMEOUT"] == "7"
+        assert env["CORRAL_MAU_DECLARATION"] == "meta-license:ACME-2026-01" and env["SOURCE_DATE_EPOCH"] == ""
+        assert env["CORRAL_CACHE_DIR"] == str(Path(os.environ["CORRAL_CACHE_DIR"]).absolute())
+        assert env["HF_TOKEN"] != secret
+
+
 @pytest.mark.slow
 def test_killed_node_costs_a_retry_not_the_result(cluster, split_reference: dict[str, str], tmp_path: Path) -> None:
     """kill -9 of the second node's raylet while it runs a part: Ray retries the part on the head node."""
@@ -278,13 +337,15 @@ def test_executor_choice_and_missing_ray(tmp_path: Path, monkeypatch, capsys) ->
 
 def test_task_options_follow_the_step(tmp_path: Path) -> None:
     from toolbox.recipe.executors import Job
-    from toolbox.recipe.ray_executor import GIB, MAX_RETRIES, task_options
+    from toolbox.recipe.ray_executor import FORWARDED_ENV, GIB, MAX_RETRIES, SECRET_ENV, task_options
 
     def job(uses: str, **params: object) -> Job:
         return Job(uses, dict(params), "k", uses, uses in ("verify", "license-check"), "/src", None, "/o", {})
 
     plain = task_options(job("convert", to="gguf"), 5 * GIB, {"CPU": 2.0})
+    env = plain.pop("runtime_env")["env_vars"]
     assert plain == {"num_cpus": 1, "num_gpus": 0, "memory": 2 * GIB, "max_retries": MAX_RETRIES,
                      "retry_exceptions": False}
+    assert set(env) == set(FORWARDED_ENV) and not set(env) & set(SECRET_ENV)
     assert task_options(job("prune", keep_count=2, criterion="reap"), GIB, {})["memory"] == 4 * GIB
     assert task_options(job("convert", to="gguf"), 5 * GIB + 1, {"disk_gib": 100.0})["resources"] == {"disk_gib": 6}

@@ -16,7 +16,9 @@ of every file's SHA-256 (weights, config, tokenizer, NOTICE/LICENSE/README sidec
 signed with an ECDSA key (P-256/384/521), optionally as an X.509 signing certificate
 (--certificate, with --certificate-chain up to the root). It goes to model.sig inside a directory (left
 out of what it signs) or to FILE.sig beside a lone file. Git metadata (.git/,
-.gitattributes, .github/, .gitignore) is left out, as model-signing does by default.
+.gitattributes, .github/, .gitignore) is left out, as model-signing does by default, and so
+is what corral download keeps beside a model (corral-manifest.json, .cache/), which corral
+publish does not upload either.
 Check it with corral verify PATH --public-key KEY, or with model-signing's own CLI:
 model_signing verify key PATH --signature PATH/model.sig --public_key pub.pem.
 Keyless Sigstore signing (OIDC in CI) needs the network and is not offered yet.

@@ -22,6 +22,7 @@ import shutil
 import socket
 import time
 import uuid
+from collections.abc import Mapping
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from contextlib import AbstractContextManager
 from dataclasses import replace
@@ -46,10 +47,18 @@ GIB = 1 << 30
 PEAK_BYTES = {"convert": 2 * GIB, "merge": 2 * GIB, "prune": 1 * GIB, "extract": 1 * GIB, "verify": 2 * GIB,
               "license-check": GIB // 2}
 STATS_PEAK_BYTES = 4 * GIB
-# only these reach the workers' environment (through the job's runtime_env): what changes the bytes a step
-# writes. Never a token: workers do not download (the driver resolves the source).
-FORWARDED_ENV = ("SOURCE_DATE_EPOCH", "CORRAL_NO_DIRECT_IO", "CORRAL_MAU_DECLARATION")
-# steps that need the driver's secrets or network (the Hub token, a signing key's password) run on the driver
+# The driver's settings a step reads, given to every task in its runtime_env (blank where the driver has none:
+# each reader takes "" for unset, so a node's own environment never changes what a step writes): the stamp and
+# reproducibility, direct I/O, where demos and fetched inputs are cached (made absolute), and which Hub a step
+# would ask and how patiently. A runtime_env is plain data that Ray keeps in its control store and shows in its
+# dashboard and task listings, so no secret is ever put there (SECRET_ENV).
+FORWARDED_ENV = ("SOURCE_DATE_EPOCH", "CORRAL_MAU_DECLARATION", "CORRAL_NO_DIRECT_IO", "CORRAL_CACHE_DIR",
+                 "HF_ENDPOINT", "CORRAL_HUB_TIMEOUT", "CORRAL_HUB_DEADLINE", "CORRAL_HUB_MAX_FILES",
+                 "CORRAL_ACCEPT_LLAMA_LICENSE")
+SECRET_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "CORRAL_SIGNING_KEY_PASSWORD")
+# steps that need the driver's secrets or network (the Hub token, a signing key's password) run on the driver;
+# the source is fetched by the driver too, so no task needs the token. A worker that ever must read a gated
+# repository reads its own node's HF_TOKEN (or token file), provisioned as a cluster secret.
 DRIVER_OPS = ("publish", "sign")
 
 
@@ -84,11 +93,22 @@ def peak_bytes(job: Job) -> int:
     return PEAK_BYTES.get(job.uses, 2 * GIB)
 
 
-def task_options(job: Job, estimate: int, cluster: dict[str, float]) -> dict[str, Any]:
+def worker_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment every task gets (`FORWARDED_ENV` from the driver's, blank where unset); never a secret."""
+    env = os.environ if environ is None else environ
+    out = {k: env.get(k, "") for k in FORWARDED_ENV}
+    if out["CORRAL_CACHE_DIR"]:
+        out["CORRAL_CACHE_DIR"] = str(Path(out["CORRAL_CACHE_DIR"]).absolute())
+    return out
+
+
+def task_options(job: Job, estimate: int, cluster: dict[str, float],
+                 environ: Mapping[str, str] | None = None) -> dict[str, Any]:
     """Ray task options: one CPU, the step's peak memory, `disk_gib` only where the cluster declares that
-    resource, no GPU (no step uses one yet), bounded retries of lost workers only."""
+    resource, no GPU (no step uses one yet), bounded retries of lost workers only, and the driver's settings
+    (`worker_env`) as the task's runtime_env, so a cluster started by anyone, before this run, sees them."""
     opts: dict[str, Any] = {"num_cpus": 1, "num_gpus": 0, "memory": peak_bytes(job), "max_retries": MAX_RETRIES,
-                            "retry_exceptions": False}
+                            "retry_exceptions": False, "runtime_env": {"env_vars": worker_env(environ)}}
     if DISK_RESOURCE in cluster and estimate > 0:
         opts["resources"] = {DISK_RESOURCE: max(1, math.ceil(estimate / GIB))}
     return opts
@@ -171,12 +191,10 @@ class RayBackend:
 
     def __enter__(self) -> RayBackend:
         ray = self.ray
-        if not ray.is_initialized():
-            env = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
+        if not ray.is_initialized():  # settings reach the tasks through each task's runtime_env (task_options)
             local = self.address is None and not os.environ.get("RAY_ADDRESS")
             try:
-                ray.init(address=self.address, runtime_env={"env_vars": env} if env else None,
-                         log_to_driver=False, configure_logging=False,
+                ray.init(address=self.address, log_to_driver=False, configure_logging=False,
                          **({"include_dashboard": False} if local else {}))
             except Exception as exc:  # ConnectionError, an authentication or version mismatch: Ray's own words
                 raise ClusterError(f"cannot connect to the Ray cluster at {self.address or 'RAY_ADDRESS'}: "

@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -25,14 +25,15 @@ from license import keys as K
 from license.artifact import detect, read_file_meta
 from license.policy import load_policy
 from license.stamp import prior_history
-from license.supply_files import BOM_NAMES
+from license.supply_files import BOM_NAMES, DOWNLOAD_PATHS, GIT_PATHS, bom_path
 from toolbox.errors import BadInputError, InternalError, UsageError
 from toolbox.progress import NullProgress, Progress
 from toolbox.supply.sign import DEFAULT_NAME
 from toolbox.tensors.atomic import NEW_MARK, OLD_MARK, PARTIAL_MARK, atomic_file
 
 CHUNK = 1 << 20
-SKIP = frozenset({".git", ".github", ".gitattributes", ".gitignore", DEFAULT_NAME, *BOM_NAMES})
+FORMATS = {"cyclonedx": "cyclonedx-1.6", "spdx": "spdx-2.3", "spdx3": "spdx-3.0.1"}  # --format -> what is written
+SKIP = frozenset({*GIT_PATHS, *DOWNLOAD_PATHS, DEFAULT_NAME, *BOM_NAMES})
 
 
 @dataclass
@@ -68,7 +69,8 @@ def _digests(path: Path, progress_task: Any, *algorithms: str) -> list[str]:
 
 
 def _files(root: Path, exclude: Path | None) -> Iterator[tuple[str, Path]]:
-    """(name, path) of every regular file of the artifact, sorted; git metadata, the signature and the BOM aside."""
+    """(name, path) of every regular file of the artifact, sorted; git metadata, a download's bookkeeping, the
+    signature and the BOM aside."""
     if root.is_file():
         yield root.name, root
         return
@@ -97,10 +99,10 @@ def _stamp_meta(path: Path) -> dict[str, str]:
 
 def build_bom(path: str | Path, output: str | Path, *, fmt: str = "cyclonedx", force: bool = False,
               progress: Progress | None = None) -> BomResult:
-    """Hash every file, build and validate the CycloneDX 1.6 (or, `fmt="spdx"`, SPDX 2.3) document, then
-    write it atomically."""
-    if fmt not in ("cyclonedx", "spdx"):
-        raise UsageError(f"BOM format {fmt!r} is not cyclonedx or spdx")
+    """Hash every file, build and validate the CycloneDX 1.6 (or, `fmt="spdx"`, SPDX 2.3; `fmt="spdx3"`, SPDX
+    3.0.1 with the AI profile) document, then write it atomically."""
+    if fmt not in FORMATS:
+        raise UsageError(f"BOM format {fmt!r} is not one of {', '.join(FORMATS)}")
     root = Path(path)
     out = Path(output).absolute()
     meta = _stamp_meta(root)
@@ -112,17 +114,37 @@ def build_bom(path: str | Path, output: str | Path, *, fmt: str = "cyclonedx", f
             got = _digests(p, task, *(("sha1", "sha256") if fmt == "spdx" else ("sha256",)))  # SPDX wants SHA-1 too
             digests[name] = (got[0] if fmt == "spdx" else "", got[-1])
     hashes = {n: d[1] for n, d in digests.items()}
+    created = _provenance(meta).get("created")
+    stamp_time = _parse_time(created) if isinstance(created, str) else None
     if fmt == "spdx":
         from toolbox.supply.spdx import render_spdx
 
-        created = _provenance(meta).get("created")
-        text = render_spdx(meta, digests, created=_parse_time(created) if isinstance(created, str) else None)
+        text = render_spdx(meta, digests, created=stamp_time)
+    elif fmt == "spdx3":
+        from toolbox.supply.spdx3 import render_spdx3
+
+        text = render_spdx3(meta, hashes, created=stamp_time, is_file=root.is_file())
     else:
         text = render_cyclonedx(meta, hashes, is_file=root.is_file())
     with atomic_file(out, force=force) as tmp:
         tmp.write_text(text, encoding="utf-8")
-    return BomResult(root, out, meta.get(K.MODEL_NAME, root.name), hashes,
-                     "spdx-2.3" if fmt == "spdx" else "cyclonedx-1.6")
+    return BomResult(root, out, meta.get(K.MODEL_NAME, root.name), hashes, FORMATS[fmt])
+
+
+def write_beside(artifacts: Sequence[str | Path], fmt: str = "cyclonedx", *,
+                 progress: Progress | None = None) -> list[BomResult]:
+    """The BOM of each finished artifact at its conventional place (`license.supply_files.bom_path`: DIR/bom.cdx.json
+    inside a directory, FILE.cdx.json beside a lone file, one per file of a split GGUF set), where `license check`,
+    `publish` and a recipe's `bom` step look. Called once the artifact is complete, so a crash can leave an artifact
+    without its BOM (rerun `corral bom`), never a BOM without its artifact; a stale BOM beside a replaced lone file
+    is removed before hashing starts, so it never sits beside bytes it does not describe for longer than a rename."""
+    if fmt not in FORMATS:
+        raise UsageError(f"BOM format {fmt!r} is not one of {', '.join(FORMATS)}")
+    roots = [Path(a) for a in artifacts]
+    for root in roots:
+        if root.is_file():
+            bom_path(root, fmt).unlink(missing_ok=True)
+    return [build_bom(root, bom_path(root, fmt), fmt=fmt, force=True, progress=progress) for root in roots]
 
 
 def render_cyclonedx(meta: Mapping[str, str], hashes: Mapping[str, str], *, is_file: bool) -> str:

@@ -36,6 +36,8 @@ from typing import Any
 from license import keys as K
 from license.audit import check_artifact
 from license.supply_files import (
+    BOM_FILES,
+    DOWNLOAD_PATHS,
     SupplyFileError,
     bom_candidates,
     bom_leaves,
@@ -53,7 +55,7 @@ from toolbox.tensors.atomic import NEW_MARK, OLD_MARK, PARTIAL_MARK
 
 MAX_FILE_ENV = "CORRAL_PUBLISH_MAX_FILE_BYTES"
 DEFAULT_MAX_FILE_BYTES = 50 * 10**9  # the Hub's limit for one file (50 GB)
-LEFT_OUT = (".git", ".cache", "corral-manifest.json")  # git metadata; corral download's state and manifest
+LEFT_OUT = (".git", *DOWNLOAD_PATHS)  # git metadata; corral download's state and manifest (sign leaves them out too)
 CHUNK = 1 << 20
 REGULAR_MAX = 10 * 1024**2  # above this the Hub stores a file in LFS (or Xet), named by its sha256
 
@@ -225,7 +227,7 @@ def _lone_file_extras(root: Path, signature: str | Path | None, bom: str | Path 
         extras.append(Upload(root.name + ".sig", sig, sig.stat().st_size))
     for b in [Path(bom)] if bom is not None else bom_candidates(root):
         if b.is_file():
-            suffix = ".spdx.json" if b.name.endswith(".spdx.json") else ".cdx.json"
+            suffix = next((s for _, s in BOM_FILES.values() if b.name.endswith(s)), ".cdx.json")
             extras.append(Upload(root.name + suffix, b, b.stat().st_size))
     names = ("NOTICE", "LICENSE", "USE_POLICY.md", "README.md")
     beside = [root.parent / n for n in names]

@@ -3,9 +3,11 @@
 The signature is a Sigstore bundle over a manifest of every file's SHA-256 (weights, config,
 tokenizer, license sidecars), so it verifies with `model_signing verify key ...` as well as with
 corral. What the library leaves out by default stays out: git metadata (`.git/`, `.gitattributes`,
-`.github/`, `.gitignore`), and the signature file itself when it lies inside the directory (recorded in
-the manifest's `ignore_paths`, so every verifier skips it too). Symbolic links are refused, as the
-library does by default: sign a directory of real files (`corral download` writes one).
+`.github/`, `.gitignore`). So do the signature file itself when it lies inside the directory, and
+what `corral download` keeps beside a model (`corral-manifest.json`, `.cache/`), which `corral publish`
+does not upload: both are recorded in the manifest's `ignore_paths`, so every verifier skips them too.
+Symbolic links are refused, as the library does by default: sign a directory of real files (`corral
+download` writes one).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from license.supply_files import DOWNLOAD_PATHS, GIT_PATHS
 from toolbox.errors import BadInputError, UsageError
 from toolbox.tensors.atomic import atomic_file
 
@@ -104,9 +107,9 @@ def _inside(root: Path, target: Path) -> str | None:
 def _covered(root: Path, ignored: list[str]) -> list[str]:
     if root.is_file():
         return [root.name]
-    skip = {".git", ".github", ".gitattributes", ".gitignore", *ignored}
-    return sorted(str(f.relative_to(root)) for f in root.rglob("*")
-                  if f.is_file() and not any(str(f.relative_to(root)).startswith(s) for s in skip))
+    skip = {*GIT_PATHS, *ignored}
+    names = (f.relative_to(root).as_posix() for f in root.rglob("*") if f.is_file())
+    return sorted(n for n in names if not any(n == s or n.startswith(s + "/") for s in skip))
 
 
 def sign_artifact(path: str | Path, key: str | Path, *, signature: str | Path | None = None,
@@ -122,7 +125,7 @@ def sign_artifact(path: str | Path, key: str | Path, *, signature: str | Path | 
     target = Path(signature) if signature is not None else default_signature(root)
     if target.is_dir():
         raise UsageError(f"{target}: is a directory, not a signature file", hint="give --signature FILE")
-    ignored = [rel] if root.is_dir() and (rel := _inside(root, target)) else []
+    ignored = [*DOWNLOAD_PATHS, *([rel] if (rel := _inside(root, target)) else [])] if root.is_dir() else []
     if certificate is not None:
         if password:
             raise UsageError("--password is for a key without a certificate", hint="decrypt the key first")
