@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
+from converters.gguf_dynamic import names as dynamic_mix_names
 from license.sets import RELATIONS, policy_ids
 from toolbox.demo import VARIANTS
 from toolbox.experts.stats import CRITERIA as STATS_CRITERIA
@@ -28,6 +29,7 @@ def _literal(values: tuple[str, ...]) -> Any:
 CONVERT_TARGETS = ("gguf", "hf", "onnx")
 MERGE_TARGETS = ("hf", "gguf")
 OUTTYPES: tuple[str, ...] = tuple(ALL_OUTTYPES)
+CONVERT_OUTTYPES: tuple[str, ...] = (*OUTTYPES, *dynamic_mix_names())  # + scout-dynamic, ... (convert only)
 HF_DTYPES: tuple[str, ...] = tuple(HF_OUT_DTYPES)
 CONVERT_DTYPES = tuple(dict.fromkeys((*HF_DTYPES, *ONNX_DTYPES)))
 CRITERIA = (*STATS_CRITERIA, "random")
@@ -39,6 +41,7 @@ BomFormat = _literal(BOM_FORMATS)
 ReportFormat = _literal(REPORT_FORMATS)
 MergeTarget = _literal(MERGE_TARGETS)
 OutType = _literal(OUTTYPES)
+ConvertOutType = _literal(CONVERT_OUTTYPES)
 MmprojOutType = _literal(MMPROJ_OUTTYPES)
 ConvertDtype = _literal(CONVERT_DTYPES)
 MergeDtype = _literal(HF_DTYPES)

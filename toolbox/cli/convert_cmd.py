@@ -5,9 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated
 
+from converters.gguf_dynamic import help_text as dynamic_mix_help
 from toolbox.cli._typer import typer
-from toolbox.cli.choices import OUTTYPES, ConvertDtype, ConvertTarget, MmprojOutType, OutType
-from toolbox.cli.options import BaseModelOpt, FixNameOpt, ForceOpt, MauDeclarationOpt, NameOpt
+from toolbox.cli.choices import OUTTYPES, ConvertDtype, ConvertOutType, ConvertTarget, MmprojOutType
+from toolbox.cli.options import BaseModelOpt, BomOpt, FixNameOpt, ForceOpt, MauDeclarationOpt, NameOpt
 
 EPILOG = """\
 Every output carries the Llama 4 license stamp: its name must begin with "Llama" and you
@@ -26,6 +27,8 @@ Examples:
 
   corral convert demo:scout --to gguf -o scout.gguf --mmproj auto    # + scout.mmproj.gguf
 
+  corral convert demo:scout --to gguf -o scout.gguf --bom cyclonedx   # + scout.gguf.cdx.json (CycloneDX 1.6)
+
   corral convert scout.gguf --to hf --mmproj scout.mmproj.gguf -o ./Llama-4-Scout-multimodal
 
   corral convert ./Llama-4-Maverick-FP8 --to hf --dtype bf16 -o ./Maverick-bf16   # plain fused bf16
@@ -34,7 +37,7 @@ Examples:
 
   corral convert ./Scout-quantized.w4a16 --to hf -o ./Scout-bf16   # compressed-tensors (vLLM / llm-compressor)
 
-  corral convert scout-bf16.gguf --to onnx -o ./scout-onnx   # GGUF <-> ONNX: one f32 HF copy staged beside -o
+  corral convert scout-bf16.gguf --to onnx -o ./scout-onnx   # GGUF <-> ONNX: streamed, no HF copy on disk
 
   corral convert demo:scout --to onnx -o ./Llama-4-Scout-demo-onnx --mau-declaration below-700m
 
@@ -57,6 +60,16 @@ llama-quantize's from corral's BF16 GGUF):
 
   corral convert ./Llama-4-Scout --to gguf --outtype iq2_xs --imatrix scout.imatrix.gguf -o scout-iq2_xs.gguf
 
+Built-in dynamic mixes (converters/gguf_dynamic_mixes.yaml: a llama.cpp mix plus per-tensor types that keep
+attention, the shared expert, dense FFN layers and the output at more bits than the routed experts; the
+router and norms stay F32). Options given beside one win over the mix's:
+
+""" + dynamic_mix_help() + """
+
+  corral convert ./Llama-4-Scout --to gguf --outtype scout-dynamic -o scout-dynamic.gguf
+
+  corral convert ./Llama-4-Scout --to gguf --outtype scout-dynamic-iq2 --imatrix scout.imatrix.gguf -o s-iq2.gguf
+
 ONNX (--to onnx): the text model with KV cache (input_ids, attention_mask, position_ids,
 past_key_values.N.key/value -> logits, present.N.key/value), routed experts computed sparsely,
 weights streamed into model.onnx.data; --dtype fp32 (default for auto), fp16 or bf16. --vision also
@@ -75,6 +88,68 @@ experts as QMoE, quantized while streaming; router, embeddings and norms stay fl
 """
 
 
+OuttypeOpt = Annotated[ConvertOutType, typer.Option(
+        "--outtype", case_sensitive=False,
+        help=f"GGUF tensor type: {', '.join(OUTTYPES)}, or a built-in dynamic mix (see below).")]
+DtypeOpt = Annotated[ConvertDtype, typer.Option(
+        "--dtype", case_sensitive=False,
+        help="HF output dtype: auto, bf16, f16, f32 (ONNX: fp32, fp16, bf16, int8, int4; auto = fp32).")]
+SplitMaxSizeOpt = Annotated[str, typer.Option("--split-max-size", help="Split GGUF files above this size, "
+                                                "e.g. 50G (0: one file).")]
+AllowLossyConfigOpt = Annotated[bool, typer.Option("--allow-lossy-config", help="Convert configs llama.cpp "
+                                                     "cannot represent, with a warning.")]
+OpsetOpt = Annotated[int | None, typer.Option("--opset", help="ONNX opset (18-23; default 18).",
+                                              show_default=False)]
+NoKvCacheOpt = Annotated[bool, typer.Option("--no-kv-cache", help="ONNX without past/present KV inputs and "
+                                              "outputs.")]
+VisionOpt = Annotated[bool, typer.Option("--vision", help="--to onnx: also export the vision encoder + projector "
+                                         "as vision.onnx, with the graphs that take its image features.")]
+MmprojOpt = Annotated[str | None, typer.Option(
+        "--mmproj", metavar="auto|none|FILE", show_default=False,
+        help="--to gguf: 'auto' also writes the vision tower + projector as OUT.mmproj.gguf for llama.cpp's "
+        "multimodal runtime. --to hf from GGUF: the mmproj FILE to merge back (a full multimodal model).")]
+MmprojOuttypeOpt = Annotated[MmprojOutType | None, typer.Option(
+        "--mmproj-outtype", show_default=False, case_sensitive=False,
+        help="mmproj tensor type: f32, f16, bf16, q8_0 (default: the text type where it fits, else f16).")]
+TensorTypeOpt = Annotated[list[str] | None, typer.Option(
+        "--tensor-type", metavar="REGEX=TYPE", show_default=False,
+        help="With a mix --outtype: tensors whose GGUF name matches REGEX (searched, lower-cased) get ggml "
+        "TYPE; repeatable, the first match wins (llama-quantize's --tensor-type).")]
+OutputTensorTypeOpt = Annotated[str | None, typer.Option(
+        "--output-tensor-type", metavar="TYPE", show_default=False,
+        help="With a mix --outtype: ggml type of output.weight (and of a tied token_embd).")]
+TokenEmbeddingTypeOpt = Annotated[str | None, typer.Option(
+        "--token-embedding-type", metavar="TYPE", show_default=False,
+        help="With a mix --outtype: ggml type of token_embd.weight.")]
+PureOpt = Annotated[bool, typer.Option("--pure", help="With a mix --outtype: every quantized tensor gets the "
+                                       "mix's default type (no per-layer rules; --tensor-type still applies).")
+                    ]
+ImatrixOpt = Annotated[Path | None, typer.Option(
+        "--imatrix", metavar="FILE", show_default=False,
+        help="Importance matrix (llama-imatrix's GGUF output or a legacy .dat) for a mix --outtype; "
+        "enables the types that need one (iq2_*, iq1_*, iq3_xxs, q2_k_s).")]
+IncludeWeightsOpt = Annotated[list[str] | None, typer.Option(
+        "--include-weights", metavar="NAME", show_default=False,
+        help="Use imatrix entries only for tensors whose name contains NAME (repeatable).")]
+ExcludeWeightsOpt = Annotated[list[str] | None, typer.Option(
+        "--exclude-weights", metavar="NAME", show_default=False,
+        help="Do not use imatrix entries for tensors whose name contains NAME (repeatable).")]
+BlockSizeOpt = Annotated[int | None, typer.Option(
+        "--block-size", show_default=False,
+        help="ONNX int4/int8: quantization block along the input features: 32 (default), 64 or 128.")]
+SymmetricOpt = Annotated[bool | None, typer.Option(
+        "--symmetric/--asymmetric", show_default=False,
+        help="ONNX int4/int8: symmetric blocks (default) or blocks with zero points.")]
+AccuracyLevelOpt = Annotated[int | None, typer.Option(
+        "--accuracy-level", show_default=False,
+        help="ONNX int4/int8: onnxruntime's MatMulNBits accuracy_level: 0 unset (default), 1 fp32, 2 fp16, 3 bf16, "
+        "4 int8 activations.")]
+KeepFloatOpt = Annotated[str | None, typer.Option(
+        "--keep-float", metavar="PARTS", show_default=False,
+        help="ONNX int4/int8: parts kept float32, comma-separated among router, embed, lm_head, attention, "
+        "shared_expert, dense_mlp (default: router,embed; norms always).")]
+
+
 def convert(
     ctx: typer.Context,
     src: Annotated[str, typer.Argument(help="HF checkpoint directory, demo:scout|demo:maverick, a .gguf file, "
@@ -84,77 +159,41 @@ def convert(
                                               show_default=False)],
     output: Annotated[Path, typer.Option("--output", "-o", help="Output file (.gguf) or directory (hf, onnx).",
                                          show_default=False)],
-    outtype: Annotated[OutType, typer.Option("--outtype", case_sensitive=False,
-                                             help=f"GGUF tensor type: {', '.join(OUTTYPES)} (see below).")] = "auto",
-    dtype: Annotated[ConvertDtype, typer.Option(
-        "--dtype", case_sensitive=False,
-        help="HF output dtype: auto, bf16, f16, f32 (ONNX: fp32, fp16, bf16, int8, int4; auto = fp32).")] = "auto",
-    split_max_size: Annotated[str, typer.Option("--split-max-size", help="Split GGUF files above this size, "
-                                                "e.g. 50G (0: one file).")] = "0",
+    outtype: OuttypeOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    split_max_size: SplitMaxSizeOpt = "0",
     name: NameOpt = None,
-    allow_lossy_config: Annotated[bool, typer.Option("--allow-lossy-config", help="Convert configs llama.cpp "
-                                                     "cannot represent, with a warning.")] = False,
+    allow_lossy_config: AllowLossyConfigOpt = False,
     mau_declaration: MauDeclarationOpt = None,
     fix_name: FixNameOpt = False,
     base_model: BaseModelOpt = None,
-    opset: Annotated[int | None, typer.Option("--opset", help="ONNX opset (18-23; default 18).",
-                                              show_default=False)] = None,
-    no_kv_cache: Annotated[bool, typer.Option("--no-kv-cache", help="ONNX without past/present KV inputs and "
-                                              "outputs.")] = False,
-    vision: Annotated[bool, typer.Option("--vision", help="--to onnx: also export the vision encoder + projector "
-                                         "as vision.onnx, with the graphs that take its image features.")] = False,
-    mmproj: Annotated[str | None, typer.Option(
-        "--mmproj", metavar="auto|none|FILE", show_default=False,
-        help="--to gguf: 'auto' also writes the vision tower + projector as OUT.mmproj.gguf for llama.cpp's "
-        "multimodal runtime. --to hf from GGUF: the mmproj FILE to merge back (a full multimodal model).")] = None,
-    mmproj_outtype: Annotated[MmprojOutType | None, typer.Option(
-        "--mmproj-outtype", show_default=False, case_sensitive=False,
-        help="mmproj tensor type: f32, f16, bf16, q8_0 (default: the text type where it fits, else f16).")] = None,
-    tensor_type: Annotated[list[str] | None, typer.Option(
-        "--tensor-type", metavar="REGEX=TYPE", show_default=False,
-        help="With a mix --outtype: tensors whose GGUF name matches REGEX (searched, lower-cased) get ggml "
-        "TYPE; repeatable, the first match wins (llama-quantize's --tensor-type).")] = None,
-    output_tensor_type: Annotated[str | None, typer.Option(
-        "--output-tensor-type", metavar="TYPE", show_default=False,
-        help="With a mix --outtype: ggml type of output.weight (and of a tied token_embd).")] = None,
-    token_embedding_type: Annotated[str | None, typer.Option(
-        "--token-embedding-type", metavar="TYPE", show_default=False,
-        help="With a mix --outtype: ggml type of token_embd.weight.")] = None,
-    pure: Annotated[bool, typer.Option("--pure", help="With a mix --outtype: every quantized tensor gets the "
-                                       "mix's default type (no per-layer rules; --tensor-type still applies).")
-                    ] = False,
-    imatrix: Annotated[Path | None, typer.Option(
-        "--imatrix", metavar="FILE", show_default=False,
-        help="Importance matrix (llama-imatrix's GGUF output or a legacy .dat) for a mix --outtype; "
-        "enables the types that need one (iq2_*, iq1_*, iq3_xxs, q2_k_s).")] = None,
-    include_weights: Annotated[list[str] | None, typer.Option(
-        "--include-weights", metavar="NAME", show_default=False,
-        help="Use imatrix entries only for tensors whose name contains NAME (repeatable).")] = None,
-    exclude_weights: Annotated[list[str] | None, typer.Option(
-        "--exclude-weights", metavar="NAME", show_default=False,
-        help="Do not use imatrix entries for tensors whose name contains NAME (repeatable).")] = None,
-    block_size: Annotated[int | None, typer.Option(
-        "--block-size", show_default=False,
-        help="ONNX int4/int8: quantization block along the input features: 32 (default), 64 or 128.")] = None,
-    symmetric: Annotated[bool | None, typer.Option(
-        "--symmetric/--asymmetric", show_default=False,
-        help="ONNX int4/int8: symmetric blocks (default) or blocks with zero points.")] = None,
-    accuracy_level: Annotated[int | None, typer.Option(
-        "--accuracy-level", show_default=False,
-        help="ONNX int4/int8: onnxruntime's MatMulNBits accuracy_level: 0 unset (default), 1 fp32, 2 fp16, 3 bf16, "
-        "4 int8 activations.")] = None,
-    keep_float: Annotated[str | None, typer.Option(
-        "--keep-float", metavar="PARTS", show_default=False,
-        help="ONNX int4/int8: parts kept float32, comma-separated among router, embed, lm_head, attention, "
-        "shared_expert, dense_mlp (default: router,embed; norms always).")] = None,
+    opset: OpsetOpt = None,
+    no_kv_cache: NoKvCacheOpt = False,
+    vision: VisionOpt = False,
+    mmproj: MmprojOpt = None,
+    mmproj_outtype: MmprojOuttypeOpt = None,
+    tensor_type: TensorTypeOpt = None,
+    output_tensor_type: OutputTensorTypeOpt = None,
+    token_embedding_type: TokenEmbeddingTypeOpt = None,
+    pure: PureOpt = False,
+    imatrix: ImatrixOpt = None,
+    include_weights: IncludeWeightsOpt = None,
+    exclude_weights: ExcludeWeightsOpt = None,
+    block_size: BlockSizeOpt = None,
+    symmetric: SymmetricOpt = None,
+    accuracy_level: AccuracyLevelOpt = None,
+    keep_float: KeepFloatOpt = None,
+    bom: BomOpt = None,
     force: ForceOpt = False,
 ) -> None:
     """Convert a Llama 4 checkpoint between formats, streaming one tensor slice at a time."""
     from license.stamp import LicenseOptions
+    from toolbox.cli.bom_cmd import need_bom, with_boms
     from toolbox.convert import ConvertRequest
     from toolbox.convert import convert as run_convert
 
     out = ctx.obj
+    need_bom(bom)
     request = ConvertRequest(src, to, output, outtype=outtype, dtype=dtype, split_max_size=split_max_size,
                              opset=opset, kv_cache=not no_kv_cache, vision=vision, mmproj=mmproj,
                              mmproj_outtype=mmproj_outtype, allow_lossy_config=allow_lossy_config, force=force,
@@ -169,4 +208,4 @@ def convert(
     result = run_convert(request, progress=out.progress())
     for w in result.warnings:
         out.warn(w)
-    out.result(result.data, lambda c: c.print(result.summary, markup=False))
+    out.result(*with_boms(out, result.paths, bom, result.data, lambda c: c.print(result.summary, markup=False)))

@@ -23,6 +23,7 @@ OPTIONAL: dict[str, tuple[str, str]] = {
     "compressed_tensors": ("reading compressed-tensors checkpoints (vLLM / llm-compressor)",
                            "pip install 'corral[compressed]'"),
     "spdx_tools": ("SPDX bills of materials (bom --format spdx)", "pip install 'corral[supply]'"),
+    "spdx_python_model": ("SPDX 3.0 bills of materials (bom --format spdx3)", "pip install 'corral[supply]'"),
     "ray": ("running recipes on a Ray cluster (recipe run --executor ray)", "pip install 'corral[ray]'"),
 }
 

@@ -6,8 +6,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 from toolbox.cli._typer import typer
-from toolbox.cli.choices import ComputeDtype, Criterion
-from toolbox.cli.options import BaseModelOpt, FixNameOpt, ForceOpt, MauDeclarationOpt, NameOpt, OutputDirOpt
+from toolbox.cli.choices import OUTTYPES, ComputeDtype, Criterion, MergeTarget, OutType
+from toolbox.cli.options import BaseModelOpt, BomOpt, FixNameOpt, ForceOpt, MauDeclarationOpt, NameOpt, OutputDirOpt
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -45,6 +45,10 @@ Examples:
 
   corral experts prune demo:scout -o ./scout-12e --keep-count 12 --stats scout-stats.json
 
+  corral experts prune demo:scout -o scout-8e.gguf --keep 0-7 --to gguf --outtype q8_0   # no HF copy on disk
+
+  corral experts prune demo:scout -o ./scout-8e --keep 0-7 --bom cyclonedx   # + ./scout-8e/bom.cdx.json
+
 Expert lists: "0,2,5-7" for every MoE layer, or "LAYER:LIST;LAYER:LIST" naming each MoE layer.
 The same number of experts must remain in every MoE layer, and at least num_experts_per_tok.
 """ + _LICENSE
@@ -55,6 +59,8 @@ Examples:
   corral experts extract demo:maverick -o ./maverick-dense --dense auto --calibration notes.txt
 
   corral experts extract demo:scout -o ./scout-dense --dense "0:3;1:5;2:0;3:7" --mau-declaration below-700m
+
+  corral experts extract demo:scout -o scout-dense.gguf --dense 3 --to gguf --outtype q8_0   # no HF copy on disk
 
 --dense auto folds each layer's most used routed expert (measured on --calibration, or read from --stats).
 """ + _LICENSE
@@ -147,13 +153,21 @@ def prune(
     max_tokens: MaxTokensOpt = 2048,
     seq_len: SeqLenOpt = 512,
     dtype: DtypeOpt = "float32",
+    to: Annotated[MergeTarget, typer.Option("--to", case_sensitive=False, help="Output format: hf, or gguf (-o a "
+                                            ".gguf file; the pruned tensors go straight into the converter).")]
+    = "hf",
+    outtype: Annotated[OutType, typer.Option("--outtype", case_sensitive=False,
+                                             help=f"GGUF tensor type with --to gguf: {', '.join(OUTTYPES)}.")]
+    = "auto",
     name: NameOpt = None,
     base_model: BaseModelOpt = None,
     mau_declaration: MauDeclarationOpt = None,
     fix_name: FixNameOpt = False,
+    bom: BomOpt = None,
     force: ForceOpt = False,
 ) -> None:
     """Remove routed experts: the same number kept in every MoE layer, router rows sliced in step."""
+    from toolbox.cli.bom_cmd import need_bom, with_boms
     from toolbox.errors import UsageError
     from toolbox.experts.prune import prune_by_criterion, prune_experts
     from toolbox.experts.selection import parse_spec
@@ -163,8 +177,9 @@ def prune(
     given = [x for x in (keep, drop, keep_count) if x is not None]
     if len(given) != 1:
         raise UsageError("give exactly one of --keep, --drop or --keep-count")
+    need_bom(bom)
     common = {"name": name, "mau_declaration": mau_declaration, "fix_name": fix_name, "force": force,
-              "base_model": base_model, "progress": out.progress()}
+              "base_model": base_model, "progress": out.progress(), "to": to, "outtype": outtype}
     if keep_count is not None:
         if criterion != "random" and calibration is None and stats_file is None:
             raise UsageError(f"--criterion {criterion} needs --calibration DATA (or --stats FILE)")
@@ -177,8 +192,9 @@ def prune(
     data = {"source": src, "path": str(result.path), "name": result.name, "experts_before": result.experts_before,
             "experts_after": result.experts_after, "criterion": result.criterion, "bytes": result.bytes,
             "kept": {str(k): v for k, v in result.kept.items()}}
-    out.result(data, lambda c: c.print(f"wrote {result.path} ({result.experts_before} -> {result.experts_after} "
-                                       f"experts per MoE layer, {result.bytes / 2**20:.1f} MiB)", markup=False))
+    out.result(*with_boms(out, [result.path], bom, data, lambda c: c.print(
+        f"wrote {result.path} ({result.experts_before} -> {result.experts_after} experts per MoE layer, "
+        f"{result.bytes / 2**20:.1f} MiB)", markup=False)))
 
 
 @app.command("extract", epilog=EXTRACT_EPILOG)
@@ -192,19 +208,28 @@ def extract(
     calibration: CalibrationOpt = None,
     stats_file: StatsOpt = None,
     max_tokens: MaxTokensOpt = 2048,
+    to: Annotated[MergeTarget, typer.Option("--to", case_sensitive=False, help="Output format: hf, or gguf (-o a "
+                                            ".gguf file; the folded tensors go straight into the converter).")]
+    = "hf",
+    outtype: Annotated[OutType, typer.Option("--outtype", case_sensitive=False,
+                                             help=f"GGUF tensor type with --to gguf: {', '.join(OUTTYPES)}.")]
+    = "auto",
     name: NameOpt = None,
     base_model: BaseModelOpt = None,
     mau_declaration: MauDeclarationOpt = None,
     fix_name: FixNameOpt = False,
+    bom: BomOpt = None,
     force: ForceOpt = False,
 ) -> None:
     """A dense model: each MoE layer becomes shared expert + one routed expert as one MLP."""
+    from toolbox.cli.bom_cmd import need_bom, with_boms
     from toolbox.errors import UsageError
     from toolbox.experts.extract import extract_dense, most_used_experts
     from toolbox.experts.selection import parse_ids, parse_spec
     from toolbox.experts.stats import load_stats
 
     out = ctx.obj
+    need_bom(bom)
     extra = {}
     if dense.strip().lower() == "auto":
         expert: int | dict[int, int]
@@ -222,11 +247,13 @@ def extract(
             raise UsageError(f"--dense {dense!r}: give one expert number, a per-layer list, or auto")
         expert = ids[0]
     result = extract_dense(src, output, expert=expert, name=name, mau_declaration=mau_declaration, fix_name=fix_name,
-                           force=force, base_model=base_model, extra_provenance=extra, progress=out.progress())
+                           force=force, base_model=base_model, extra_provenance=extra, progress=out.progress(),
+                           to=to, outtype=outtype)
     data = {"source": src, "path": str(result.path), "name": result.name, "bytes": result.bytes,
             "experts": {str(k): v for k, v in result.experts.items()}}
-    out.result(data, lambda c: c.print(f"wrote dense model {result.path} ({result.bytes / 2**20:.1f} MiB; experts "
-                                       f"{', '.join(f'{k}:{v}' for k, v in result.experts.items())})", markup=False))
+    out.result(*with_boms(out, [result.path], bom, data, lambda c: c.print(
+        f"wrote dense model {result.path} ({result.bytes / 2**20:.1f} MiB; experts "
+        f"{', '.join(f'{k}:{v}' for k, v in result.experts.items())})", markup=False)))
 
 
 @app.command("compare", epilog=COMPARE_EPILOG)

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from toolbox.cli._typer import typer
-from toolbox.cli.options import BaseModelOpt, FixNameOpt, ForceOpt, MauDeclarationOpt, NameOpt
+from toolbox.cli.options import BaseModelOpt, BomOpt, FixNameOpt, ForceOpt, MauDeclarationOpt, NameOpt
 from toolbox.cli.output import plain
 from toolbox.merge_choices import FACTOR_DTYPES, SVD_METHODS, TARGET_GROUPS
 
@@ -36,6 +36,8 @@ Examples:
       --target attention --target experts --dtype bf16
 
   corral --json extract-lora ./ft --base demo:scout -o ./lora --rank 4 | jq '.tensors[] | .relative_error'
+
+  corral extract-lora ./ft --base ./base -o ./lora --rank 8 --bom cyclonedx   # + ./lora/bom.cdx.json
 """
 
 
@@ -65,12 +67,15 @@ def extract_lora(
     mau_declaration: MauDeclarationOpt = None,
     fix_name: FixNameOpt = False,
     base_model: BaseModelOpt = None,
+    bom: BomOpt = None,
     force: ForceOpt = False,
 ) -> None:
     """Extract a LoRA adapter from a fine-tune and its base, by truncated SVD per tensor and expert slice."""
+    from toolbox.cli.bom_cmd import need_bom, with_boms
     from toolbox.merge.extract_lora import extract_lora as run
 
     out = ctx.obj
+    need_bom(bom)
     res = run(finetune, base, output, rank=rank, rank_pattern=rank_pattern, targets=target, alpha=alpha,
               dtype=dtype, svd=svd, name=name, mau_declaration=mau_declaration, fix_name=fix_name,
               base_model=base_model, force=force, progress=out.progress())
@@ -95,4 +100,4 @@ def extract_lora(
         console.print(f"wrote {res.path} ({res.name}: {len(res.tensors)} tensors at rank {res.rank}, "
                       f"{res.total.retained:.4%} of the difference's energy retained)", markup=False)
 
-    out.result({"finetune": finetune, "base": base, **res.to_dict()}, render)
+    out.result(*with_boms(out, [res.path], bom, {"finetune": finetune, "base": base, **res.to_dict()}, render))

@@ -4,11 +4,11 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 from toolbox.cli._typer import typer
 from toolbox.cli.choices import OUTTYPES, MergeDtype, MergeTarget, OutType, WeightMethod
-from toolbox.cli.options import BaseModelOpt, FixNameOpt, ForceOpt, MauDeclarationOpt, NameOpt
+from toolbox.cli.options import BaseModelOpt, BomOpt, FixNameOpt, ForceOpt, MauDeclarationOpt, NameOpt
 from toolbox.cli.output import plain
 
 EPILOG = """\
@@ -33,6 +33,8 @@ Examples:
 
   corral merge ./base ./lora -o scout-ft.gguf --to gguf --outtype q8_0
 
+  corral merge demo:scout ./my-lora -o ./merged --bom spdx    # + ./merged/bom.spdx.json (SPDX 2.3)
+
 Weight merges of full fine-tunes of the same base (--method or --config; Scout with Scout,
 Maverick with Maverick, any layout corral reads), equal to mergekit's methods and streamed one
 expert slice or row block of every input at a time. BASE is the base; the other arguments are
@@ -53,6 +55,32 @@ weight/density, parameters, dtype/out_dtype), refusing what it does not support 
 SHOW_ROWS = 40
 
 
+WeightOpt = Annotated[list[float] | None, typer.Option("--weight", "-w", help="Weight of each adapter's delta, "
+                                                       "once per adapter in order (default 1).",
+                                                       show_default=False)]
+DtypeOpt = Annotated[MergeDtype, typer.Option("--dtype", case_sensitive=False,
+                                              help="Output dtype (auto: the base's).")]
+ToOpt = Annotated[MergeTarget, typer.Option("--to", case_sensitive=False, help="Output format: hf, or gguf "
+                                            "(the merged tensors streamed into the converter, no HF copy on disk; "
+                                            "onnx: merge, then corral convert).")]
+OuttypeOpt = Annotated[OutType, typer.Option("--outtype", case_sensitive=False,
+                                             help=f"GGUF tensor type with --to gguf: {', '.join(OUTTYPES)}.")]
+MethodOpt = Annotated[WeightMethod | None, typer.Option("--method", case_sensitive=False,
+                                                        help="Weight merge of full fine-tunes instead of LoRA.",
+                                                        show_default=False)]
+ConfigOpt = Annotated[Path | None, typer.Option("--config", help="mergekit YAML merge configuration.",
+                                                show_default=False)]
+DensityOpt = Annotated[list[float] | None, typer.Option("--density", help="ties/dare: share of each delta kept, "
+                                                        "once for all or once per model (default 1).",
+                                                        show_default=False)]
+NormalizeOpt = Annotated[bool | None, typer.Option("--normalize/--no-normalize", help="Divide by the sum of "
+                                                   "weights (default: the method's, as mergekit).",
+                                                   show_default=False)]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of DARE's random masks.")]
+SlerpTOpt = Annotated[float | None, typer.Option("--t", help="slerp: interpolation factor (0: BASE, 1: the model).",
+                                            show_default=False)]
+
+
 def merge(
     ctx: typer.Context,
     output: Annotated[Path, typer.Option("--output", "-o", help="Output directory (or .gguf file with --to gguf).",
@@ -64,41 +92,30 @@ def merge(
                                                           "--method, the fine-tuned model directories.",
                                                           metavar="ADAPTER...",
                                                           show_default=False)] = None,
-    weight: Annotated[list[float] | None, typer.Option("--weight", "-w", help="Weight of each adapter's delta, "
-                                                       "once per adapter in order (default 1).",
-                                                       show_default=False)] = None,
-    dtype: Annotated[MergeDtype, typer.Option("--dtype", case_sensitive=False,
-                                              help="Output dtype (auto: the base's).")] = "auto",
-    to: Annotated[MergeTarget, typer.Option("--to", case_sensitive=False, help="Output format: hf, or gguf "
-                                            "(merged, then converted; onnx: merge, then corral convert).")] = "hf",
-    outtype: Annotated[OutType, typer.Option("--outtype", case_sensitive=False,
-                                             help=f"GGUF tensor type with --to gguf: {', '.join(OUTTYPES)}.")]
-    = "auto",
-    method: Annotated[WeightMethod | None, typer.Option("--method", case_sensitive=False,
-                                                        help="Weight merge of full fine-tunes instead of LoRA.",
-                                                        show_default=False)] = None,
-    config: Annotated[Path | None, typer.Option("--config", help="mergekit YAML merge configuration.",
-                                                show_default=False)] = None,
-    density: Annotated[list[float] | None, typer.Option("--density", help="ties/dare: share of each delta kept, "
-                                                        "once for all or once per model (default 1).",
-                                                        show_default=False)] = None,
-    normalize: Annotated[bool | None, typer.Option("--normalize/--no-normalize", help="Divide by the sum of "
-                                                   "weights (default: the method's, as mergekit).",
-                                                   show_default=False)] = None,
-    seed: Annotated[int, typer.Option("--seed", help="Seed of DARE's random masks.")] = 0,
-    t: Annotated[float | None, typer.Option("--t", help="slerp: interpolation factor (0: BASE, 1: the model).",
-                                            show_default=False)] = None,
+    weight: WeightOpt = None,
+    dtype: DtypeOpt = "auto",
+    to: ToOpt = "hf",
+    outtype: OuttypeOpt = "auto",
+    method: MethodOpt = None,
+    config: ConfigOpt = None,
+    density: DensityOpt = None,
+    normalize: NormalizeOpt = None,
+    seed: SeedOpt = 0,
+    t: SlerpTOpt = None,
     name: NameOpt = None,
     mau_declaration: MauDeclarationOpt = None,
     fix_name: FixNameOpt = False,
     base_model: BaseModelOpt = None,
+    bom: BomOpt = None,
     force: ForceOpt = False,
 ) -> None:
     """Merge LoRA adapters (or, with --method/--config, full fine-tunes) into a Llama 4 checkpoint, streamed."""
+    from toolbox.cli.bom_cmd import need_bom, with_boms
     from toolbox.errors import UsageError
     from toolbox.merge.merge import merge_adapters
 
     out = ctx.obj
+    need_bom(bom)
     if method is not None or config is not None:
         from license.stamp import LicenseOptions
 
@@ -107,9 +124,9 @@ def merge(
         opts = LicenseOptions(name=name, mau_declaration=mau_declaration, fix_name=fix_name, base_model=base_model)
         wres = _weight_merge(base, [str(a) for a in adapters or []], output, method, config, weight, density,
                              normalize, seed, t, dtype, force, opts, out.progress())
-        out.result({"format": "hf", **wres.to_dict()},
-                   lambda c: c.print(f"wrote {wres.path} ({wres.name}: {wres.method}, {wres.tensors} tensors, "
-                                     f"{len(wres.inputs) - 1} models)", markup=False))
+        out.result(*with_boms(out, [wres.path], bom, {"format": "hf", **wres.to_dict()},
+                              lambda c: c.print(f"wrote {wres.path} ({wres.name}: {wres.method}, {wres.tensors} "
+                                                f"tensors, {len(wres.inputs) - 1} models)", markup=False)))
         return
     if base is None or not adapters:
         raise UsageError("give BASE and one or more ADAPTER directories",
@@ -122,9 +139,9 @@ def merge(
                              base_model=base_model, progress=out.progress())
         for w in gres.warnings:
             out.warn(w)
-        out.result({"base": base, "format": "gguf", **gres.to_dict()},
-                   lambda c: c.print(f"wrote {', '.join(gres.paths)} ({gres.outtype}, {gres.merged_tensors} "
-                                     "tensors merged)", markup=False))
+        out.result(*with_boms(out, gres.paths, bom, {"base": base, "format": "gguf", **gres.to_dict()},
+                              lambda c: c.print(f"wrote {', '.join(gres.paths)} ({gres.outtype}, "
+                                                f"{gres.merged_tensors} tensors merged)", markup=False)))
         return
     res = merge_adapters(base, list(adapters), output, weights=weight, dtype=dtype, name=name,
                          mau_declaration=mau_declaration, fix_name=fix_name, force=force, base_model=base_model,
@@ -132,25 +149,28 @@ def merge(
     for w in res.warnings:
         out.warn(w)
 
-    def render(console: object) -> None:
-        from rich.table import Table
+    out.result(*with_boms(out, [res.path], bom, {"base": base, "format": "hf", **res.to_dict()},
+                          lambda console: _render_lora(console, res, out.verbose)))
 
-        rows = res.merged if out.verbose or len(res.merged) <= SHOW_ROWS else sorted(
-            res.merged, key=lambda t: -t.lost_share)[:SHOW_ROWS]
-        table = Table(box=None)  # whole tensor names (q/k/v/o differ only at the end): wrapped, never cut
-        table.add_column("tensor", overflow="fold", min_width=min(max((len(t.name) for t in rows), default=6), 90))
-        for col in ("adapters", "delta norm", "lost to rounding"):
-            table.add_column(col, overflow="fold")
-        for t in rows:
-            table.add_row(plain(t.name), ",".join(str(i) for i in t.adapters), f"{t.delta_norm:.4g}",
-                          f"{t.lost_share:.2%}")
-        console.print(table)  # type: ignore[attr-defined]
-        if len(rows) < len(res.merged):
-            console.print(f"(the {len(rows)} of {len(res.merged)} merged tensors that lost most; --verbose or "  # type: ignore[attr-defined]
-                          "--json for all)")
-        console.print(f"wrote {res.path} ({res.name}: {res.tensors} tensors, {len(res.merged)} merged)", markup=False)  # type: ignore[attr-defined]
 
-    out.result({"base": base, "format": "hf", **res.to_dict()}, render)
+def _render_lora(console: object, res: Any, verbose: bool) -> None:
+    """The LoRA merge's table: the tensors that lost most to rounding (all with --verbose)."""
+    from rich.table import Table
+
+    rows = res.merged if verbose or len(res.merged) <= SHOW_ROWS else sorted(
+        res.merged, key=lambda t: -t.lost_share)[:SHOW_ROWS]
+    table = Table(box=None)  # whole tensor names (q/k/v/o differ only at the end): wrapped, never cut
+    table.add_column("tensor", overflow="fold", min_width=min(max((len(t.name) for t in rows), default=6), 90))
+    for col in ("adapters", "delta norm", "lost to rounding"):
+        table.add_column(col, overflow="fold")
+    for t in rows:
+        table.add_row(plain(t.name), ",".join(str(i) for i in t.adapters), f"{t.delta_norm:.4g}",
+                      f"{t.lost_share:.2%}")
+    console.print(table)  # type: ignore[attr-defined]
+    if len(rows) < len(res.merged):
+        console.print(f"(the {len(rows)} of {len(res.merged)} merged tensors that lost most; --verbose or "  # type: ignore[attr-defined]
+                      "--json for all)")
+    console.print(f"wrote {res.path} ({res.name}: {res.tensors} tensors, {len(res.merged)} merged)", markup=False)  # type: ignore[attr-defined]
 
 
 def _weight_merge(base: str | None, models: list[str], output: Path, method: object, config: Path | None,

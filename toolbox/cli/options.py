@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated
 
 from toolbox.cli._typer import typer
+from toolbox.cli.choices import BomFormat
 
 CheckpointArg = Annotated[
     str,
@@ -46,4 +47,11 @@ BaseModelOpt = Annotated[
     typer.Option("--base-model", help="Hub repo id of the base model, for the model card and GGUF "
                  "general.base_model.* (default: from a corral download manifest or the input's stamp).",
                  show_default=False),
+]
+BomOpt = Annotated[
+    BomFormat | None,
+    typer.Option("--bom", metavar="FORMAT", case_sensitive=False, show_default=False,
+                 help="Also write a bill of materials of the finished output where corral bom, license check and "
+                 "publish look: cyclonedx (DIR/bom.cdx.json, or FILE.cdx.json beside each .gguf file), spdx "
+                 "(SPDX 2.3: bom.spdx.json, FILE.spdx.json) or spdx3 (SPDX 3.0.1, AI profile: bom.spdx3.json)."),
 ]

@@ -107,7 +107,7 @@ def _check_params(loaded: LoadedRecipe, i: int, inst: Instance) -> None:
                 _check_input(loaded, i, inst, "models", m["path"])
     elif uses == "extract-lora" and not str(p.get("base", "")).startswith("demo:"):
         _check_input(loaded, i, inst, "base", p["base"])
-    elif uses in ("prune", "extract") and p.get("calibration"):
+    elif uses in ("prune", "extract", "imatrix", "eval") and p.get("calibration"):
         _check_input(loaded, i, inst, "calibration", p["calibration"])
     elif uses == "report":
         import importlib.util
@@ -137,9 +137,10 @@ def _check_params(loaded: LoadedRecipe, i: int, inst: Instance) -> None:
 def _check_convert(loaded: LoadedRecipe, i: int, inst: Instance) -> None:
     p = inst.params
     if p["to"] == "gguf":
+        from converters.gguf_dynamic import names as dynamic_mixes
         from toolbox.tensors.gguf.quant import LLAMA_CPP_OUTTYPES, PY_OUTTYPES
 
-        known = ("auto", *PY_OUTTYPES, *LLAMA_CPP_OUTTYPES)
+        known = ("auto", *PY_OUTTYPES, *LLAMA_CPP_OUTTYPES, *dynamic_mixes())
         if str(p.get("outtype", "auto")).lower() not in known:
             raise _bad(loaded, i, inst, "outtype", f"unknown GGUF outtype {p.get('outtype')!r} "
                        f"(choose from {', '.join(known)})")
@@ -177,10 +178,15 @@ def _check_quant_options(loaded: LoadedRecipe, i: int, inst: Instance) -> None:
         field = next((f for f in ("output_tensor_type", "token_embedding_type")
                       if f"--{f.replace('_', '-')}" in exc.message), "tensor_types")
         raise _bad(loaded, i, inst, field, exc.message) from None
-    if (ov or p.get("imatrix")) and not is_mix(str(p.get("outtype", "auto"))):
+    from converters.gguf_dynamic import is_dynamic
+
+    outtype = str(p.get("outtype", "auto"))
+    if (ov or p.get("imatrix")) and not (is_mix(outtype) or is_dynamic(outtype)):
         raise _bad(loaded, i, inst, "outtype", f"per-tensor types and imatrix need a llama.cpp mix outtype "
                    f"(q4_k_m, ...), not {p.get('outtype', 'auto')!r}")
-    if p.get("imatrix"):
+    from toolbox.recipe.ops import is_step_ref
+
+    if p.get("imatrix") and not is_step_ref(p["imatrix"]):  # a step id: checked as the step's reference
         _check_input(loaded, i, inst, "imatrix", p["imatrix"])
 
 

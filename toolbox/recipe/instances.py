@@ -12,7 +12,7 @@ from typing import Any
 
 from toolbox.errors import UsageError
 from toolbox.recipe.load import LoadedRecipe
-from toolbox.recipe.ops import GATES_OPS
+from toolbox.recipe.ops import GATES_OPS, is_step_ref
 
 
 @dataclass
@@ -96,9 +96,18 @@ def expand_steps(loaded: LoadedRecipe) -> list[Instance]:
     return out
 
 
+def reference_of(inst: Instance) -> str | None:
+    """The other step (or 'source') an instance reads besides its input: a verify/report/eval step's
+    `against`, or the imatrix step a convert step names."""
+    if inst.step.uses == "convert" and is_step_ref(inst.params.get("imatrix")):
+        return str(inst.params["imatrix"])
+    return inst.params.get("against")
+
+
 def against_target(inst: Instance, instances: list[Instance]) -> Instance | str | None:
-    """The instance a verify step compares with: an ancestor of that step, else the one whose values match."""
-    target = inst.params.get("against")
+    """The instance a verify step compares with (or a convert step takes its imatrix from): an ancestor of
+    that step, else the one whose values match."""
+    target = reference_of(inst)
     if not target:
         return "none"
     if target == "source":
@@ -111,5 +120,5 @@ def against_target(inst: Instance, instances: list[Instance]) -> Instance | str 
     cands = [i for i in instances if i.step.id == target
              and all(inst.values.get(k) == v for k, v in i.values.items() if k in inst.values)]
     if len(cands) != 1:
-        raise UsageError(f"step {inst.step.id}: against {target!r} is ambiguous for {inst.label}")
+        raise UsageError(f"step {inst.step.id}: {target!r} is ambiguous or not an earlier step for {inst.label}")
     return cands[0]

@@ -66,9 +66,61 @@ def convert_request(p: dict[str, Any], src: Path, workdir: Path, ctx: OpContext)
                           tensor_types=tuple(p.get("tensor_types") or ()),
                           output_tensor_type=p.get("output_tensor_type"),
                           token_embedding_type=p.get("token_embedding_type"), pure=bool(p.get("pure")),
-                          imatrix=Path(p["imatrix"]) if p.get("imatrix") else None,
+                          imatrix=_imatrix_file(p, ctx),
                           include_weights=tuple(p.get("include_weights") or ()),
                           exclude_weights=tuple(p.get("exclude_weights") or ()))
+
+
+def is_step_ref(value: Any) -> bool:
+    """A convert step's `imatrix` that is a step id (no dot or slash, unlike a file name) names an imatrix step."""
+    import re
+
+    from toolbox.recipe.schema import STEP_ID
+
+    return isinstance(value, str) and re.fullmatch(STEP_ID, value) is not None
+
+
+def _imatrix_file(p: dict[str, Any], ctx: OpContext) -> Path | None:
+    """A convert step's imatrix: a file, or the artifact of the imatrix step it names (its `against`)."""
+    if not p.get("imatrix"):
+        return None
+    return Path(ctx.resolve(p["imatrix"])) if is_step_ref(p["imatrix"]) else Path(p["imatrix"])
+
+
+def _imatrix(p: dict[str, Any], src: Path, workdir: Path, ctx: OpContext) -> Path:
+    """`corral imatrix` of the input checkpoint into `imatrix.gguf`, for later convert steps' `imatrix`."""
+    from toolbox.experts.imatrix import compute_imatrix
+
+    out = workdir / "imatrix.gguf"
+    compute_imatrix(src, out, p["calibration"], chunk=int(p.get("chunk") or 512), max_chunks=p.get("chunks"),
+                    all_experts=bool(p.get("all_experts")), license_options=_license(ctx, p), progress=ctx.progress)
+    return out
+
+
+def _eval(p: dict[str, Any], src: Path, workdir: Path, ctx: OpContext) -> Path:
+    """`corral eval` of the input GGUF against `against` into `eval.json` (corral eval --json's document);
+    above `max_kl` or below `min_top1` the step fails (exit 1) and nothing is kept."""
+    import json
+
+    from toolbox.experts.quality import evaluate_gguf
+
+    against = ctx.resolve(p.get("against") or "source")
+    report = evaluate_gguf([src], against, p["calibration"], ctx=int(p.get("ctx") or 512),
+                           chunks=int(p.get("chunks") or 8), progress=ctx.progress)
+    v = report.variants[0]
+    if p.get("max_kl") is not None and v.kl_mean > float(p["max_kl"]):
+        raise GateFailed(f"{src.name}: mean KL divergence {v.kl_mean:.4g} is above max_kl {p['max_kl']}",
+                         hint="use more bits (or an imatrix), or raise max_kl", path=src)
+    if p.get("min_top1") is not None and v.top1_agreement < float(p["min_top1"]):
+        raise GateFailed(f"{src.name}: top-1 agreement {v.top1_agreement:.4f} is below min_top1 {p['min_top1']}",
+                         hint="use more bits (or an imatrix), or lower min_top1", path=src)
+    doc = report.to_dict()
+    doc["source"] = "source" if (p.get("against") or "source") == "source" else p["against"]  # no cache paths
+    for var in doc["variants"]:
+        var["file"] = src.name
+    out = workdir / "eval.json"
+    out.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+    return out
 
 
 def _merge(p: dict[str, Any], src: Path, workdir: Path, ctx: OpContext) -> Path:
@@ -88,6 +140,14 @@ def _merge(p: dict[str, Any], src: Path, workdir: Path, ctx: OpContext) -> Path:
         return out
     adapters = [a["path"] for a in p["adapters"]]
     weights = [float(a.get("weight", 1.0)) for a in p["adapters"]]
+    if p.get("to") == "gguf":  # streamed into the GGUF: no merged HF copy (toolbox.merge.chain)
+        from toolbox.merge.chain import merge_to_gguf
+
+        gguf = workdir / "model.gguf"
+        merge_to_gguf(src, adapters, gguf, weights=weights, dtype=p.get("dtype"), outtype=p.get("outtype") or "auto",
+                      name=p.get("name"), mau_declaration=ctx.mau_declaration, fix_name=ctx.fix_name,
+                      progress=ctx.progress)
+        return gguf
     merge_adapters(src, adapters, out, weights=weights, dtype=p.get("dtype"),
                    progress=ctx.progress, license_options=_license(ctx, p))
     return out
@@ -96,8 +156,9 @@ def _merge(p: dict[str, Any], src: Path, workdir: Path, ctx: OpContext) -> Path:
 def _prune(p: dict[str, Any], src: Path, workdir: Path, ctx: OpContext) -> Path:
     from toolbox.experts.prune import prune_by_criterion, prune_experts
 
-    out = workdir / "model"
-    common = {"progress": ctx.progress, "license_options": _license(ctx, p)}
+    out = workdir / ("model.gguf" if p.get("to") == "gguf" else "model")  # to gguf: streamed, no HF copy
+    common = {"progress": ctx.progress, "license_options": _license(ctx, p), "to": p.get("to") or "hf",
+              "outtype": p.get("outtype") or "auto"}
     if p.get("keep_count") is not None:
         prune_by_criterion(src, out, count=int(p["keep_count"]), criterion=p["criterion"],
                            calibration=p.get("calibration"), **common)
@@ -109,12 +170,12 @@ def _prune(p: dict[str, Any], src: Path, workdir: Path, ctx: OpContext) -> Path:
 def _extract(p: dict[str, Any], src: Path, workdir: Path, ctx: OpContext) -> Path:
     from toolbox.experts.extract import extract_dense, most_used_experts
 
-    out = workdir / "model"
+    out = workdir / ("model.gguf" if p.get("to") == "gguf" else "model")  # to gguf: streamed, no HF copy
     expert, extra = p["expert"], None
     if expert == "auto":
         expert, extra = most_used_experts(src, p.get("calibration"), progress=ctx.progress)
     extract_dense(src, out, expert=expert, extra_provenance=extra, progress=ctx.progress,
-                  license_options=_license(ctx, p))
+                  license_options=_license(ctx, p), to=p.get("to") or "hf", outtype=p.get("outtype") or "auto")
     return out
 
 
@@ -190,12 +251,12 @@ def _sign(p: dict[str, Any], src: Path, workdir: Path, ctx: OpContext) -> Path:
 
 
 def _bom(p: dict[str, Any], src: Path, workdir: Path, ctx: OpContext) -> Path:
-    from license.supply_files import bom_candidates
+    from license.supply_files import bom_path
     from toolbox.supply.bom import build_bom
 
     out = _linked_copy(src, workdir)
-    target = bom_candidates(out)[0 if p.get("format", "cyclonedx") == "cyclonedx" else 1]
-    build_bom(out, target, fmt=p.get("format", "cyclonedx"), force=True, progress=ctx.progress)
+    fmt = p.get("format", "cyclonedx")
+    build_bom(out, bom_path(out, fmt), fmt=fmt, force=True, progress=ctx.progress)
     return out
 
 
@@ -221,4 +282,5 @@ def _report(p: dict[str, Any], src: Path, workdir: Path, ctx: OpContext) -> Path
 
 _OPS = {"convert": _convert, "merge": _merge, "prune": _prune, "extract": _extract, "verify": _verify,
         "extract-lora": _extract_lora,
-        "license-check": _license_check, "sign": _sign, "bom": _bom, "publish": _publish, "report": _report}
+        "license-check": _license_check, "sign": _sign, "bom": _bom, "publish": _publish, "report": _report,
+        "imatrix": _imatrix, "eval": _eval}

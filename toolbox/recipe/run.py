@@ -26,6 +26,7 @@ from toolbox.recipe.instances import Instance, against_target, expand_steps
 from toolbox.recipe.load import LoadedRecipe
 from toolbox.recipe.objects import MMPROJ_SUFFIX, artifact_parts
 from toolbox.recipe.objects import load as load_object
+from toolbox.recipe.ops import is_step_ref
 
 LOCK_VERSION = 1
 RECORD_NAME = "corral-recipe.json"
@@ -136,7 +137,8 @@ def _key(inst: Instance, source: Source, against: Instance | str | None, loaded:
 
     params = dict(inst.params)
     for name in ("calibration", "imatrix", "key", "public_key", "base"):
-        if params.get(name) and not str(params[name]).startswith("demo:"):  # a demo base: its name is its key
+        if params.get(name) and not str(params[name]).startswith("demo:") and not (  # a demo base: its name is its key
+                name == "imatrix" and is_step_ref(params[name])):  # an imatrix step: its key is `against` below
             params[name] = _input_hash(loaded, params[name], hashes, inputs)
     if "adapters" in params:
         params["adapters"] = [{**a, "path": _input_hash(loaded, a["path"], hashes, inputs)} for a in params["adapters"]]
@@ -221,7 +223,8 @@ def run_recipe(loaded: LoadedRecipe, output_dir: str | Path | None = None, *, ca
         inst.estimate = 0 if inst.gate else sizes[id(inst)]
     for inst in instances:  # ops get absolute paths (recipe paths are relative to the recipe file)
         for name in ("calibration", "imatrix", "key", "public_key", "base"):
-            if inst.params.get(name) and not str(inst.params[name]).startswith("demo:"):
+            if inst.params.get(name) and not str(inst.params[name]).startswith("demo:") and not (
+                    name == "imatrix" and is_step_ref(inst.params[name])):
                 inst.params[name] = str(_input_path(loaded, inst.params[name]))
         if "adapters" in inst.params:
             inst.params["adapters"] = [{**a, "path": str(_input_path(loaded, a["path"]))}

@@ -65,7 +65,8 @@ class ConvertWith(_Strict):
     output_tensor_type: str | None = None
     token_embedding_type: str | None = None
     pure: bool = False
-    imatrix: str | None = Field(None, description="importance matrix file (llama-imatrix's GGUF or legacy .dat)")
+    imatrix: str | None = Field(None, description="importance matrix file (llama-imatrix's GGUF or legacy .dat), "
+                                "or the id of an earlier `uses: imatrix` step")
     include_weights: list[Annotated[str, Field(max_length=300)]] = Field([], max_length=64)
     exclude_weights: list[Annotated[str, Field(max_length=300)]] = Field([], max_length=64)
 
@@ -87,6 +88,9 @@ class MergeWith(_Strict):
     t: float | None = Field(None, ge=0, le=1, description="slerp: 0 is the base")
     dtype: str | None = None
     name: str | None = None
+    to: Literal["hf", "gguf"] = Field("hf", description="gguf: the LoRA merge streamed straight into a GGUF file "
+                                      "(no merged HF copy on disk)")
+    outtype: str = Field("auto", max_length=40, description="GGUF tensor type with to: gguf (q8_0, q4_k_m, ...)")
 
     @model_validator(mode="after")
     def _adapters_or_models(self) -> MergeWith:
@@ -94,6 +98,8 @@ class MergeWith(_Strict):
             raise ValueError("give adapters (a LoRA merge), or method and models (a weight merge)")
         if self.method is not None and (self.adapters or not self.models):
             raise ValueError("a weight merge (method) takes models, not adapters")
+        if self.method is not None and self.to != "hf":
+            raise ValueError("a weight merge writes an HF checkpoint: convert it in a next step")
         return self
 
 
@@ -110,6 +116,9 @@ class PruneWith(_Strict):
     criterion: Literal["frequency", "reap", "ean"] | None = None
     calibration: str | None = None
     name: str | None = None
+    to: Literal["hf", "gguf"] = Field("hf", description="gguf: the pruned model streamed straight into a GGUF "
+                                      "file (no pruned HF copy on disk)")
+    outtype: str = Field("auto", max_length=40, description="GGUF tensor type with to: gguf (q8_0, q4_k_m, ...)")
 
     @model_validator(mode="after")
     def _one_selection(self) -> PruneWith:
@@ -125,6 +134,9 @@ class ExtractWith(_Strict):
     expert: Annotated[int, Field(ge=0, le=MAX_INDEX)] | Literal["auto"]
     calibration: str | None = None
     name: str | None = None
+    to: Literal["hf", "gguf"] = Field("hf", description="gguf: the dense model streamed straight into a GGUF "
+                                      "file (no dense HF copy on disk)")
+    outtype: str = Field("auto", max_length=40, description="GGUF tensor type with to: gguf (q8_0, q4_k_m, ...)")
 
 
 class ExtractLoraWith(_Strict):
@@ -155,8 +167,9 @@ class SignWith(_Strict):
 
 
 class BomWith(_Strict):
-    format: Literal["cyclonedx", "spdx"] = Field("cyclonedx", description="written inside the artifact as "
-                                                 "bom.cdx.json / bom.spdx.json (FILE.cdx.json beside a lone file)")
+    format: Literal["cyclonedx", "spdx", "spdx3"] = Field(
+        "cyclonedx", description="written inside the artifact as bom.cdx.json / bom.spdx.json / bom.spdx3.json "
+        "(FILE.cdx.json beside a lone file)")
 
 
 class PublishWith(_Strict):
@@ -275,8 +288,40 @@ class ReportStep(_Step):
     with_: ReportWith = Field(ReportWith(), alias="with")
 
 
+class ImatrixWith(_Strict):
+    """`corral imatrix` of the step's input (an HF checkpoint): imatrix.gguf, for a convert step's `imatrix`."""
+
+    calibration: str = Field(description="calibration text (.txt, .jsonl), relative to the recipe")
+    chunk: int = Field(512, ge=16, le=8192, description="tokens per chunk (llama-imatrix -c)")
+    chunks: int | None = Field(None, ge=1, le=1 << 20, description="at most this many chunks")
+    all_experts: bool = Field(False, description="statistics for every routed expert on every token")
+    name: str | None = None
+
+
+class ImatrixStep(_Step):
+    uses: Literal["imatrix"]
+    with_: ImatrixWith = Field(alias="with")
+
+
+class EvalWith(_Strict):
+    """`corral eval` of the step's input (a GGUF): eval.json, the step's artifact; a threshold fails the step."""
+
+    calibration: str = Field(description="held-out text (.txt, .jsonl), relative to the recipe")
+    against: str = Field("source", description="'source' or a step id: the reference (an HF checkpoint, or a "
+                         "BF16/F32 GGUF run in llama.cpp)")
+    ctx: int = Field(512, ge=16, le=4096, description="tokens per chunk")
+    chunks: int = Field(8, ge=1, le=256)
+    max_kl: float | None = Field(None, ge=0, description="fail (exit 1) when the mean KL divergence is above this")
+    min_top1: float | None = Field(None, ge=0, le=1, description="fail (exit 1) when top-1 agreement is below this")
+
+
+class EvalStep(_Step):
+    uses: Literal["eval"]
+    with_: EvalWith = Field(alias="with")
+
+
 Step = Annotated[ConvertStep | MergeStep | PruneStep | ExtractStep | ExtractLoraStep | VerifyStep | LicenseCheckStep
-                 | SignStep | BomStep | PublishStep | ReportStep, Field(discriminator="uses")]
+                 | SignStep | BomStep | PublishStep | ReportStep | ImatrixStep | EvalStep, Field(discriminator="uses")]
 GATES = ("verify", "license-check", "publish")  # publish also runs only after every other gate passed
 
 
@@ -315,6 +360,11 @@ class Recipe(_Strict):
             if against is not None and against != "source" and against not in seen:
                 raise FieldError(f"step {step.id!r}: against {against!r} is not 'source' or an earlier step",
                                  "steps", i, "with", "against")
+            imatrix = getattr(step.with_, "imatrix", None)
+            if imatrix is not None and re.fullmatch(STEP_ID, imatrix) and getattr(seen.get(imatrix), "uses",
+                                                                                  "imatrix") != "imatrix":
+                raise FieldError(f"step {step.id!r}: imatrix {imatrix!r} is a {seen[imatrix].uses} step, not an "
+                                 "imatrix step", "steps", i, "with", "imatrix")
             seen[step.id] = step
         outputs: dict[str, int] = {}
         for i, step in enumerate(self.steps):
