@@ -16,7 +16,9 @@ Exit status: 0 clean (info findings only), 1 errors or warnings found,
 3 a file could not be read at all (fatal findings). With --public-key, verify checks the
 model signature only (0 it verifies, 1 a file changed, was added or removed, or the key
 does not match; 3 no signature or an unreadable key). --certificate-chain does the same
-for a signature made with a signing certificate (corral sign --certificate).
+for a signature made with a signing certificate (corral sign --certificate), and --identity
+WHO --oidc-issuer URL for a keyless one (corral sign --sigstore; needs the network: 4 when
+Sigstore cannot be reached).
 
 Examples:
 
@@ -35,6 +37,9 @@ Examples:
   corral verify scout-q8_0.gguf --public-key pub.pem --signature scout-q8_0.gguf.sig
 
   corral verify ./merged --certificate-chain ca.pem
+
+  corral verify ./scout-q4 --identity https://github.com/ORG/REPO/.github/workflows/build.yml@refs/heads/main \
+      --oidc-issuer https://token.actions.githubusercontent.com
 """
 
 _STYLE = {"fatal": "bold red", "error": "red", "warning": "yellow", "info": "dim"}
@@ -62,6 +67,13 @@ def verify(
         "--certificate-chain", metavar="CERT.pem", show_default=False,
         help="Instead of --public-key: trust a signature made by a certificate that chains to these "
         "(repeatable; the root among them).")] = None,
+    identity: Annotated[str | None, typer.Option("--identity", metavar="WHO", show_default=False,
+                                                 help="Instead of --public-key: a keyless signature's signer "
+                                                 "(e-mail or CI workflow URI), with --oidc-issuer.")] = None,
+    oidc_issuer: Annotated[str | None, typer.Option("--oidc-issuer", metavar="URL", show_default=False,
+                                                    help="With --identity: the signer's OIDC issuer.")] = None,
+    staging: Annotated[bool, typer.Option("--sigstore-staging", help="With --identity: Sigstore's staging "
+                                          "instance.")] = False,
 ) -> int:
     """Check that every tensor the config implies is present with the right shape and dtype,
     that index and shard headers agree, that the config is consistent and that the tokenizer
@@ -69,9 +81,10 @@ def verify(
     from toolbox.verify.checks import verify_checkpoint
 
     out = ctx.obj
-    if public_key is not None or signature is not None or certificate_chain:
+    if public_key is not None or signature is not None or certificate_chain or identity is not None:
+        keyless = {"identity": identity, "oidc_issuer": oidc_issuer, "staging": staging} if identity else {}
         return _verify_signature(out, path, public_key, signature, certificate_chain or [],
-                                 deep or run or against is not None)
+                                 deep or run or against is not None, keyless)
     if run:
         from toolbox.cli.deps import require
 
@@ -97,21 +110,21 @@ def verify(
 
 
 def _verify_signature(out: Any, path: str, public_key: Path | None, signature: Path | None, chain: list[Path],
-                      other: bool) -> int:
+                      other: bool, keyless: dict[str, Any]) -> int:
     """`verify --public-key`: the signature check alone (findings name each changed, added or removed file)."""
     from toolbox.cli.deps import require
     from toolbox.errors import UsageError
 
-    if public_key is None and not chain:
-        raise UsageError("--signature needs --public-key KEY.pem or --certificate-chain CERT.pem",
-                         hint="give the signer's ECDSA public key, or the certificates to trust")
+    if public_key is None and not chain and not keyless:
+        raise UsageError("--signature needs --public-key KEY.pem, --certificate-chain CERT.pem or --identity WHO",
+                         hint="give the signer's ECDSA public key, the certificates to trust, or its Sigstore identity")
     if other:
         raise UsageError("--public-key checks the signature only; --deep, --against and --run are structural checks",
                          hint="run corral verify twice: once with --public-key, once without")
     require("model_signing")
     from toolbox.supply.sign import verify_signature
 
-    result = verify_signature(path, public_key, signature=signature, certificate_chain=chain)
+    result = verify_signature(path, public_key, signature=signature, certificate_chain=chain, **keyless)
 
     def render(console: Console) -> None:
         for problem in result.problems:

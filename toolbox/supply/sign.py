@@ -112,21 +112,34 @@ def _covered(root: Path, ignored: list[str]) -> list[str]:
     return sorted(n for n in names if not any(n == s or n.startswith(s + "/") for s in skip))
 
 
-def sign_artifact(path: str | Path, key: str | Path, *, signature: str | Path | None = None,
+def sign_artifact(path: str | Path, key: str | Path | None = None, *, signature: str | Path | None = None,
                   password: str | None = None, certificate: str | Path | None = None,
-                  certificate_chain: Sequence[str | Path] = ()) -> SignResult:
+                  certificate_chain: Sequence[str | Path] = (), sigstore: bool = False,
+                  oidc_issuer: str | None = None, staging: bool = False) -> SignResult:
     """Sign every file of `path` with an ECDSA private key (and, with `certificate`, its signing
-    certificate plus the chain up to a root); the bundle is written atomically."""
+    certificate plus the chain up to a root), or keyless with Sigstore (`sigstore`: an OIDC identity
+    from the CI, see toolbox.supply.keyless); the bundle is written atomically."""
     from model_signing import hashing, signing
 
+    from toolbox.supply import keyless
+
+    if sigstore == (key is not None):
+        raise UsageError("sign with either --key KEY.pem or --sigstore (keyless), not both",
+                         hint="--key for an ECDSA key; --sigstore in a CI job with an OIDC identity")
+    if sigstore and (certificate is not None or certificate_chain or password):
+        raise UsageError("--certificate, --certificate-chain and --password are for --key signing")
     root = _artifact(path)
-    key_path = _key_file(key, "private key")
-    _check_private_key(key_path, password)
+    token = keyless.identity_token() if sigstore else None
+    key_path = _key_file(key, "private key") if key is not None else None
+    if key_path is not None:
+        _check_private_key(key_path, password)
     target = Path(signature) if signature is not None else default_signature(root)
     if target.is_dir():
         raise UsageError(f"{target}: is a directory, not a signature file", hint="give --signature FILE")
     ignored = [*DOWNLOAD_PATHS, *([rel] if (rel := _inside(root, target)) else [])] if root.is_dir() else []
-    if certificate is not None:
+    if token is not None:
+        config = keyless.signer_config(token, oidc_issuer=oidc_issuer, staging=staging)
+    elif certificate is not None:
         if password:
             raise UsageError("--password is for a key without a certificate", hint="decrypt the key first")
         chain = [_key_file(c, "certificate") for c in certificate_chain]
@@ -143,28 +156,39 @@ def sign_artifact(path: str | Path, key: str | Path, *, signature: str | Path | 
             config.sign(root, staged)
         except ValueError as exc:  # the library's word for symlinks and unreadable models
             raise BadInputError(f"{root}: cannot be signed: {exc}", path=root) from None
+        except Exception as exc:
+            if token is None:
+                raise
+            raise keyless.failure("keyless signing", exc, token) from None
         with atomic_file(target, force=True) as out:
             shutil.copyfile(staged, out)
     return SignResult(root, target, _covered(root, ignored))
 
 
 def verify_signature(path: str | Path, public_key: str | Path | None = None, *, signature: str | Path | None = None,
-                     certificate_chain: Sequence[str | Path] = ()) -> VerifyResult:
+                     certificate_chain: Sequence[str | Path] = (), identity: str | None = None,
+                     oidc_issuer: str | None = None, staging: bool = False) -> VerifyResult:
     """Check `path` against its signature: every file's hash, no file added, none removed. The signer
-    is the holder of `public_key`, or a certificate that chains to `certificate_chain` (a root first)."""
+    is the holder of `public_key`, a certificate that chains to `certificate_chain` (a root first), or
+    the Sigstore `identity` at `oidc_issuer` (keyless)."""
     from model_signing import verifying
 
     root = _artifact(path)
-    if (public_key is None) == (not certificate_chain):
-        raise UsageError("give either the signer's public key or the certificate chain to trust, not both",
-                         hint="--public-key KEY.pem, or --certificate-chain ROOT.pem (repeatable)")
+    if sum((public_key is not None, bool(certificate_chain), identity is not None)) != 1:
+        raise UsageError("give one of: the signer's public key, the certificate chain to trust, or its Sigstore "
+                         "identity", hint="--public-key KEY.pem, --certificate-chain ROOT.pem (repeatable), or "
+                         "--identity WHO --oidc-issuer URL")
     sig = Path(signature) if signature is not None else default_signature(root)
     if not sig.is_file():
         raise BadInputError(f"{sig}: no signature file", hint="sign with corral sign, or give --signature FILE",
                             path=sig)
     if sig.stat().st_size > MAX_SIGNATURE_BYTES:
         raise BadInputError(f"{sig}: {sig.stat().st_size} bytes is too large for a signature bundle", path=sig)
-    if public_key is None:
+    if identity is not None:
+        from toolbox.supply.keyless import verifier_config
+
+        config = verifier_config(identity, oidc_issuer, staging=staging)
+    elif public_key is None:
         chain = [_key_file(c, "certificate") for c in certificate_chain]
         try:
             config = verifying.Config().use_certificate_verifier(certificate_chain=chain)
