@@ -193,6 +193,42 @@ def test_split_gguf_fans_out_per_part(cluster, split_reference: dict[str, str], 
     assert not [p for p in (tmp_path / "cache" / "objects").iterdir() if p.name.startswith(".")]  # no debris
 
 
+SHARDED = """\
+corral: 1
+name: sharded
+source: demo:scout
+license:
+  mau_declaration: below-700m
+steps:
+  - id: pruned
+    uses: prune
+    with: {keep: [0, 3, 5, 9], shard_size: 1M}
+    output: Llama-4-Scout-sharded-4e
+"""
+
+
+@pytest.mark.slow
+def test_safetensors_shards_fan_out_per_shard(cluster, tmp_path: Path) -> None:
+    """A prune whose output has four shards: a task per shard and one for the rest, on both nodes, assembled
+    into the directory a local run writes, every file byte for byte."""
+    (tmp_path / "sharded.yaml").write_text(SHARDED)
+    trees, results = {}, {}
+    for name, kw in (("local", {}), ("ray", {"address": str(cluster["address"])})):
+        results[name] = run_recipe(load_recipe(tmp_path / "sharded.yaml"), tmp_path / name,
+                                   cache_dir=tmp_path / f"cache-{name}", executor=name, **kw)
+        out = tmp_path / name / "Llama-4-Scout-sharded-4e"
+        trees[name] = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(out.iterdir())}
+    assert trees["ray"] == trees["local"]
+    assert len([n for n in trees["local"] if n.endswith(".safetensors")]) == 4
+    assert "model.safetensors.index.json" in trees["local"] and "config.json" in trees["local"]
+    (inst,) = results["ray"].instances
+    parts = inst.built_by["parts"]
+    assert [p["part"] for p in parts] == [0, 1, 2, 3, -1]  # the shards, then the rest (config, license, index)
+    assert {r for p in parts for r in p["resources"]} == {"node_a", "node_b"}
+    assert inst.files == results["local"].instances[0].files
+    assert not [p for p in (tmp_path / "cache-ray" / "objects").iterdir() if p.name.startswith(".")]  # no debris
+
+
 @pytest.mark.slow
 def test_a_step_no_node_can_run_is_refused_not_queued(cluster, tmp_path: Path, monkeypatch, capsys) -> None:
     from toolbox.recipe import ray_executor

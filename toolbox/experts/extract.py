@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from license.stamp import LicenseOptions
 from toolbox.errors import UnsupportedModelError, UsageError
-from toolbox.experts.output import Planned, copy_tensor, make_stamp, text_config, write_checkpoint
+from toolbox.experts.output import Planned, copy_tensor, make_stamp, plan_shard_count, text_config, write_checkpoint
 from toolbox.progress import NULL_PROGRESS, Progress
 from toolbox.reference import ModelLike
 
@@ -73,11 +73,12 @@ def most_used_experts(src: str | Path, calibration: str | Path | None = None, *,
 def extract_dense(src: ModelLike, out: str | Path, *, expert: int | Mapping[int, int], force: bool = False,
                   extra_provenance: dict[str, Any] | None = None, license_options: LicenseOptions | None = None,
                   progress: Progress = NULL_PROGRESS, to: str = "hf", outtype: str = "auto",
+                  shards: Collection[int] | None = None, max_shard_bytes: int | None = None,
                   **legacy: Any) -> ExtractResult:
     """Write a dense model: in each MoE layer, [shared expert | routed `expert`] as one MLP.
 
     `to="gguf"` streams the dense model straight into the GGUF `out` of `outtype` (no HF copy on disk),
-    byte for byte the conversion of the HF output."""
+    byte for byte the conversion of the HF output. `shards`/`max_shard_bytes`: as `prune_experts`."""
     from toolbox.experts.output import require_hf
     from toolbox.reference import resolve
     from toolbox.tensors.atomic import check_output_path
@@ -86,6 +87,8 @@ def extract_dense(src: ModelLike, out: str | Path, *, expert: int | Mapping[int,
     opts = LicenseOptions.of(license_options, **legacy)
     if to not in ("hf", "gguf"):
         raise UsageError(f"unknown --to {to!r}", hint="choose hf or gguf")
+    if to == "gguf" and shards is not None:
+        raise UsageError("shards= applies to an HF output; a GGUF output is split with split_max_size")
     if to == "gguf":
         from toolbox.merge.chain import gguf_output
 
@@ -117,26 +120,45 @@ def extract_dense(src: ModelLike, out: str | Path, *, expert: int | Mapping[int,
                                   license_options=LicenseOptions(name=stamp.name, mau_declaration=opts.mau_declaration,
                                                                  base_model=opts.base_model), outtype=outtype)
             return ExtractResult(out, chosen, res.bytes, stamp.name)
-        infos = source.infos()
-        plan: list[Planned] = []
-        for info in infos.values():
-            m = _FF.search(info.name)
-            if m is None or int(m[1]) not in chosen:
-                plan.append((info.name, info.shape, info.dtype, copy_tensor(source, info)))
-                continue
-            if m[2] != "router.weight":  # one folded MLP per layer, planned where the router was
-                continue
-            base = info.name.removesuffix("router.weight")
-            e, dtype = chosen[int(m[1])], infos[f"{base}experts.gate_up_proj"].dtype
-            for proj, shape in (("gate_proj", (2 * t.expert_width, t.hidden)), ("up_proj", (2 * t.expert_width,
-                                                                                           t.hidden)),
-                                ("down_proj", (t.hidden, 2 * t.expert_width))):
-                plan.append((f"{base}{proj}.weight", shape, dtype, _folded(source, base, proj, e, t.expert_width)))
-        written = write_checkpoint(out, src_dir, plan, dense_config(ckpt.config), stamp, force=force,
-                                   label="extracting", progress=progress)
+        written = write_checkpoint(out, src_dir, _plan(source, chosen, t), dense_config(ckpt.config), stamp,
+                                   force=force, label="extracting", progress=progress, shards=shards,
+                                   max_shard_bytes=max_shard_bytes)
     finally:
         source.close()
     return ExtractResult(out, chosen, written, stamp.name)
+
+
+def _plan(source: Any, chosen: dict[int, int], t: Any) -> list[Planned]:
+    """Every output tensor in the input's order: each MoE layer's folded MLP where its router was, the rest copied."""
+    infos = source.infos()
+    plan: list[Planned] = []
+    for info in infos.values():
+        m = _FF.search(info.name)
+        if m is None or int(m[1]) not in chosen:
+            plan.append((info.name, info.shape, info.dtype, copy_tensor(source, info)))
+            continue
+        if m[2] != "router.weight":  # one folded MLP per layer, planned where the router was
+            continue
+        base = info.name.removesuffix("router.weight")
+        e, dtype = chosen[int(m[1])], infos[f"{base}experts.gate_up_proj"].dtype
+        for proj, shape in (("gate_proj", (2 * t.expert_width, t.hidden)), ("up_proj", (2 * t.expert_width,
+                                                                                       t.hidden)),
+                            ("down_proj", (t.hidden, 2 * t.expert_width))):
+            plan.append((f"{base}{proj}.weight", shape, dtype, _folded(source, base, proj, e, t.expert_width)))
+    return plan
+
+
+def extract_shard_count(src: ModelLike, *, expert: int | Mapping[int, int], max_shard_bytes: int | None = None) -> int:
+    """How many safetensors files `extract_dense` writes with these arguments, from the input's headers alone."""
+    from toolbox.reference import resolve
+
+    model = resolve(src)
+    t = model.checkpoint.text
+    source = model.open_source()
+    try:
+        return plan_shard_count(_plan(source, resolve_experts(expert, t.moe_layers, t.experts), t), max_shard_bytes)
+    finally:
+        source.close()
 
 
 def _folded(source: Any, base: str, proj: str, e: int, width: int) -> Any:

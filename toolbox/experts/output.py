@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -60,28 +60,43 @@ def make_stamp(model: ResolvedModel, source: TensorSource, op: dict[str, Any], *
 
 
 def write_checkpoint(out: Path, src_dir: Path, plan: list[Planned], config: dict[str, Any], stamp: Stamp, *,
-                     force: bool, label: str, progress: Progress = NULL_PROGRESS) -> int:
-    """Write planned tensors through one SafetensorsWriter into an atomic directory; returns bytes written."""
+                     force: bool, label: str, progress: Progress = NULL_PROGRESS,
+                     shards: Collection[int] | None = None, max_shard_bytes: int | None = None) -> int:
+    """Write planned tensors through one SafetensorsWriter into an atomic directory; returns bytes written.
+
+    `shards` (0-based, of `plan_shard_count`) writes only those shard files, each byte for byte as the whole run
+    writes it, and reads nothing of the other shards' tensors; `shards=()` writes the rest of the checkpoint
+    (config, tokenizer, license files and the index), so the union of the parts is the whole run's directory."""
     from toolbox.hf_output import finish_hf_directory
     from toolbox.tensors.atomic import atomic_directory, ensure_free_space
-    from toolbox.tensors.sink import SafetensorsWriter
+    from toolbox.tensors.sink import DEFAULT_MAX_SHARD_BYTES, SafetensorsWriter
 
-    total = sum(TensorInfo(n, s, d).nbytes for n, s, d, _ in plan)
-    ensure_free_space(out, total, f"{label} into {out.name}")
     with atomic_directory(out, force=force) as staging:
-        writer = SafetensorsWriter(staging, metadata=stamp.safetensors_metadata())
+        writer = SafetensorsWriter(staging, metadata=stamp.safetensors_metadata(), shards=shards,
+                                   max_shard_bytes=max_shard_bytes or DEFAULT_MAX_SHARD_BYTES)
         for n, s, d, _ in plan:
             writer.add(n, s, d)
         writer.begin()
+        todo = [(n, s, d, emit) for n, s, d, emit in plan if writer.wanted(n)]
+        total = sum(TensorInfo(n, s, d).nbytes for n, s, d, _ in todo)
+        ensure_free_space(out, total, f"{label} into {out.name}")
         with progress.task(label, total=total, unit="bytes") as task:
-            for n, s, d, emit in plan:
+            for n, s, d, emit in todo:
                 emit(writer)
                 task.advance(TensorInfo(n, s, d).nbytes)
         writer.finish()
-        cfg = json.loads(json.dumps(config))
-        cfg.pop("quantization_config", None)  # FP8 sources are dequantized on read
-        finish_hf_directory(staging, src_dir, cfg, stamp)
+        if writer.writes_rest:
+            cfg = json.loads(json.dumps(config))
+            cfg.pop("quantization_config", None)  # FP8 sources are dequantized on read
+            finish_hf_directory(staging, src_dir, cfg, stamp)
     return total
+
+
+def plan_shard_count(plan: list[Planned], max_shard_bytes: int | None = None) -> int:
+    """How many safetensors files `write_checkpoint` writes for this plan (from shapes alone, nothing read)."""
+    from toolbox.tensors.sink import DEFAULT_MAX_SHARD_BYTES, shard_count
+
+    return shard_count([TensorInfo(n, s, d).nbytes for n, s, d, _ in plan], max_shard_bytes or DEFAULT_MAX_SHARD_BYTES)
 
 
 def copy_tensor(source: TensorSource, info: TensorInfo) -> Callable[[Any], None]:

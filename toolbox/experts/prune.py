@@ -5,12 +5,13 @@ dropped experts' router logits at -inf (top-k of sigmoid scores, no softmax reno
 from __future__ import annotations
 
 import json
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from license.stamp import LicenseOptions
-from toolbox.experts.output import Planned, copy_tensor, make_stamp, text_config, write_checkpoint
+from toolbox.experts.output import Planned, copy_tensor, make_stamp, plan_shard_count, text_config, write_checkpoint
 from toolbox.experts.pruned_source import MOE as _MOE
 from toolbox.experts.pruned_source import PrunedSource
 from toolbox.experts.selection import KeepSpec, resolve_keep
@@ -34,13 +35,16 @@ def prune_experts(src: ModelLike, out: str | Path, *, keep: KeepSpec | None = No
                   criterion: str | None = None, force: bool = False,
                   extra_provenance: dict[str, Any] | None = None, license_options: LicenseOptions | None = None,
                   progress: Progress = NULL_PROGRESS, to: str = "hf", outtype: str = "auto",
+                  shards: Collection[int] | None = None, max_shard_bytes: int | None = None,
                   **legacy: Any) -> PruneResult:
     """Write a copy of `src` keeping, in every MoE layer, the experts in `keep` (or all but `drop`).
 
     `keep`/`drop` is one list for every MoE layer or {layer: list}; the same count must remain in
     every layer and at least num_experts_per_tok. Streams one expert slice at a time.
     `to="gguf"` writes the pruned model straight as the GGUF `out` of `outtype` (no HF copy on disk:
-    `toolbox.merge.chain`), byte for byte the conversion of the HF output."""
+    `toolbox.merge.chain`), byte for byte the conversion of the HF output. `max_shard_bytes` sizes the
+    safetensors files (default 5 GiB); `shards` writes only some of them, or with `()` the rest of the directory
+    (`toolbox.experts.output.write_checkpoint`; `prune_shard_count` says how many there are)."""
     from toolbox.experts.output import require_hf
     from toolbox.reference import resolve
     from toolbox.tensors.atomic import check_output_path
@@ -51,6 +55,10 @@ def prune_experts(src: ModelLike, out: str | Path, *, keep: KeepSpec | None = No
         from toolbox.errors import UsageError
 
         raise UsageError(f"unknown --to {to!r}", hint="choose hf or gguf")
+    if to == "gguf" and shards is not None:
+        from toolbox.errors import UsageError
+
+        raise UsageError("shards= applies to an HF output; a GGUF output is split with split_max_size")
     if to == "gguf":
         from toolbox.merge.chain import gguf_output
 
@@ -73,20 +81,41 @@ def prune_experts(src: ModelLike, out: str | Path, *, keep: KeepSpec | None = No
         if to == "gguf":
             written = _to_gguf(model, PrunedSource(source, kept, stamp), config, out, outtype, opts, force, progress)
             return PruneResult(out, kept, t.experts, n_kept, written, stamp.name, criterion)
-        plan: list[Planned] = []
-        for info in source.infos().values():
-            m = _MOE.search(info.name)
-            if m is None:
-                plan.append((info.name, info.shape, info.dtype, copy_tensor(source, info)))
-                continue
-            ids = kept[int(m[1])]
-            plan.append((info.name, (len(ids), *info.shape[1:]), info.dtype, _sliced(source, info.name, ids,
-                                                                                      m[2] == "router.weight")))
-        written = write_checkpoint(out, src_dir, plan, config, stamp, force=force, label="pruning",
-                                   progress=progress)
+        written = write_checkpoint(out, src_dir, _plan(source, kept), config, stamp, force=force, label="pruning",
+                                   progress=progress, shards=shards, max_shard_bytes=max_shard_bytes)
     finally:
         source.close()
     return PruneResult(out, kept, t.experts, n_kept, written, stamp.name, criterion)
+
+
+def _plan(source: Any, kept: dict[int, list[int]]) -> list[Planned]:
+    """Every output tensor in the input's order: MoE tensors cut to the kept experts, the rest copied."""
+    plan: list[Planned] = []
+    for info in source.infos().values():
+        m = _MOE.search(info.name)
+        if m is None:
+            plan.append((info.name, info.shape, info.dtype, copy_tensor(source, info)))
+            continue
+        ids = kept[int(m[1])]
+        plan.append((info.name, (len(ids), *info.shape[1:]), info.dtype, _sliced(source, info.name, ids,
+                                                                                  m[2] == "router.weight")))
+    return plan
+
+
+def prune_shard_count(src: ModelLike, *, keep: KeepSpec | None = None, drop: KeepSpec | None = None,
+                      max_shard_bytes: int | None = None) -> int:
+    """How many safetensors files `prune_experts` writes with these arguments, from the input's headers alone:
+    what a caller writing each shard in its own process (`shards=(i,)`) needs first."""
+    from toolbox.reference import resolve
+
+    model = resolve(src)
+    t = model.checkpoint.text
+    kept = resolve_keep(keep=keep, drop=drop, experts=t.experts, top_k=t.top_k, moe_layers=t.moe_layers)
+    source = model.open_source()
+    try:
+        return plan_shard_count(_plan(source, kept), max_shard_bytes)
+    finally:
+        source.close()
 
 
 def _to_gguf(model: Any, pruned: PrunedSource, config: dict[str, Any], out: Path, outtype: str,

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import math
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -470,6 +470,7 @@ def _output_config(config: dict[str, Any], requested: str | None) -> dict[str, A
 def merge_adapters(base: ModelLike, adapters: list[str | Path | Adapter], out: str | Path, *,
                    weights: list[float] | None = None, dtype: str | None = None, force: bool = False,
                    license_options: LicenseOptions | None = None, progress: Progress = NULL_PROGRESS,
+                   shards: Collection[int] | None = None, max_shard_bytes: int | None = None,
                    **legacy: Any) -> MergeResult:
     """Merge LoRA adapters into an HF Llama 4 checkpoint (any layout corral reads), streamed and stamped.
 
@@ -477,11 +478,14 @@ def merge_adapters(base: ModelLike, adapters: list[str | Path | Adapter], out: s
     the base's). `license_options` (or name=, mau_declaration=, fix_name=, base_model=): `base_model` is the
     base's Hub repo id for the model card (else taken from a `corral download` manifest or the adapter
     config). Every adapter key must land on a base
-    tensor; the output directory appears only once complete.
+    tensor; the output directory appears only once complete. `max_shard_bytes` sizes the safetensors files
+    (default 5 GiB); `shards` (0-based, of `merge_shard_count`) writes only those files, byte for byte as the
+    whole run does, reading and merging nothing else (the report lists their tensors only); `shards=()` writes
+    the rest of the directory (config, tokenizer, license files, index).
     """
     from toolbox.merge.prepare import check_merge_args, prepare_merge
     from toolbox.tensors.atomic import atomic_directory, check_output_path, ensure_free_space
-    from toolbox.tensors.sink import SafetensorsWriter
+    from toolbox.tensors.sink import DEFAULT_MAX_SHARD_BYTES, SafetensorsWriter
     from toolbox.tensors.source import TensorInfo
 
     opts = LicenseOptions.of(license_options, **legacy)
@@ -493,16 +497,17 @@ def merge_adapters(base: ModelLike, adapters: list[str | Path | Adapter], out: s
     try:
         infos = source.infos()
         result = MergeResult(out, len(infos), requested or "auto", prep.described, name=stamp.name)
-        ensure_free_space(out, sum(TensorInfo(i.name, i.shape, _out_dtype(i.dtype, requested)).nbytes
-                                   for i in infos.values()), f"the merged checkpoint {out.name}")
         with atomic_directory(out, force=force) as staging:
-            writer = SafetensorsWriter(staging, metadata=stamp.safetensors_metadata())
+            writer = SafetensorsWriter(staging, metadata=stamp.safetensors_metadata(), shards=shards,
+                                       max_shard_bytes=max_shard_bytes or DEFAULT_MAX_SHARD_BYTES)
             for info in infos.values():
                 writer.add(info.name, info.shape, _out_dtype(info.dtype, requested))
             writer.begin()
-            total = sum(i.nbytes for i in infos.values())
-            with progress.task("merging", total=total, unit="bytes") as task:
-                for info in infos.values():
+            todo = [i for i in infos.values() if writer.wanted(i.name)]
+            ensure_free_space(out, sum(TensorInfo(i.name, i.shape, _out_dtype(i.dtype, requested)).nbytes
+                                       for i in todo), f"the merged checkpoint {out.name}")
+            with progress.task("merging", total=sum(i.nbytes for i in todo), unit="bytes") as task:
+                for info in todo:
                     out_st = _out_dtype(info.dtype, requested)
                     contribs = plan.by_base.get(info.name)
                     if contribs:
@@ -513,10 +518,28 @@ def merge_adapters(base: ModelLike, adapters: list[str | Path | Adapter], out: s
                     task.advance(info.nbytes)
             writer.finish()
             result.warnings.extend(lossy_warnings(result.merged))
-            finish_hf_directory(staging, prep.model.path, _output_config(ckpt.config, requested), stamp)
+            if writer.writes_rest:
+                finish_hf_directory(staging, prep.model.path, _output_config(ckpt.config, requested), stamp)
     finally:
         prep.close()
     return result
+
+
+def merge_shard_count(base: ModelLike, *, dtype: str | None = None, max_shard_bytes: int | None = None) -> int:
+    """How many safetensors files `merge_adapters` writes for this base, from its headers alone (the output has the
+    base's tensors, in the output dtype): what a caller writing each shard in its own process needs first."""
+    from toolbox.merge.prepare import check_merge_args
+    from toolbox.reference import resolve
+    from toolbox.tensors.sink import DEFAULT_MAX_SHARD_BYTES, shard_count
+    from toolbox.tensors.source import TensorInfo
+
+    requested = check_merge_args(["-"], None, dtype)[2]
+    source = resolve(base).open_source()
+    try:
+        sizes = [TensorInfo(i.name, i.shape, _out_dtype(i.dtype, requested)).nbytes for i in source.infos().values()]
+    finally:
+        source.close()
+    return shard_count(sizes, max_shard_bytes or DEFAULT_MAX_SHARD_BYTES)
 
 
 def tensor_report(name: str, contribs: list[Contribution], delta: float, err: float) -> TensorReport:

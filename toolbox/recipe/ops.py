@@ -149,7 +149,7 @@ def _merge(p: dict[str, Any], src: Path, workdir: Path, ctx: OpContext) -> Path:
                       progress=ctx.progress)
         return gguf
     merge_adapters(src, adapters, out, weights=weights, dtype=p.get("dtype"),
-                   progress=ctx.progress, license_options=_license(ctx, p))
+                   progress=ctx.progress, license_options=_license(ctx, p), **_sharding(p))
     return out
 
 
@@ -158,7 +158,7 @@ def _prune(p: dict[str, Any], src: Path, workdir: Path, ctx: OpContext) -> Path:
 
     out = workdir / ("model.gguf" if p.get("to") == "gguf" else "model")  # to gguf: streamed, no HF copy
     common = {"progress": ctx.progress, "license_options": _license(ctx, p), "to": p.get("to") or "hf",
-              "outtype": p.get("outtype") or "auto"}
+              "outtype": p.get("outtype") or "auto", **_sharding(p)}
     if p.get("keep_count") is not None:
         prune_by_criterion(src, out, count=int(p["keep_count"]), criterion=p["criterion"],
                            calibration=p.get("calibration"), **common)
@@ -175,8 +175,46 @@ def _extract(p: dict[str, Any], src: Path, workdir: Path, ctx: OpContext) -> Pat
     if expert == "auto":
         expert, extra = most_used_experts(src, p.get("calibration"), progress=ctx.progress)
     extract_dense(src, out, expert=expert, extra_provenance=extra, progress=ctx.progress,
-                  license_options=_license(ctx, p), to=p.get("to") or "hf", outtype=p.get("outtype") or "auto")
+                  license_options=_license(ctx, p), to=p.get("to") or "hf", outtype=p.get("outtype") or "auto",
+                  **_sharding(p))
     return out
+
+
+def _sharding(p: dict[str, Any]) -> dict[str, Any]:
+    """A merge/prune/extract step's `shard_size` as max_shard_bytes, and `shards`: the files one fan-out task
+    writes (`toolbox.recipe.ray_executor` adds it to a task's copy of the parameters; a recipe cannot, its schema
+    has no such field), as `toolbox.experts.output.write_checkpoint` takes it ([] is the rest of the directory)."""
+    from toolbox.tensors.sink import MIN_SPLIT_BYTES, parse_size
+
+    out: dict[str, Any] = {}
+    if p.get("shard_size"):
+        out["max_shard_bytes"] = parse_size(p["shard_size"], minimum=MIN_SPLIT_BYTES)
+    if p.get("shards") is not None:
+        out["shards"] = tuple(int(i) for i in p["shards"])
+    return out
+
+
+def shard_count(uses: str, p: dict[str, Any], src: Path) -> int:
+    """How many safetensors files a step writes, from headers alone, where each can be written by its own task: a
+    LoRA merge, a prune by an explicit keep/drop list or an extract of a given expert, to HF (1 for anything else:
+    a prune by criterion or an `expert: auto` would measure statistics in every task; a weight merge and GGUF
+    outputs are one task)."""
+    max_bytes = _sharding(p).get("max_shard_bytes")
+    if (p.get("to") or "hf") != "hf":
+        return 1
+    if uses == "prune" and p.get("keep_count") is None:
+        from toolbox.experts.prune import prune_shard_count
+
+        return prune_shard_count(src, keep=p.get("keep"), drop=p.get("drop"), max_shard_bytes=max_bytes)
+    if uses == "merge" and not p.get("method"):
+        from toolbox.merge.merge import merge_shard_count
+
+        return merge_shard_count(src, dtype=p.get("dtype"), max_shard_bytes=max_bytes)
+    if uses == "extract" and p.get("expert") != "auto":
+        from toolbox.experts.extract import extract_shard_count
+
+        return extract_shard_count(src, expert=p["expert"], max_shard_bytes=max_bytes)
+    return 1
 
 
 def _extract_lora(p: dict[str, Any], src: Path, workdir: Path, ctx: OpContext) -> Path:

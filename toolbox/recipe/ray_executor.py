@@ -1,4 +1,5 @@
-"""The `ray` executor: every step instance a Ray task, and the parts of a split GGUF one task each.
+"""The `ray` executor: every step instance a Ray task; the parts of a split GGUF and the shards of a safetensors
+output one task each.
 
 Ray (`pip install 'corral[ray]'`) is imported only here, only when a run asks for it. The driver
 (the process running the recipe) keys the instances and resolves the source as in a local run; it
@@ -12,6 +13,11 @@ half an object).
 A worker lost mid-task (its node died, it was killed) is retried by Ray up to `MAX_RETRIES` times;
 an error raised by the step itself (a CorralError: bad input, a failed gate) is not retried and
 comes back to the driver as that error.
+
+A fanned-out step is staged as one directory: each task writes its file (a GGUF part, a safetensors shard)
+through a private work directory and renames it in; for safetensors, one more task writes the rest of the
+checkpoint (config, tokenizer, license files, index) which the driver moves in after the shards, the index
+last; then the directory is sealed as one object, the same bytes a one-process run writes.
 """
 
 from __future__ import annotations
@@ -60,6 +66,7 @@ SECRET_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "CORRAL_SIGNING_KEY_PASSWORD
 # the source is fetched by the driver too, so no task needs the token. A worker that ever must read a gated
 # repository reads its own node's HF_TOKEN (or token file), provisioned as a cluster secret.
 DRIVER_OPS = ("publish", "sign")
+SHARD_OPS = ("merge", "prune", "extract")  # steps whose safetensors shards fan out (toolbox.recipe.ops.shard_count)
 
 
 class RayMissingError(UsageError):
@@ -149,10 +156,55 @@ def remote_part(job: Job, part: int, parts_dir: str) -> dict[str, Any]:
             "seconds": round(time.perf_counter() - t0, 3)}
 
 
+def remote_shard(job: Job, shard: int | None, staging: str) -> dict[str, Any]:
+    """A Ray task: write safetensors shard `shard` of a merge/prune step (None: the rest of the checkpoint) through
+    a private work directory; a shard is renamed into `staging`/model, the rest is left for the driver
+    (`_place_rest`). Returns the files' sha256, node and time."""
+    from toolbox.recipe.hashing import HashCache
+    from toolbox.recipe.ops import run_op
+
+    t0 = time.perf_counter()
+    target = Path(staging)
+    label = "rest" if shard is None else f"shard{shard}"
+    work = target.parent / f"{target.name.removesuffix('.parts.partial')}.{label}.{uuid.uuid4().hex[:8]}.partial"
+    work.mkdir(parents=True)
+    params = {**job.params, "shards": [] if shard is None else [shard]}
+    try:
+        made = run_op(job.uses, params, Path(job.src), work, job.op_context(NULL_PROGRESS))
+        assert made is not None
+        files = HashCache(work / ".unused").files(made)
+        if shard is not None:
+            (target / made.name).mkdir(exist_ok=True)
+            for name in files:
+                os.replace(made / name, target / made.name / name)
+            shutil.rmtree(work, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    return {"part": -1 if shard is None else shard, "files": files, "artifact": made.name, **_node(),
+            **({"rest": str(made)} if shard is None else {}), "seconds": round(time.perf_counter() - t0, 3)}
+
+
+def _place_rest(staging: Path, result: dict[str, Any]) -> None:
+    """Move the rest of a sharded checkpoint in beside its shards (the index last) and drop its work directory."""
+    from toolbox.tensors.sink import INDEX_NAME
+
+    made = Path(result["rest"])
+    for name in sorted(result["files"], key=lambda n: n == INDEX_NAME):
+        (staging / result["artifact"] / name).parent.mkdir(parents=True, exist_ok=True)
+        os.replace(made / name, staging / result["artifact"] / name)
+    shutil.rmtree(made.parent, ignore_errors=True)
+
+
 def split_parts(job: Job) -> int:
-    """How many independent part tasks a step fans out to: the files of a split GGUF conversion from HF
-    (1 for anything else, and for `mmproj: auto`, whose second file is written after the text model)."""
+    """How many independent part tasks a step fans out to: the files of a split GGUF conversion from HF, the
+    safetensors shards of a merge or prune (`toolbox.recipe.ops.shard_count`); 1 for anything else, and for
+    `mmproj: auto`, whose second file is written after the text model."""
     p = job.params
+    if job.uses in SHARD_OPS:
+        from toolbox.recipe.ops import shard_count
+
+        return shard_count(job.uses, p, Path(job.src))
     if job.uses != "convert" or p.get("to") != "gguf" or not p.get("split_max_size") or p.get("mmproj") == "auto":
         return 1
     from toolbox.convert import gguf_part_count, source_format
@@ -203,6 +255,7 @@ class RayBackend:
             self.started = True
         self.remote_build = ray.remote(remote_build)
         self.remote_part = ray.remote(remote_part)
+        self.remote_shard = ray.remote(remote_shard)
         self._refresh_nodes()
         return self
 
@@ -245,6 +298,12 @@ class RayBackend:
         if parts_dir is None:
             ref = self.remote_build.options(**opts).remote(job)
             unit.refs[ref] = self._bar(f"{job.label} (ray task)")
+        elif job.uses in SHARD_OPS:
+            parts_dir.mkdir(parents=True)
+            for shard in [*range(count), None]:
+                ref = self.remote_shard.options(**opts).remote(job, shard, str(parts_dir))
+                what = "rest" if shard is None else f"shard {shard + 1}/{count}"
+                unit.refs[ref] = self._bar(f"{job.label} {what} (ray task)")
         else:
             parts_dir.mkdir(parents=True)
             for part in range(count):
@@ -295,6 +354,9 @@ class RayBackend:
         if unit.error is not None:
             if unit.parts_dir is not None:
                 shutil.rmtree(unit.parts_dir, ignore_errors=True)
+                for r in unit.results:
+                    if r.get("rest"):
+                        shutil.rmtree(Path(r["rest"]).parent, ignore_errors=True)
             return unit.error
         if unit.parts_dir is None:
             built: Built = unit.results[0]
@@ -306,10 +368,17 @@ class RayBackend:
         """All parts are written: seal them as one object (renamed into place whole, like any other)."""
         assert unit.parts_dir is not None
         parts = sorted(unit.results, key=lambda r: r["part"])
-        files = {r["name"]: r["sha256"] for r in parts}
-        first = unit.parts_dir / parts[0]["name"]
+        if unit.job.uses in SHARD_OPS:  # shards in place; the rest (config, license files, index) goes in last
+            _place_rest(unit.parts_dir, parts[0])
+            parts = [*parts[1:], parts[0]]
+            files = {k: v for r in parts for k, v in r["files"].items()}
+            first = unit.parts_dir / parts[0]["artifact"]
+        else:
+            files = {r["name"]: r["sha256"] for r in parts}
+            first = unit.parts_dir / parts[0]["name"]
+        omit = ("sha256", "files", "rest", "artifact")
         built_by = {"executor": "ray", "seconds": round(time.perf_counter() - unit.t0, 3),
-                    "parts": [self._describe({k: v for k, v in r.items() if k != "sha256"}) for r in parts]}
+                    "parts": [self._describe({k: v for k, v in r.items() if k not in omit}) for r in parts]}
         seal(unit.parts_dir, Path(unit.job.objects) / unit.job.key, first, files, unit.job.label, built_by)
         done = load_object(Path(unit.job.objects), unit.job.key, False)
         if done is None:

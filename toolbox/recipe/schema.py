@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 SCHEMA_VERSION = 1
 STEP_ID = r"^[a-z][a-z0-9_-]{0,62}$"
@@ -71,6 +71,19 @@ class ConvertWith(_Strict):
     exclude_weights: list[Annotated[str, Field(max_length=300)]] = Field([], max_length=64)
 
 
+def _shard_size(value: str | None) -> str | None:
+    """A shard_size is a size of at least 1 MB (refused at load, with its line), unless a matrix fills it in."""
+    if value is not None and "{" not in value:
+        from toolbox.tensors.sink import MIN_SPLIT_BYTES, parse_size
+
+        if parse_size(value, minimum=MIN_SPLIT_BYTES) == 0:  # InvalidSizeError is a ValueError too
+            raise ValueError("shard_size 0: give a size such as 2G, or leave it out for 5GiB")
+    return value
+
+
+ShardSize = Annotated[str | None, AfterValidator(_shard_size)]
+
+
 class MergeModel(_Strict):
     path: str = Field(description="Fine-tuned HF checkpoint directory (a weight merge's input)")
     weight: float = 1.0
@@ -91,6 +104,8 @@ class MergeWith(_Strict):
     to: Literal["hf", "gguf"] = Field("hf", description="gguf: the LoRA merge streamed straight into a GGUF file "
                                       "(no merged HF copy on disk)")
     outtype: str = Field("auto", max_length=40, description="GGUF tensor type with to: gguf (q8_0, q4_k_m, ...)")
+    shard_size: ShardSize = Field(None, max_length=40, description="largest safetensors file of the HF output "
+                                  "(e.g. 2G, 500M; default 5GiB); on a Ray cluster each file is one task")
 
     @model_validator(mode="after")
     def _adapters_or_models(self) -> MergeWith:
@@ -100,6 +115,8 @@ class MergeWith(_Strict):
             raise ValueError("a weight merge (method) takes models, not adapters")
         if self.method is not None and self.to != "hf":
             raise ValueError("a weight merge writes an HF checkpoint: convert it in a next step")
+        if self.shard_size is not None and (self.method is not None or self.to != "hf"):
+            raise ValueError("shard_size sizes a LoRA merge's HF output (to: hf)")
         return self
 
 
@@ -119,6 +136,8 @@ class PruneWith(_Strict):
     to: Literal["hf", "gguf"] = Field("hf", description="gguf: the pruned model streamed straight into a GGUF "
                                       "file (no pruned HF copy on disk)")
     outtype: str = Field("auto", max_length=40, description="GGUF tensor type with to: gguf (q8_0, q4_k_m, ...)")
+    shard_size: ShardSize = Field(None, max_length=40, description="largest safetensors file of the HF output "
+                                  "(e.g. 2G, 500M; default 5GiB); on a Ray cluster each file is one task")
 
     @model_validator(mode="after")
     def _one_selection(self) -> PruneWith:
@@ -127,6 +146,8 @@ class PruneWith(_Strict):
             raise ValueError("give exactly one of keep, drop, keep_count")
         if self.keep_count is not None and (self.criterion is None or self.calibration is None):
             raise ValueError("keep_count needs criterion and calibration")
+        if self.shard_size is not None and self.to != "hf":
+            raise ValueError("shard_size sizes an HF output (to: hf)")
         return self
 
 
@@ -137,6 +158,8 @@ class ExtractWith(_Strict):
     to: Literal["hf", "gguf"] = Field("hf", description="gguf: the dense model streamed straight into a GGUF "
                                       "file (no dense HF copy on disk)")
     outtype: str = Field("auto", max_length=40, description="GGUF tensor type with to: gguf (q8_0, q4_k_m, ...)")
+    shard_size: ShardSize = Field(None, max_length=40, description="largest safetensors file of the HF output "
+                                  "(e.g. 2G, 500M; default 5GiB); on a Ray cluster each file is one task")
 
 
 class ExtractLoraWith(_Strict):

@@ -6,6 +6,11 @@ shape, dtype) first, then write their bytes in declaration order, then finish. E
 header is written before its data, so the whole plan, metadata included, is fixed at
 `begin()`. The writer writes into a directory it is given; atomicity comes from
 `toolbox.tensors.atomic.atomic_directory` around it.
+
+Because the plan alone decides which shard a tensor lands in and what each header says, any process
+can write any shard: `shards=(i, ...)` writes only those files, byte for byte as the whole run writes
+them (callers skip the tensors `wanted()` refuses, so nothing else is read or computed), and
+`shards=()` writes only the index, from the plan: the step that assembles the shards.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Collection
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -79,6 +85,23 @@ def parse_size(text: str | int, *, minimum: int = 1) -> int:
     return value
 
 
+def shard_count(sizes: Collection[int], max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> int:
+    """How many files a writer with this limit writes for tensors of these byte sizes (in declaration order):
+    the same rule as `SafetensorsWriter.begin`, for a caller fanning shards out before any is written."""
+    return _assign(list(sizes), max_shard_bytes)[-1] + 1 if sizes else 1
+
+
+def _assign(sizes: list[int], max_shard_bytes: int) -> list[int]:
+    """Shard of each tensor: a new shard starts when the next tensor would overflow a non-empty one."""
+    out, shard, used = [], 0, 0
+    for n in sizes:
+        if used and used + n > max_shard_bytes:
+            shard, used = shard + 1, 0
+        out.append(shard)
+        used += n
+    return out
+
+
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     """A tensor's raw little-endian bytes without a copy when it is already contiguous."""
     import torch
@@ -94,18 +117,24 @@ def st_dtype(tensor: torch.Tensor) -> str:
 
 
 class SafetensorsWriter:
-    """Write a checkpoint's tensors into `model-0000i-of-0000n.safetensors` + index."""
+    """Write a checkpoint's tensors into `model-0000i-of-0000n.safetensors` + index.
+
+    `shards` (0-based): write only those shard files; `()`: only the index, what the step assembling the shards
+    writes (with the rest of the directory: `writes_rest`); None: every shard, then the index."""
 
     def __init__(self, directory: str | Path, *, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-                 metadata: dict[str, str] | None = None, prefix: str = "model") -> None:
+                 metadata: dict[str, str] | None = None, prefix: str = "model",
+                 shards: Collection[int] | None = None) -> None:
         self.directory = Path(directory)
         self.max_shard_bytes = max_shard_bytes
+        self.shards = None if shards is None else frozenset(int(i) for i in shards)
         self.metadata = dict(metadata or {})
         self.prefix = prefix
         self._plan: dict[str, _Planned] = {}
         self._state = _State.DECLARING
         self._order: list[_Planned] = []
-        self._cursor = 0  # index in _order of the tensor being written
+        self._todo: list[_Planned] = []  # the tensors of the shards this writer writes, in order
+        self._cursor = 0  # index in _todo of the tensor being written
         self._written = 0  # bytes of the current tensor written so far
         self._file: DirectFile | None = None
         self._shard_open = -1
@@ -124,26 +153,42 @@ class SafetensorsWriter:
         """Fix the plan: assign shards (in declaration order) and name the files."""
         self._expect(_State.DECLARING, "begin")
         self._order = list(self._plan.values())
-        shard, used = 0, 0
-        for p in self._order:
-            if used and used + p.nbytes > self.max_shard_bytes:
-                shard, used = shard + 1, 0
+        for p, shard in zip(self._order, _assign([p.nbytes for p in self._order], self.max_shard_bytes), strict=True):
             p.shard = shard
-            used += p.nbytes
         n = (self._order[-1].shard + 1) if self._order else 1
+        if self.shards is not None and not self.shards <= set(range(n)):
+            from toolbox.errors import UsageError
+
+            raise UsageError(f"shards {sorted(self.shards - set(range(n)))} requested of a plan of {n} shards",
+                             hint=f"shards are numbered 0 to {n - 1}")
         if n == 1:
             self.shard_names = [f"{self.prefix}.safetensors"]
         else:
             self.shard_names = [f"{self.prefix}-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        self._todo = [p for p in self._order if self._writes(p.shard)]
         self._state = _State.WRITING
-        if not self._order:
+        if not self._order and self._writes(0):
             self._open_shard(0)
+
+    def _writes(self, shard: int) -> bool:
+        return self.shards is None or shard in self.shards
+
+    @property
+    def writes_rest(self) -> bool:
+        """Whether this run writes what is not a shard (the index; a caller's config and license files)."""
+        return self.shards is None or not self.shards
+
+    def wanted(self, name: str) -> bool:
+        """Whether this writer writes `name`'s bytes (after begin()): a caller skips reading the others."""
+        if self._state is _State.DECLARING:
+            raise RuntimeError("SafetensorsWriter.wanted() called before begin()")
+        return self._writes(self._plan[name].shard)
 
     # -- writing ----------------------------------------------------------------------------
     @property
     def next_name(self) -> str | None:
         """The tensor whose bytes are expected next (None when all are written)."""
-        return self._order[self._cursor].name if self._cursor < len(self._order) else None
+        return self._todo[self._cursor].name if self._cursor < len(self._todo) else None
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """Write a whole tensor, or the next dim-0 slice of it (e.g. one expert)."""
@@ -191,21 +236,28 @@ class SafetensorsWriter:
     def finish(self) -> list[Path]:
         """Close the last shard and write the index (when sharded). Returns written files."""
         self._expect(_State.WRITING, "finish")
-        if self._cursor != len(self._order):
-            missing = [p.name for p in self._order[self._cursor:]]
+        if self._cursor != len(self._todo):
+            missing = [p.name for p in self._todo[self._cursor:]]
             raise ValueError(f"finish() with {len(missing)} tensors not written, first {missing[0]!r}")
         self._close_shard()
-        paths = [self.directory / s for s in self.shard_names]
-        if len(self.shard_names) > 1:
-            index = {
-                "metadata": {"total_size": sum(p.nbytes for p in self._order), **self.metadata},
-                "weight_map": {p.name: self.shard_names[p.shard] for p in self._order},
-            }
-            index_path = self.directory / INDEX_NAME
-            index_path.write_text(json.dumps(index, indent=2) + "\n")
-            paths.append(index_path)
+        paths = [self.directory / s for i, s in enumerate(self.shard_names) if self._writes(i)]
+        if self.writes_rest and len(self.shard_names) > 1:
+            paths.append(self.write_index())
         self._state = _State.FINISHED
         return paths
+
+    def write_index(self, directory: str | Path | None = None) -> Path:
+        """Write model.safetensors.index.json from the plan (into `directory`, default the writer's): what the
+        whole run writes last; a shards-only run leaves it to the step that assembles the shards."""
+        if self._state is _State.DECLARING:
+            raise RuntimeError("SafetensorsWriter.write_index() called before begin()")
+        index = {
+            "metadata": {"total_size": sum(p.nbytes for p in self._order), **self.metadata},
+            "weight_map": {p.name: self.shard_names[p.shard] for p in self._order},
+        }
+        index_path = Path(directory or self.directory) / INDEX_NAME
+        index_path.write_text(json.dumps(index, indent=2) + "\n")
+        return index_path
 
     def abort(self) -> None:
         if self._file is not None:
@@ -218,9 +270,9 @@ class SafetensorsWriter:
             raise RuntimeError(f"SafetensorsWriter.{call}() called in state {self._state.name}")
 
     def _current(self, name: str) -> _Planned:
-        if self._cursor >= len(self._order):
+        if self._cursor >= len(self._todo):
             raise ValueError(f"{name}: all declared tensors are already written")
-        p = self._order[self._cursor]
+        p = self._todo[self._cursor]
         if p.name != name:
             raise ValueError(f"expected bytes of {p.name!r} next, got {name!r}")
         return p
