@@ -166,6 +166,7 @@ class Overrides:
     token_embedding_type: str | None = None
     pure: bool = False
     tensor_types: tuple[tuple[str, str], ...] = ()
+    mix: str | None = None  # the built-in dynamic mix these options come from (scout-dynamic, ...): provenance only
 
     def __bool__(self) -> bool:
         return bool(self.output_tensor_type or self.token_embedding_type or self.pure or self.tensor_types)

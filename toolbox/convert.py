@@ -8,6 +8,7 @@ dispatches through `converters.registry.PAIRS`.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -81,11 +82,11 @@ def convert(request: ConvertRequest, progress: Progress = NULL_PROGRESS) -> Conv
     """Convert as `request` says; UsageError (exit 2) for a pair or option corral does not support."""
     from converters.registry import converter_for
 
-    request = expand_dynamic_mix(request)
     target = request.to.lower()
     fmt = source_format(request)
     conv = converter_for(fmt, target)  # refuses an unsupported pair before any work
-    kwargs = _converter_options(request, fmt, target)
+    kwargs = _converter_options(request, fmt, target)  # a dynamic mix expanded, its name kept for the provenance
+    request = expand_dynamic_mix(request)  # the mmproj type follows the mix's base type
     model = resolve(request.source, progress)
     mm_path = _mmproj_preflight(request, model) if (fmt, target) == ("hf", "gguf") else None
     if mm_path is not None:
@@ -141,7 +142,6 @@ def gguf_part_count(request: ConvertRequest, progress: Progress = NULL_PROGRESS)
 
     if request.to.lower() != "gguf" or source_format(request) != "hf":
         raise UsageError(f"{request.source}: only an HF -> GGUF conversion is written in parts")
-    request = expand_dynamic_mix(request)
     return split_part_count(resolve(request.source, progress), **_converter_options(request, "hf", "gguf"))
 
 
@@ -187,15 +187,34 @@ def _converter_options(request: ConvertRequest, fmt: str, target: str) -> dict[s
 
 
 def _quant_options(request: ConvertRequest) -> dict[str, Any]:
-    """The per-tensor overrides (validated now: a bad regex or type name fails before any work) and the
-    imatrix options, as converters.hf_to_gguf takes them."""
+    return gguf_quant_options(request.outtype, tensor_types=request.tensor_types,
+                              output_tensor_type=request.output_tensor_type,
+                              token_embedding_type=request.token_embedding_type, pure=request.pure,
+                              imatrix=request.imatrix, include_weights=request.include_weights,
+                              exclude_weights=request.exclude_weights)
+
+
+def gguf_quant_options(outtype: str = "auto", *, tensor_types: Sequence[str] = (),
+                       output_tensor_type: str | None = None, token_embedding_type: str | None = None,
+                       pure: bool = False, imatrix: str | Path | None = None, include_weights: Sequence[str] = (),
+                       exclude_weights: Sequence[str] = ()) -> dict[str, Any]:
+    """--outtype and llama-quantize's per-tensor and imatrix options as converters.hf_to_gguf takes them, for
+    every HF -> GGUF path (convert, and the merge/prune/extract chains): a built-in dynamic mix name becomes its
+    llama.cpp mix and overrides (the name kept in them for the provenance), the user's options laid over it;
+    the overrides are validated now, so a bad regex or type name fails before any work."""
+    from dataclasses import replace
+
+    from converters.gguf_dynamic import expand, is_dynamic
     from converters.gguf_mix import overrides_of
 
-    overrides = overrides_of(output_tensor_type=request.output_tensor_type,
-                             token_embedding_type=request.token_embedding_type, pure=request.pure,
-                             tensor_types=list(request.tensor_types))
-    return {"overrides": overrides or None, "imatrix": request.imatrix,
-            "include_weights": list(request.include_weights), "exclude_weights": list(request.exclude_weights)}
+    o = expand(outtype, tensor_types=tuple(tensor_types), output_tensor_type=output_tensor_type,
+               token_embedding_type=token_embedding_type, pure=pure)
+    overrides = overrides_of(output_tensor_type=o["output_tensor_type"], token_embedding_type=o["token_embedding_type"],
+                             pure=o["pure"], tensor_types=list(o["tensor_types"]))
+    if is_dynamic(outtype):
+        overrides = replace(overrides, mix=outtype.lower())
+    return {"outtype": o["outtype"], "overrides": overrides or None, "imatrix": imatrix,
+            "include_weights": list(include_weights), "exclude_weights": list(exclude_weights)}
 
 
 def _mmproj_outtype(request: ConvertRequest) -> str:

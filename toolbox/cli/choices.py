@@ -29,7 +29,9 @@ def _literal(values: tuple[str, ...]) -> Any:
 CONVERT_TARGETS = ("gguf", "hf", "onnx")
 MERGE_TARGETS = ("hf", "gguf")
 OUTTYPES: tuple[str, ...] = tuple(ALL_OUTTYPES)
-CONVERT_OUTTYPES: tuple[str, ...] = (*OUTTYPES, *dynamic_mix_names())  # + scout-dynamic, ... (convert only)
+CONVERT_OUTTYPES: tuple[str, ...] = (*OUTTYPES, *dynamic_mix_names())  # + scout-dynamic, ... (every GGUF path)
+CHAIN_OUTTYPE_HELP = (f"GGUF tensor type with --to gguf: {', '.join(OUTTYPES)}, or a built-in dynamic mix "
+                      f"({', '.join(dynamic_mix_names())}; corral convert --help).")
 HF_DTYPES: tuple[str, ...] = tuple(HF_OUT_DTYPES)
 CONVERT_DTYPES = tuple(dict.fromkeys((*HF_DTYPES, *ONNX_DTYPES)))
 CRITERIA = (*STATS_CRITERIA, "random")

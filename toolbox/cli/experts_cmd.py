@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 from toolbox.cli._typer import typer
-from toolbox.cli.choices import OUTTYPES, ComputeDtype, Criterion, MergeTarget, OutType
+from toolbox.cli.choices import CHAIN_OUTTYPE_HELP, ComputeDtype, ConvertOutType, Criterion, MergeTarget
 from toolbox.cli.options import BaseModelOpt, BomOpt, FixNameOpt, ForceOpt, MauDeclarationOpt, NameOpt, OutputDirOpt
 
 if TYPE_CHECKING:
@@ -156,8 +156,7 @@ def prune(
     to: Annotated[MergeTarget, typer.Option("--to", case_sensitive=False, help="Output format: hf, or gguf (-o a "
                                             ".gguf file; the pruned tensors go straight into the converter).")]
     = "hf",
-    outtype: Annotated[OutType, typer.Option("--outtype", case_sensitive=False,
-                                             help=f"GGUF tensor type with --to gguf: {', '.join(OUTTYPES)}.")]
+    outtype: Annotated[ConvertOutType, typer.Option("--outtype", case_sensitive=False, help=CHAIN_OUTTYPE_HELP)]
     = "auto",
     name: NameOpt = None,
     base_model: BaseModelOpt = None,
@@ -211,8 +210,7 @@ def extract(
     to: Annotated[MergeTarget, typer.Option("--to", case_sensitive=False, help="Output format: hf, or gguf (-o a "
                                             ".gguf file; the folded tensors go straight into the converter).")]
     = "hf",
-    outtype: Annotated[OutType, typer.Option("--outtype", case_sensitive=False,
-                                             help=f"GGUF tensor type with --to gguf: {', '.join(OUTTYPES)}.")]
+    outtype: Annotated[ConvertOutType, typer.Option("--outtype", case_sensitive=False, help=CHAIN_OUTTYPE_HELP)]
     = "auto",
     name: NameOpt = None,
     base_model: BaseModelOpt = None,

@@ -7,7 +7,8 @@ from pathlib import Path
 from typing import Annotated, Any
 
 from toolbox.cli._typer import typer
-from toolbox.cli.choices import OUTTYPES, MergeDtype, MergeTarget, OutType, WeightMethod
+from toolbox.cli.choices import CHAIN_OUTTYPE_HELP, ConvertOutType, MergeDtype, MergeTarget, WeightMethod
+from toolbox.cli.convert_cmd import ImatrixOpt, OutputTensorTypeOpt, PureOpt, TensorTypeOpt, TokenEmbeddingTypeOpt
 from toolbox.cli.options import BaseModelOpt, BomOpt, FixNameOpt, ForceOpt, MauDeclarationOpt, NameOpt
 from toolbox.cli.output import plain
 
@@ -33,6 +34,10 @@ Examples:
 
   corral merge ./base ./lora -o scout-ft.gguf --to gguf --outtype q8_0
 
+  corral merge ./base ./lora -o scout-ft-dyn.gguf --to gguf --outtype scout-dynamic   # a built-in dynamic mix
+
+  corral merge ./base ./lora -o ft.gguf --to gguf --outtype q4_k_m --tensor-type 'attn_v=q8_0' --imatrix im.gguf
+
   corral merge demo:scout ./my-lora -o ./merged --bom spdx    # + ./merged/bom.spdx.json (SPDX 2.3)
 
 Weight merges of full fine-tunes of the same base (--method or --config; Scout with Scout,
@@ -47,6 +52,8 @@ weight/density, parameters, dtype/out_dtype), refusing what it does not support 
   corral merge --method ties ./scout ./ft-a ./ft-b --weight 0.6 --weight 0.4 --density 0.5 -o ./Llama-4-ties
 
   corral merge --method slerp ./scout ./ft-a --t 0.3 -o ./Llama-4-slerp
+
+  corral merge --method ties meta-llama/Llama-4-Scout-17B-16E-Instruct acme/ft-a ./ft-b -o ./m   # Hub ids: fetched
 
   corral merge --method dare_ties ./scout ./ft-a ./ft-b --density 0.3 --seed 7 -o ./Llama-4-dare
 
@@ -63,8 +70,7 @@ DtypeOpt = Annotated[MergeDtype, typer.Option("--dtype", case_sensitive=False,
 ToOpt = Annotated[MergeTarget, typer.Option("--to", case_sensitive=False, help="Output format: hf, or gguf "
                                             "(the merged tensors streamed into the converter, no HF copy on disk; "
                                             "onnx: merge, then corral convert).")]
-OuttypeOpt = Annotated[OutType, typer.Option("--outtype", case_sensitive=False,
-                                             help=f"GGUF tensor type with --to gguf: {', '.join(OUTTYPES)}.")]
+OuttypeOpt = Annotated[ConvertOutType, typer.Option("--outtype", case_sensitive=False, help=CHAIN_OUTTYPE_HELP)]
 MethodOpt = Annotated[WeightMethod | None, typer.Option("--method", case_sensitive=False,
                                                         help="Weight merge of full fine-tunes instead of LoRA.",
                                                         show_default=False)]
@@ -85,11 +91,13 @@ def merge(
     ctx: typer.Context,
     output: Annotated[Path, typer.Option("--output", "-o", help="Output directory (or .gguf file with --to gguf).",
                                          show_default=False)],
-    base: Annotated[str | None, typer.Argument(help="Base HF checkpoint directory, or demo:scout|demo:maverick.",
+    base: Annotated[str | None, typer.Argument(help="Base HF checkpoint directory, demo:scout|demo:maverick, or "
+                                               "(--method) a Hub repo id.",
                                                metavar="BASE", show_default=False)] = None,
     adapters: Annotated[list[Path] | None, typer.Argument(help="PEFT adapter directories (adapter_config.json + "
                                                           "adapter_model.safetensors), or Hub repo ids; with "
-                                                          "--method, the fine-tuned model directories.",
+                                                          "--method, the fine-tuned models (directories or "
+                                                          "Hub repo ids).",
                                                           metavar="ADAPTER...",
                                                           show_default=False)] = None,
     weight: WeightOpt = None,
@@ -106,6 +114,11 @@ def merge(
     mau_declaration: MauDeclarationOpt = None,
     fix_name: FixNameOpt = False,
     base_model: BaseModelOpt = None,
+    tensor_type: TensorTypeOpt = None,
+    output_tensor_type: OutputTensorTypeOpt = None,
+    token_embedding_type: TokenEmbeddingTypeOpt = None,
+    pure: PureOpt = False,
+    imatrix: ImatrixOpt = None,
     bom: BomOpt = None,
     force: ForceOpt = False,
 ) -> None:
@@ -132,16 +145,10 @@ def merge(
         raise UsageError("give BASE and one or more ADAPTER directories",
                          hint="or --method METHOD BASE MODEL... / --config merge.yaml for a weight merge")
     if to == "gguf":
-        from toolbox.merge.chain import merge_to_gguf
-
-        gres = merge_to_gguf(base, list(adapters), output, weights=weight, dtype=dtype, outtype=outtype, name=name,
-                             mau_declaration=mau_declaration, fix_name=fix_name, force=force,
-                             base_model=base_model, progress=out.progress())
-        for w in gres.warnings:
-            out.warn(w)
-        out.result(*with_boms(out, gres.paths, bom, {"base": base, "format": "gguf", **gres.to_dict()},
-                              lambda c: c.print(f"wrote {', '.join(gres.paths)} ({gres.outtype}, "
-                                                f"{gres.merged_tensors} tensors merged)", markup=False)))
+        _lora_to_gguf(out, base, list(adapters), output, bom, weights=weight, dtype=dtype, outtype=outtype, name=name,
+                      mau_declaration=mau_declaration, fix_name=fix_name, force=force, base_model=base_model,
+                      tensor_types=tuple(tensor_type or ()), output_tensor_type=output_tensor_type,
+                      token_embedding_type=token_embedding_type, pure=pure, imatrix=imatrix)
         return
     res = merge_adapters(base, list(adapters), output, weights=weight, dtype=dtype, name=name,
                          mau_declaration=mau_declaration, fix_name=fix_name, force=force, base_model=base_model,
@@ -151,6 +158,19 @@ def merge(
 
     out.result(*with_boms(out, [res.path], bom, {"base": base, "format": "hf", **res.to_dict()},
                           lambda console: _render_lora(console, res, out.verbose)))
+
+
+def _lora_to_gguf(out: Any, base: str, adapters: list[Path], output: Path, bom: Any, **kwargs: Any) -> None:
+    """--to gguf: `toolbox.merge.chain.merge_to_gguf` (the merged tensors streamed into the converter)."""
+    from toolbox.cli.bom_cmd import with_boms
+    from toolbox.merge.chain import merge_to_gguf
+
+    gres = merge_to_gguf(base, list(adapters), output, progress=out.progress(), **kwargs)
+    for w in gres.warnings:
+        out.warn(w)
+    out.result(*with_boms(out, gres.paths, bom, {"base": base, "format": "gguf", **gres.to_dict()},
+                          lambda c: c.print(f"wrote {', '.join(gres.paths)} ({gres.outtype}, "
+                                            f"{gres.merged_tensors} tensors merged)", markup=False)))
 
 
 def _render_lora(console: object, res: Any, verbose: bool) -> None:

@@ -54,13 +54,16 @@ def gguf_output(out: str | Path, *, force: bool) -> Path:
 
 def derived_to_gguf(origin: ResolvedModel, config: dict[str, Any], tensors: Callable[[], TensorSource],
                     out: Path, *, tag: str, license_options: LicenseOptions, force: bool = False,
-                    progress: Progress = NULL_PROGRESS, **convert: Any) -> GGUFResult:
+                    progress: Progress = NULL_PROGRESS, outtype: str = "auto", **quant: Any) -> GGUFResult:
     """Convert the model whose tensors `tensors` opens and whose config is `config` (tokenizer files taken from
-    `origin`, the chain's input) to the GGUF `out`; `convert` are `convert_hf_to_gguf`'s options."""
+    `origin`, the chain's input) to the GGUF `out`. `outtype` may name a built-in dynamic mix; `quant` are
+    `toolbox.convert.gguf_quant_options`' per-tensor and imatrix options, expanded as `corral convert` does."""
     from converters.hf_to_gguf import convert_hf_to_gguf
+    from toolbox.convert import gguf_quant_options
     from toolbox.hf_output import write_model_files
     from toolbox.reference import DerivedModel, ModelReference
 
+    convert = gguf_quant_options(outtype, **quant)  # validated before anything is written
     holder = new_partial(out, directory=True, tag=tag)  # owned: the GGUF step must not take it for stale
     try:
         write_model_files(holder, origin.directory, config)
@@ -74,12 +77,15 @@ def derived_to_gguf(origin: ResolvedModel, config: dict[str, Any], tensors: Call
 def merge_to_gguf(base: str | Path, adapters: list[Any], out: str | Path, *, weights: list[float] | None = None,
                   dtype: str | None = None, outtype: str = "auto", name: str | None = None,
                   mau_declaration: str | None = None, fix_name: bool = False, force: bool = False,
-                  base_model: str | None = None, progress: Progress = NULL_PROGRESS) -> ChainResult:
-    """Merge LoRA adapters into `base` and write the result as a GGUF of `outtype`, streamed: each merged
-    piece goes from the merge straight into the quantizer (see the module docstring)."""
+                  base_model: str | None = None, progress: Progress = NULL_PROGRESS, **quant: Any) -> ChainResult:
+    """Merge LoRA adapters into `base` and write the result as a GGUF of `outtype` (a ggml type, a llama.cpp mix
+    or a built-in dynamic mix; `quant`: the per-tensor and imatrix options of `corral convert`), streamed: each
+    merged piece goes from the merge straight into the quantizer (see the module docstring)."""
+    from toolbox.convert import gguf_quant_options
     from toolbox.merge.merged_source import merged_config, open_merged
 
     out = gguf_output(out, force=force)
+    gguf_quant_options(outtype, **quant)  # a bad type or pattern fails before the adapters are read
     if (dtype or "auto").lower() == "auto" and outtype.lower() == "f32":
         dtype = "f32"  # do not round the merged weights to the base's bf16 on the way to an f32 GGUF
     opts = LicenseOptions(name=name, mau_declaration=mau_declaration, fix_name=fix_name, base_model=base_model)
@@ -88,7 +94,8 @@ def merge_to_gguf(base: str | Path, adapters: list[Any], out: str | Path, *, wei
         gguf_opts = LicenseOptions(name=merged.prep.stamp.name, mau_declaration=mau_declaration,
                                    base_model=base_model)
         gres = derived_to_gguf(merged.prep.model, merged_config(merged), lambda: merged, out, tag="merge-",
-                               license_options=gguf_opts, force=force, progress=progress, outtype=outtype)
+                               license_options=gguf_opts, force=force, progress=progress, outtype=outtype,
+                               **quant)
         reports = merged.reports()
     finally:
         merged.close()

@@ -271,9 +271,11 @@ def merge_weights(base: ModelLike, models: list[ModelLike], out: str | Path, *, 
     the config and tokenizer (list it among `models` to average it too). `weights`/`densities`: one value
     for all models or one each; `normalize`/`rescale` default as in mergekit; `t` is SLERP's factor
     (0: the base); `seed` makes DARE's masks (per tensor, input and block). `dtype` auto/bf16/f16/f32
-    (auto: the base's); the math is float32 throughout. The output appears only once complete.
+    (auto: the base's); the math is float32 throughout. The output appears only once complete. `base` and
+    `models` may be Hub repo ids (`org/name`, not an existing path): fetched into the cache first
+    (`toolbox.merge.fetch`), named by their id, repo and commit in the provenance.
     """
-    from toolbox.reference import resolve
+    from toolbox.merge.fetch import resolve_input
     from toolbox.tensors.atomic import atomic_directory, check_output_path, ensure_free_space
     from toolbox.tensors.sink import SafetensorsWriter
     from toolbox.tensors.source import TensorInfo
@@ -289,7 +291,7 @@ def merge_weights(base: ModelLike, models: list[ModelLike], out: str | Path, *, 
     check_output_path(out, force=force)
     split = [split_lora(m) for m in [base, *models]]
     loras = [lora for _m, lora in split]
-    base_model, *resolved = [resolve(m) for m, _lora in split]
+    base_model, *resolved = [resolve_input(m, progress) for m, _lora in split]  # Hub repo ids fetched first
     for m in [base_model, *resolved]:
         if not m.path.exists():
             raise BadInputError(f"{m.path}: no such checkpoint", path=m.path, hint="check the path")
@@ -383,6 +385,8 @@ def _stamp(base: ResolvedModel, base_src: TensorSource, models: list[ResolvedMod
            dtype: str, opts: LicenseOptions, extra_op: dict[str, Any] | None,
            loras: list[str | None]) -> tuple[Any, list[dict[str, Any]]]:
     """relation merge; every input's (and its LoRA's) file hashes in the provenance, the parameters in the op."""
+    from toolbox.hub.manifest import source_origin
+
     sources: dict[str, str] = {}
     described = []
     labels: set[str] = set()
@@ -396,6 +400,9 @@ def _stamp(base: ResolvedModel, base_src: TensorSource, models: list[ResolvedMod
         sources.update({f"{label}/{k}": v for k, v in hashes.items()})
         entry: dict[str, Any] = {"name": label, "role": "base" if i == 0 else "model",
                                  "sha256": {k: v.removeprefix("sha256:") for k, v in hashes.items()}}
+        origin = source_origin(m.directory)  # a download (a Hub repo id, or corral download's directory)
+        if origin.get("base_model"):
+            entry["origin"] = {"repo": origin["base_model"], "commit": origin.get("base_revision")}
         if i:
             entry["weight"] = params.weights[i - 1]
             if SPECS[params.method].sparsify:

@@ -95,6 +95,8 @@ def _bad(loaded: LoadedRecipe, i: int, inst: Instance, name: str, message: str) 
 
 def _check_params(loaded: LoadedRecipe, i: int, inst: Instance) -> None:
     p, uses = inst.params, inst.step.uses
+    if uses in ("merge", "prune", "extract") and p.get("to") == "gguf":  # a chain into GGUF takes convert's types
+        _check_outtype(loaded, i, inst)
     if uses == "convert":
         _check_convert(loaded, i, inst)
     elif uses == "merge":
@@ -102,8 +104,11 @@ def _check_params(loaded: LoadedRecipe, i: int, inst: Instance) -> None:
             raise _bad(loaded, i, inst, "dtype", f"dtype {p['dtype']!r} is not one of {', '.join(_HF_DTYPES)}")
         for a in p.get("adapters", []):
             _check_input(loaded, i, inst, "adapters", a["path"])
+        from toolbox.merge.fetch import is_repo_id
+
         for m in p.get("models") or []:
-            if not m["path"].startswith("demo:"):
+            hub = is_repo_id(m["path"]) and not (loaded.path.parent / m["path"]).exists()  # fetched by the run
+            if not m["path"].startswith("demo:") and not hub:
                 _check_input(loaded, i, inst, "models", m["path"])
     elif uses == "extract-lora" and not str(p.get("base", "")).startswith("demo:"):
         _check_input(loaded, i, inst, "base", p["base"])
@@ -137,13 +142,7 @@ def _check_params(loaded: LoadedRecipe, i: int, inst: Instance) -> None:
 def _check_convert(loaded: LoadedRecipe, i: int, inst: Instance) -> None:
     p = inst.params
     if p["to"] == "gguf":
-        from converters.gguf_dynamic import names as dynamic_mixes
-        from toolbox.tensors.gguf.quant import LLAMA_CPP_OUTTYPES, PY_OUTTYPES
-
-        known = ("auto", *PY_OUTTYPES, *LLAMA_CPP_OUTTYPES, *dynamic_mixes())
-        if str(p.get("outtype", "auto")).lower() not in known:
-            raise _bad(loaded, i, inst, "outtype", f"unknown GGUF outtype {p.get('outtype')!r} "
-                       f"(choose from {', '.join(known)})")
+        _check_outtype(loaded, i, inst)
         if p.get("split_max_size") is not None:
             from toolbox.tensors.sink import MIN_SPLIT_BYTES, parse_size
 
@@ -162,6 +161,17 @@ def _check_convert(loaded: LoadedRecipe, i: int, inst: Instance) -> None:
             raise _bad(loaded, i, inst, "dtype", f"ONNX dtype {p.get('dtype')!r} is not one of auto, fp32, fp16, bf16")
     elif str(p.get("dtype", "auto")).lower() not in _HF_DTYPES:
         raise _bad(loaded, i, inst, "dtype", f"dtype {p.get('dtype')!r} is not one of {', '.join(_HF_DTYPES)}")
+
+
+def _check_outtype(loaded: LoadedRecipe, i: int, inst: Instance) -> None:
+    """A GGUF outtype: a ggml type, a llama.cpp mix or a built-in dynamic mix (scout-dynamic, ...)."""
+    from converters.gguf_dynamic import names as dynamic_mixes
+    from toolbox.tensors.gguf.quant import LLAMA_CPP_OUTTYPES, PY_OUTTYPES
+
+    known = ("auto", *PY_OUTTYPES, *LLAMA_CPP_OUTTYPES, *dynamic_mixes())
+    if str(inst.params.get("outtype", "auto")).lower() not in known:
+        raise _bad(loaded, i, inst, "outtype", f"unknown GGUF outtype {inst.params.get('outtype')!r} "
+                   f"(choose from {', '.join(known)})")
 
 
 def _check_quant_options(loaded: LoadedRecipe, i: int, inst: Instance) -> None:

@@ -100,8 +100,10 @@ def _model_ref(loc: _Located, value: Any, where: tuple[Any, ...]) -> str:
                             "the '+'")
         _model_ref(loc, model, where)
         return value
-    if not value.startswith("demo:") and not Path(value).exists():
-        raise loc.error(where, f"{value} is not a local checkpoint directory (Hub ids: corral download it first)")
+    from toolbox.merge.fetch import is_repo_id
+
+    if not value.startswith("demo:") and not Path(value).exists() and not is_repo_id(value):
+        raise loc.error(where, f"{value} is neither a local checkpoint directory nor a Hub repo id (org/name)")
     return value
 
 
