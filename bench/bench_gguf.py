@@ -9,6 +9,7 @@ q8_0 <= 1.5x).
 llama.cpp's converter is taken from the llama-cpp-python source distribution at bench time
 (`pip download --no-binary`), never committed. Run:
   python bench/bench_gguf.py [--work bench/work] [--types bf16,q8_0] [--skip-llama-cpp] [--write]
+                             [--against-tree DIR]   (DIR: `git archive COMMIT | tar -x -C DIR`, an A/B)
 """
 
 from __future__ import annotations
@@ -102,6 +103,21 @@ def q8_throughput() -> tuple[float, float]:
     return ours, ref
 
 
+def against_tree(tree: Path, src: Path, out: Path, outtype: str, wall: float, cpu: float) -> str:
+    """The same conversion by another corral tree (an earlier commit), run just after ours on the evicted source:
+    on a shared machine two adjacent runs see about the same load, so their CPU seconds compare."""
+    evict(src)
+    target = out / f"tree-{outtype}.gguf"
+    code = (f"import runpy, sys; sys.path.insert(0, {str(tree)!r}); sys.argv[0] = 'corral'; "
+            "runpy.run_module('toolbox.cli.main', run_name='__main__')")
+    t_wall, t_rss, t_cpu = run_timed_cpu([sys.executable, "-c", code, "--quiet", "convert", str(src), "--to", "gguf",
+                                          "--mau-declaration", "below-700m", "--outtype", outtype, "-o", str(target)])
+    target.unlink()
+    subprocess.run(["sync"], check=True)
+    return (f"RATIO {outtype} vs {tree.name}: CPU {cpu:.1f} / {t_cpu:.1f} s = {cpu / t_cpu:.2f}x, wall {wall:.1f} / "
+            f"{t_wall:.1f} s = {wall / t_wall:.2f}x (max RSS {t_rss:.2f} GiB there)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--work", type=Path, default=HERE / "work")
@@ -109,6 +125,8 @@ def main() -> None:
     ap.add_argument("--types", default="bf16,q8_0", help="corral --outtype values to run, comma-separated")
     ap.add_argument("--write", action="store_true")
     ap.add_argument("--maverick", action="store_true", help="also the Maverick-shaped layer (~34 GB of disk)")
+    ap.add_argument("--against-tree", type=Path, help="another corral source tree (`git archive COMMIT | tar -x -C "
+                    "DIR`): its convert runs right after ours on the same evicted source, with a RATIO line")
     a = ap.parse_args()
     if a.maverick:
         maverick(a.work, a.write)
@@ -146,6 +164,8 @@ def main() -> None:
                       f"max RSS {rss:.2f} GiB, {cpu:.1f} CPU-s vs cp's {cp_cpu:.1f}{goal})")
         (out / f"corral-{outtype}.gguf").unlink()
         subprocess.run(["sync"], check=True)
+        if a.against_tree is not None:
+            ratios.append(against_tree(a.against_tree.resolve(), src, out, outtype, wall, cpu))
     if not a.skip_llama_cpp:
         script = llama_cpp_converter(a.work)
         if script is not None:

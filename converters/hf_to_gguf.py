@@ -151,8 +151,10 @@ def _gate_up_pairs(source: TensorSource, name: str, width: int) -> Callable[[], 
 
 
 def read_once(source: TensorSource) -> None:
-    """Tell the source that each byte will be read once (it may keep them out of the page cache)."""
+    """Tell the source that each byte will be read once (it may keep them out of the page cache) and that its
+    results are dropped as the stream moves on (it may reuse their buffers)."""
     source.drop_after_read = True
+    source.reuse_buffers = True
 
 
 def _rope_freqs(ckpt: Llama4Checkpoint) -> Any | None:
@@ -372,6 +374,8 @@ def _operation(gg_type: str, overrides: gguf_mix.Overrides | None, imat: Any) ->
     """The provenance record of this conversion: the type, and the per-tensor options and imatrix (by
     file name and entry count) when given, so that the file says how it was made."""
     op: dict[str, Any] = {"op": "convert", "to": "gguf", "outtype": gg_type}
+    if overrides is not None and overrides.mix:
+        op["mix"] = overrides.mix  # a built-in dynamic mix: its name, then what it expanded to
     if overrides:
         op["overrides"] = {k: v for k, v in (("output_tensor_type", overrides.output_tensor_type),
                                              ("token_embedding_type", overrides.token_embedding_type),

@@ -24,10 +24,12 @@ from toolbox.tensors.prefetch import prefetch
 
 @pytest.fixture
 def small_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Tasks of 5 rows, converted 2 rows at a time: ragged task and sub-block ends on small inputs."""
+    """Tasks of 5 rows, made contiguous 3 rows and converted 2 rows at a time: ragged task, gather-block and
+    sub-block ends on small inputs."""
     monkeypatch.setattr(ggml, "BLOCK_BYTES", 5 * 4 * 768)
     monkeypatch.setattr(ggml, "SUB_ELEMENTS", 2 * 768)
     monkeypatch.setattr(ggml, "TILE", 96)
+    monkeypatch.setattr(ggml, "GATHER", 3)
 
 
 def _source() -> torch.Tensor:
@@ -42,7 +44,8 @@ def _source() -> torch.Tensor:
 
 def _views(t: torch.Tensor) -> dict[str, torch.Tensor]:
     return {"gate (transposed bf16)": t[:, :512].T, "up (transposed bf16)": t[:, 512:].T,
-            "down-like (contiguous bf16)": t[:, :768].contiguous(), "transposed f16": t.to(torch.float16)[:, 256:].T,
+            "down-like (contiguous bf16)": t[:, :768].contiguous(), "row-spaced bf16": t[:512, :768],
+            "transposed f16": t.to(torch.float16)[:, 256:].T,
             "transposed f32": t.float()[:, :768].T, "contiguous f32": t.float()[:512, :768].contiguous()}
 
 
