@@ -17,6 +17,9 @@ from toolbox.errors import CorralError
 
 DATA = Path(__file__).with_name("gguf_dynamic_mixes.yaml")
 MAX_MIXES = 64
+# The mixes' names, in the YAML's order (checked when it is read): the CLI's choice sets and its --help take them
+# from here, so that no command's start-up imports yaml or parses the table.
+NAMES = ("scout-dynamic", "scout-dynamic-iq2", "maverick-dynamic")
 KEYS = {"description", "outtype", "tensor_types", "output_tensor_type", "token_embedding_type", "pure"}
 
 
@@ -42,6 +45,8 @@ def mixes() -> dict[str, DynamicMix]:
     entries = doc.get("mixes") if isinstance(doc, dict) else None
     if not isinstance(entries, dict) or not 0 < len(entries) <= MAX_MIXES:
         raise CorralError(f"{DATA.name}: expected a `mixes:` table of 1..{MAX_MIXES} entries")
+    if tuple(entries) != NAMES:
+        raise CorralError(f"{DATA.name}: mixes {list(entries)} differ from gguf_dynamic.NAMES {list(NAMES)}")
     out = {}
     for name, e in entries.items():
         if not isinstance(e, dict) or set(e) - KEYS or "outtype" not in e:
@@ -54,11 +59,11 @@ def mixes() -> dict[str, DynamicMix]:
 
 def names() -> tuple[str, ...]:
     """The --outtype names of the built-in dynamic mixes, in table order."""
-    return tuple(mixes())
+    return NAMES
 
 
 def is_dynamic(outtype: str | None) -> bool:
-    return bool(outtype) and str(outtype).lower() in mixes()
+    return bool(outtype) and str(outtype).lower() in NAMES
 
 
 def expand(outtype: str, *, tensor_types: tuple[str, ...] | list[str] = (), output_tensor_type: str | None = None,
@@ -74,8 +79,3 @@ def expand(outtype: str, *, tensor_types: tuple[str, ...] | list[str] = (), outp
     return {"outtype": mix.outtype, "tensor_types": (*tensor_types, *mix.tensor_types),
             "output_tensor_type": output_tensor_type or mix.output_tensor_type,
             "token_embedding_type": token_embedding_type or mix.token_embedding_type, "pure": pure or mix.pure}
-
-
-def help_text() -> str:
-    """One line per mix for `corral convert --help`."""
-    return "\n\n".join(f"  {m.name}: {m.description}" for m in mixes().values())

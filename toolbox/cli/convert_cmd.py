@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated
 
-from converters.gguf_dynamic import help_text as dynamic_mix_help
+from converters.gguf_dynamic import NAMES as DYNAMIC_MIXES
 from toolbox.cli._typer import typer
 from toolbox.cli.choices import OUTTYPES, ConvertDtype, ConvertOutType, ConvertTarget, MmprojOutType
 from toolbox.cli.options import BaseModelOpt, BomOpt, FixNameOpt, ForceOpt, MauDeclarationOpt, NameOpt
@@ -64,7 +64,8 @@ Built-in dynamic mixes (converters/gguf_dynamic_mixes.yaml: a llama.cpp mix plus
 attention, the shared expert, dense FFN layers and the output at more bits than the routed experts; the
 router and norms stay F32). Options given beside one win over the mix's:
 
-""" + dynamic_mix_help() + """
+  """ + ", ".join(DYNAMIC_MIXES) + """ (each with its per-tensor types, its size at real Scout/Maverick
+  shapes and the reasons, in that YAML file)
 
   corral convert ./Llama-4-Scout --to gguf --outtype scout-dynamic -o scout-dynamic.gguf
 
