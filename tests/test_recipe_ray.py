@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from test_shard_fanout import SHARDED  # the prune recipe of its local test
 
 from toolbox.cli.main import main
 from toolbox.recipe import load_recipe, run_recipe
@@ -191,20 +192,6 @@ def test_split_gguf_fans_out_per_part(cluster, split_reference: dict[str, str], 
     assert sorted(p["name"].replace("model", "Llama-4-split-q8_0") for p in parts) == sorted(split_reference)
     assert {r for p in parts for r in p["resources"]} == {"node_a", "node_b"}
     assert not [p for p in (tmp_path / "cache" / "objects").iterdir() if p.name.startswith(".")]  # no debris
-
-
-SHARDED = """\
-corral: 1
-name: sharded
-source: demo:scout
-license:
-  mau_declaration: below-700m
-steps:
-  - id: pruned
-    uses: prune
-    with: {keep: [0, 3, 5, 9], shard_size: 1M}
-    output: Llama-4-Scout-sharded-4e
-"""
 
 
 @pytest.mark.slow
