@@ -188,7 +188,8 @@ def _q8_0_encode(t: torch.Tensor) -> np.ndarray:
         raw = q8_0(dense(t).to(torch.float32)).numpy()
     else:
         raw = ggml.quantize(t, "Q8_0", carry=lambda rows: q8_0(torch.from_numpy(rows)).numpy())
-    if not np.isfinite(raw.reshape(-1, 34)[:, :2].copy().view(np.float16)).all():  # the f16 block scales
+    # the f16 block scales, read in place (a strided view: a copy of them first cost 5x as much)
+    if not np.isfinite(raw.view(np.float16).reshape(-1, 17)[:, 0]).all():
         _check_finite(t, "Q8_0", torch.from_numpy(raw))  # raises unless the source was already non-finite
     return raw
 

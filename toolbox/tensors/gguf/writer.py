@@ -234,6 +234,10 @@ class GGUFWriter(gguf.GGUFWriter):
 
     def _pack_val(self, val: Any, vtype: GGUFValueType, add_vtype: bool,
                   sub_type: GGUFValueType | None = None) -> bytes:
+        if isinstance(val, Packed):  # packed by another writer already (the value type included)
+            if not add_vtype or self.endianess != gguf.GGUFEndian.LITTLE:
+                raise ValueError("a Packed GGUF value goes in as a whole key's little-endian value")
+            return val.data
         if vtype == GGUFValueType.ARRAY and isinstance(val, Sequence) and len(val) >= FAST_MIN_ITEMS:
             packed = self._pack_array(val, sub_type)
             if packed is not None:
@@ -265,6 +269,16 @@ class GGUFWriter(gguf.GGUFWriter):
         if fmt is None:
             return None
         return head + struct.pack(f"{prefix}{len(val)}{fmt}", *val)  # same range checks as item by item
+
+
+class Packed:
+    """A KV value already packed (type tag included, little-endian) by `_pack_val` of another writer: the bytes
+    are written as they are (converters.gguf_vocab_fork builds the tokenizer's keys so in a child process)."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
 
 
 class _Discard:
