@@ -128,3 +128,32 @@ def test_same_bytes_whatever_the_workers(bf16_inputs: tuple[Path, list[Path]], t
             merge_weights(base_dir, fts, out, method=method, densities=dens, seed=5, license_options=OPTS)
             digests.append(hashlib.sha256((out / "model.safetensors").read_bytes()).hexdigest())
     assert digests[:2] == digests[2:] and digests[0] != digests[1]
+
+
+def test_bf16_key_bounds_match_torch_rounding() -> None:
+    """TIES's float32 bounds for a bf16 threshold t (|d| > a iff bf16(|d|) > t, |d| > b iff bf16(|d|) >= t)
+    agree with torch's own float32 -> bf16 rounding at and around every boundary, for every threshold the
+    fast path takes; thresholds at subnormals or infinity, and NaN deltas, take the key path (None)."""
+    sel = methods._Select(1, key16=True)
+    keys = torch.arange(0x80, 0x7F81, dtype=torch.int32)
+    # probes: each key's float32 value, the midpoints to its neighbours and one float32 ulp either side of them
+    base = (keys << 16).reshape(-1, 1)
+    probes = torch.cat([base, base + 0x7FFF, base + 0x8000, base + 0x8001, base - 0x7FFF, base - 0x8000,
+                        base - 0x8001], 1).reshape(-1)
+    probes = probes[(probes >= 0) & (probes < 0x7F800000)].view(torch.float32)
+    rounded = probes.to(torch.bfloat16).view(torch.int16).to(torch.int32)
+    checked = 0
+    for t in range(0x81, 0x7F80, 97):
+        sel.threshold = t
+        bounds = sel.bounds()
+        assert bounds is not None
+        assert torch.equal(probes > bounds[0], rounded > t), t
+        assert torch.equal(probes > bounds[1], rounded >= t), t
+        checked += 1
+    assert checked > 300
+    for t in (0x00, 0x7F, 0x80, 0x7F80):
+        sel.threshold = t
+        assert sel.bounds() is None
+    sel.threshold = 0x3C00
+    sel.hist[0x7FC0] = 1  # a NaN delta
+    assert sel.bounds() is None

@@ -20,7 +20,10 @@ gathered in statistics passes first, over the same chunks, and applied in the la
   to [1, -1] per tensor), model stock one mean cosine of the task vectors per whole tensor
   (`filter_wise: false`, mergekit's default).
 
-The kept values and their sums are float32 whatever the ranking dtype.
+The kept values and their sums are float32 whatever the ranking dtype. Where inputs and output are bf16,
+the merge pass compares |delta| in float32 against the two float32 bounds of the bf16 threshold
+(`_Select.bounds`) in one `hardshrink`, the same elements as the 16-bit keys would keep; masks and
+counts are float 0/1 tensors, as torch's comparisons into bool tensors run several times slower.
 """
 
 from __future__ import annotations
@@ -89,6 +92,17 @@ class Workspace:
         self.d = [torch.empty(CHUNK) for _ in range(n_models)]
         self.acc, self.div, self.sign, self.tmp, self.flag = (torch.empty(CHUNK) for _ in range(5))
         self.one = torch.ones(CHUNK)
+        self.mask = torch.empty(CHUNK)  # float 0/1 masks: torch's comparisons into bool run several times slower
+        self._keys: dict[torch.dtype, torch.Tensor] = {}
+
+    def keys(self, dtype: torch.dtype, n: int) -> torch.Tensor:
+        """A 16-bit buffer of n elements for TIES's ranking keys."""
+        import torch
+
+        buf = self._keys.get(dtype)
+        if buf is None:
+            buf = self._keys[dtype] = torch.empty(CHUNK, dtype=dtype)
+        return buf[:n]
 
 
 class _Select:
@@ -127,6 +141,38 @@ class _Select:
             return
         self.threshold, _, greater = _descend(self.hist, self.k)
         self.ties_left = self.k - greater
+
+    def bounds(self) -> tuple[float, float] | None:
+        """(a, b) with key > threshold iff |d| > a and key >= threshold iff |d| > b, for a float32 d whose key is
+        its bf16 rounding (round to nearest even: bf16 t holds the float32 values up to the midpoint to t + 1,
+        the midpoint itself when t is even); None where that does not hold exactly: a threshold at a bf16
+        subnormal (some conversions flush those) or infinity, or NaN deltas (whose keys rank above all)."""
+        import numpy as np
+
+        t = self.threshold
+        if not self.key16 or not 0x81 <= t < 0x7F80 or bool(self.hist[0x7F81:].any()):
+            return None
+
+        def upper(key: int) -> float:
+            return float(np.array([(key << 16) | (0x8000 if key % 2 == 0 else 0x7FFF)], np.uint32).view(np.float32)[0])
+
+        return upper(t), upper(t - 1)
+
+    def shrink(self, ws: Workspace, d: torch.Tensor, bounds: tuple[float, float], budget: int) -> int | None:
+        """`keep` applied to a float32 delta in place by one hardshrink (`bounds`: see there; dropped elements
+        become +0), returning the ties used; or None, d untouched, where the chunk's ties must be ranked."""
+        import torch
+
+        lambd, tied = bounds[0], 0
+        if budget > 0:
+            a = torch.abs(d, out=ws.tmp[:d.numel()])
+            mask = ws.mask[:d.numel()]  # float 0/1: its float32 sum of at most CHUNK ones is exact
+            tied = int(torch.gt(a, bounds[1], out=mask).sum()) - int(torch.gt(a, bounds[0], out=mask).sum())
+            if tied > budget:
+                return None
+            lambd = bounds[1]
+        torch.hardshrink(d, lambd, out=d)
+        return tied
 
     def keep(self, keys: torch.Tensor, budget: int) -> tuple[torch.Tensor, int]:
         """(mask of kept elements of this chunk, ties used): above the threshold, and the first `budget`
@@ -196,6 +242,7 @@ class TensorMerge:
         self.l1 = [[0.0, 0.0] for _ in range(n)]  # DARE: ||delta||_1, ||masked delta||_1
         self.gram = [[0.0] * (n + 1) for _ in range(n + 1)]  # slerp / model stock: dot products
         self.stats: list[str] = []
+        self._bounds: list[tuple[float, float] | None] = [None] * n  # per input: _Select.bounds, once chosen
         if self.spec.sparsify == "magnitude":
             for i, dens in enumerate(params.densities):
                 if 0 < dens < 1 and numel:
@@ -211,9 +258,10 @@ class TensorMerge:
     def passes(self) -> int:
         return len(self.stats)
 
-    def _keys(self, d: torch.Tensor | None, m: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    def _keys(self, ws: Workspace, d: torch.Tensor | None, m: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """TIES's ranking key of |m - b| for one chunk: the 16-bit pattern of |m - b| computed in key_dtype
-        (as mergekit subtracts), else the float32 bits of |d|; ordered as the values are."""
+        (as mergekit subtracts), else the float32 bits of |d|; ordered as the values are. 16-bit keys are
+        in a workspace buffer."""
         import torch
 
         kd = self.key_dtype
@@ -221,9 +269,12 @@ class TensorMerge:
             assert d is not None
             return d.abs().view(torch.int32)
         # torch subtracts 16-bit floats in float32 and rounds once, so a float32 d of kd inputs rounds to it
-        same = d is not None and m.dtype == kd and b.dtype == kd
-        k = d.to(kd) if same and d is not None else torch.sub(m.to(kd), b.to(kd))
-        return k.view(torch.int16) & 0x7FFF
+        k = ws.keys(kd, m.numel())
+        if d is not None and m.dtype == kd and b.dtype == kd:
+            k.copy_(d)
+        else:
+            torch.sub(m.to(kd), b.to(kd), out=k)
+        return k.view(torch.int16).bitwise_and_(0x7FFF)
 
     def observe(self, k: int, ws: Workspace, offset: int, base: torch.Tensor, models: list[torch.Tensor],
                 lo: int, hi: int) -> list[list[Any]]:
@@ -276,7 +327,7 @@ class TensorMerge:
         if sel is None:
             return None
         d = None if kind == "key16" else torch.sub(m, bf, out=ws.d[i][:m.numel()])
-        return sel.counts(kind, self._keys(d, m, b))
+        return sel.counts(kind, self._keys(ws, d, m, b))
 
     def absorb(self, k: int, rows: list[list[Any]]) -> None:
         """Add one span's statistics (spans, and their rows, in flat order)."""
@@ -302,6 +353,8 @@ class TensorMerge:
         for sel in self.selects:
             if sel is not None:
                 sel.choose(self.stats[k])
+        if k == self.passes - 1:
+            self._bounds = [sel.bounds() if sel is not None else None for sel in self.selects]
 
     def spend(self, used: list[int]) -> None:
         """Ties kept by one piece's merge: fewer remain for the pieces after it."""
@@ -329,13 +382,16 @@ class TensorMerge:
                 assert sel is not None
                 m = models[i][s:e]
                 d = None if self.key_dtype is not None else torch.sub(m, bf, out=ws.d[i][:e - s])
-                counts[i] += int((self._keys(d, m, base[s:e]) == sel.threshold).sum())
+                keys = self._keys(ws, d, m, base[s:e])
+                counts[i] += int(torch.eq(keys, sel.threshold, out=ws.mask[:e - s]).sum())  # float 0/1: exact
         return counts
 
     def merge(self, ws: Workspace, offset: int, base: torch.Tensor, models: list[torch.Tensor], out: torch.Tensor,
               lo: int, hi: int, budgets: list[int]) -> list[int]:
         """Write the merged elements [lo, hi) of one piece into `out` (flat views, out in the output dtype);
         `budgets`: ties each input may still keep. Returns the ties each input kept."""
+        import torch
+
         used = [0] * len(models)
         for s in _chunks(lo, hi):
             e = min(s + CHUNK, hi)
@@ -343,13 +399,17 @@ class TensorMerge:
             bf.copy_(base[s:e])
             chunk = [m[s:e] for m in models]
             left = [b - u for b, u in zip(budgets, used, strict=True)]
-            result = self._merge_chunk(ws, offset + s, base[s:e], bf, chunk, left, used)
-            out[s:e].copy_(result)
+            result, plus_base = self._merge_chunk(ws, offset + s, base[s:e], bf, chunk, left, used)
+            if plus_base:  # the delta methods: the base added as the float32 sum is stored in the output dtype
+                torch.add(result, bf, out=out[s:e])
+            else:
+                out[s:e].copy_(result)
         return used
 
     def _merge_chunk(self, ws: Workspace, offset: int, b: torch.Tensor, bf: torch.Tensor, models: list[torch.Tensor],
-                     left: list[int], used: list[int]) -> torch.Tensor:
-        """The merged float32 chunk (a view of a workspace buffer); `bf` is the base chunk `b` in float32."""
+                     left: list[int], used: list[int]) -> tuple[torch.Tensor, bool]:
+        """The merged float32 chunk (a view of a workspace buffer), and whether the base chunk `bf` (`b` in
+        float32) is still to be added to it."""
         import torch
 
         n, method, p = bf.numel(), self.p.method, self.p
@@ -358,18 +418,18 @@ class TensorMerge:
             acc.zero_()
             for i, (m, w) in enumerate(zip(models, p.weights, strict=True)):
                 acc.add_(ws.d[i][:n].copy_(m), alpha=w)
-            return acc.div_(sum(p.weights)) if p.normalize else acc
+            return (acc.div_(sum(p.weights)) if p.normalize else acc), False
         if method == "slerp":
             ca, cb = self._slerp_coefficients()
             torch.mul(bf, ca, out=acc)
-            return acc.add_(ws.d[0][:n].copy_(models[0]).mul_(cb))
+            return acc.add_(ws.d[0][:n].copy_(models[0]).mul_(cb)), False
         if method == "model_stock":
             t = self._stock_t()
             acc.copy_(models[0])
             for i, m in enumerate(models[1:], 1):
                 acc.add_(ws.d[i][:n].copy_(m))
             acc.div_(len(models)).mul_(t)
-            return acc.add_(torch.mul(bf, 1 - t, out=ws.tmp[:n]))
+            return acc.add_(torch.mul(bf, 1 - t, out=ws.tmp[:n])), False
         deltas = [self._delta(ws, i, offset, m, b, bf, left, used) for i, m in enumerate(models)]
         if self.spec.consensus:
             self._elect(ws, deltas)
@@ -380,7 +440,7 @@ class TensorMerge:
             if p.normalize:
                 total = sum(p.weights)
                 acc.div_(1.0 if abs(total) < 1e-8 else total)
-        return acc.add_(bf)
+        return acc, True
 
     def _delta(self, ws: Workspace, i: int, offset: int, m: torch.Tensor, b: torch.Tensor, bf: torch.Tensor,
                left: list[int], used: list[int]) -> torch.Tensor:
@@ -392,9 +452,17 @@ class TensorMerge:
         if self.spec.sparsify and dens <= 0:
             d.zero_()
         elif self.spec.sparsify == "magnitude" and sel is not None:
-            mask, took = sel.keep(self._keys(d, m, b), left[i])
+            bounds = self._bounds[i]
+            # bf16 keys of bf16 inputs compare as float32 bounds; the dropped elements then become +0 where
+            # d * mask gives -0 for negative ones: TIES's election counts a zero for no sign and sums only
+            # agreeing deltas, so the merged values are the same
+            took = None
+            if bounds is not None and m.dtype == self.key_dtype == b.dtype == torch.bfloat16:
+                took = sel.shrink(ws, d, bounds, left[i])
+            if took is None:
+                mask, took = sel.keep(self._keys(ws, d, m, b), left[i])
+                d.mul_(mask)
             used[i] += took
-            d.mul_(mask)
         elif self.spec.sparsify == "random" and dens < 1:
             d.mul_(dare_mask(self.p.seed, self.name, i, offset, (d.numel(),), dens))
             before, after = self.l1[i]
@@ -409,8 +477,11 @@ class TensorMerge:
 
         n = deltas[0].numel()
         acc, div, sign, tmp, flag = ws.acc[:n], ws.div[:n], ws.sign[:n], ws.tmp[:n], ws.flag[:n]
-        acc.copy_(deltas[0])
-        for d in deltas[1:]:
+        if len(deltas) > 1:
+            torch.add(deltas[0], deltas[1], out=acc)
+        else:
+            acc.copy_(deltas[0])
+        for d in deltas[2:]:
             acc.add_(d)
         # +1 where the sum is >= 0, else -1 (a sum of -0.0 only comes from all-zero deltas, which agree with
         # neither sign); d * sign > 0 is "sign(d) == majority" with sign(0) = 0 agreeing with nothing

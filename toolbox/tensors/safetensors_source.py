@@ -174,8 +174,9 @@ class SafetensorsSource(TensorSource):
             fits = [b for b in free if b.numel() >= n]
             if fits:
                 return min(fits, key=lambda b: b.numel())[:n]
-            for b in free:  # all too small: dropped, so that the pool never holds more than the reads in flight
-                self._pool.remove(b)
+            # all too small: dropped, so that the pool never holds more than the reads in flight (by identity:
+            # list.remove compares tensors with ==, elementwise, which fails for buffers of other sizes)
+            self._pool = [b for b in self._pool if all(b is not f for f in free)]
             del free, fits
             if len(self._pool) >= POOL_SIZE:
                 return torch.empty(n, dtype=torch.uint8)
