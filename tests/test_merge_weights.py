@@ -210,9 +210,10 @@ def test_usage_errors(inputs: tuple[Path, list[Path]], tmp_path: Path) -> None:
 @pytest.mark.parametrize(("text", "line", "match"), [
     ("merge_method: ties\nbase_model: {b}\nmodels:\n  - model: {m}\n    parameters: {{weight: 1, lambda: 2}}\n",
      5, "parameter 'lambda' is not supported"),
-    ("merge_method: ties\nbase_model: {b}\nmodels:\n  - model: {m}\n    parameters: {{weight: [0, 1]}}\n",
-     5, "gradients and filters"),
-    ("merge_method: ties\nbase_model: {b}\nslices: []\nmodels:\n  - model: {m}\n", 3, "key 'slices'"),
+    ("merge_method: ties\nbase_model: {b}\nmodels:\n  - model: {m}\n    parameters: {{weight: [0, true]}}\n",
+     5, "expected a finite number"),
+    ("merge_method: ties\nbase_model: {b}\nslices: []\nmodels:\n  - model: {m}\n", 3, "not both"),
+    ("merge_method: ties\nbase_model: {b}\nmodules: {{}}\n", 3, "key 'modules'"),
     ("merge_method: ties\nbase_model: {b}\nmodels:\n  - model: {m}\n", 4, "needs a weight"),
     ("merge_method: tiez\nmodels:\n  - model: {m}\n", 1, "expected one of"),
     ("merge_method: linear\nmodels:\n  - model: {m}+./lora\n", 3, "model\\+lora"),
