@@ -268,7 +268,7 @@ def convert_hf_to_gguf(src: ModelLike, out: str | Path, *, outtype: str = "auto"
                        progress: Progress = NULL_PROGRESS, overrides: gguf_mix.Overrides | None = None,
                        imatrix: str | Path | None = None, include_weights: list[str] | None = None,
                        exclude_weights: list[str] | None = None, parts: Collection[int] | None = None,
-                       **legacy: Any) -> GGUFResult:
+                       keep_float: Collection[str] | None = None, **legacy: Any) -> GGUFResult:
     """Convert an HF Llama 4 checkpoint to a GGUF file (or split set) for llama.cpp.
 
     `parts` (0-based, of `split_part_count`): only those files of the split set, each as the whole run writes it.
@@ -290,8 +290,9 @@ def convert_hf_to_gguf(src: ModelLike, out: str | Path, *, outtype: str = "auto"
     """
     import gguf
 
-    from converters.gguf_vocab import add_vocab
+    from converters.gguf_vocab_fork import VocabJob
     from license.stamp import apply_to_gguf_writer, derive_stamp
+    from toolbox.tensors.gguf.ggml import reused_outputs
     from toolbox.tensors.gguf.writer import GGUFWriter
 
     opts = LicenseOptions.of(license_options, **legacy)
@@ -303,14 +304,15 @@ def convert_hf_to_gguf(src: ModelLike, out: str | Path, *, outtype: str = "auto"
     if out.suffix != ".gguf":
         raise UsageError(f"output {out} must end in .gguf")
     check_output_path(out, force=force)
+    vocab = VocabJob(ckpt.path, ckpt.text.vocab)  # tokenizer keys built in a child while torch loads, the plan forms
     source = model.open_source()
     gg_type = resolve_outtype(outtype, source)
     # a source corral made (a merge, a prune) keeps its history and relation
     imat = _load_imatrix(imatrix, include_weights, exclude_weights)
-    stamp = derive_stamp(model.stamp_input(source), _operation(gg_type, overrides, imat), opts,
+    stamp = derive_stamp(model.stamp_input(source), _operation(gg_type, overrides, imat, keep_float), opts,
                          suffix=gg_type.lower(), multimodal=multimodal,
                          relation=None if gg_type in FLOAT_TYPES else "quantized")
-    plan = _typed_plan(ckpt, source, gg_type, imat, overrides)
+    plan = _typed_plan(ckpt, source, gg_type, imat, overrides, keep_float)
     ensure_free_space(out.parent, sum(p.nbytes + 4096 for p in plan), f"the GGUF output {out.name}")  # + alignment
     staging = new_partial(out, directory=True)  # owned by this run: a later run removes it if this one dies
     try:
@@ -318,7 +320,7 @@ def convert_hf_to_gguf(src: ModelLike, out: str | Path, *, outtype: str = "auto"
                             parts=parts)
         apply_to_gguf_writer(writer, stamp)
         add_text_kv(writer, ckpt, gg_type)
-        add_vocab(writer, ckpt.path, ckpt.text.vocab)
+        vocab.apply(writer)
         writer.add_string(PROVENANCE_KEY, json.dumps(ckpt.config, sort_keys=True))
         if imat is not None and imat.entries:
             from converters.gguf_imatrix import add_imatrix_kv
@@ -333,7 +335,7 @@ def convert_hf_to_gguf(src: ModelLike, out: str | Path, *, outtype: str = "auto"
         todo = [p for p in plan if writer.writes(p.name)]
         total = sum(p.nbytes for p in todo)
         read_once(source)  # every byte is read exactly once below: keep it out of the page cache
-        with progress.task(f"writing {out.name}", total=total, unit="bytes") as task:
+        with progress.task(f"writing {out.name}", total=total, unit="bytes") as task, reused_outputs():
             _write_tensors(writer, todo, source, task)
         writer.close()
         finals = _publish(staging, out, force=force)
@@ -347,7 +349,7 @@ def convert_hf_to_gguf(src: ModelLike, out: str | Path, *, outtype: str = "auto"
 def split_part_count(src: ModelLike, *, outtype: str = "auto", split_max_size: int = 0,
                      overrides: gguf_mix.Overrides | None = None, imatrix: str | Path | None = None,
                      include_weights: list[str] | None = None, exclude_weights: list[str] | None = None,
-                     **_other: Any) -> int:
+                     keep_float: Collection[str] | None = None, **_other: Any) -> int:
     """How many files `convert_hf_to_gguf` writes with these options (1 without a split), from the plan alone
     (headers are read, no tensor data): what a caller fanning the parts out needs before any is written."""
     import gguf
@@ -360,7 +362,7 @@ def split_part_count(src: ModelLike, *, outtype: str = "auto", split_max_size: i
     try:
         gg_type = resolve_outtype(outtype, source)
         plan = _typed_plan(model.checkpoint, source, gg_type, _load_imatrix(imatrix, include_weights,
-                                                                            exclude_weights), overrides)
+                                                                            exclude_weights), overrides, keep_float)
     finally:
         source.close()
     writer = GGUFWriter(None, "llama4", split_max_size=split_max_size)
@@ -370,7 +372,8 @@ def split_part_count(src: ModelLike, *, outtype: str = "auto", split_max_size: i
     return len(writer.tensors)
 
 
-def _operation(gg_type: str, overrides: gguf_mix.Overrides | None, imat: Any) -> dict[str, Any]:
+def _operation(gg_type: str, overrides: gguf_mix.Overrides | None, imat: Any,
+               keep_float: Collection[str] | None = None) -> dict[str, Any]:
     """The provenance record of this conversion: the type, and the per-tensor options and imatrix (by
     file name and entry count) when given, so that the file says how it was made."""
     op: dict[str, Any] = {"op": "convert", "to": "gguf", "outtype": gg_type}
@@ -384,15 +387,28 @@ def _operation(gg_type: str, overrides: gguf_mix.Overrides | None, imat: Any) ->
                            if v}
     if imat is not None:
         op["imatrix"] = {"file": Path(imat.path).name, "entries": len(imat.entries)}
+    if keep_float:
+        from converters.gguf_keep_float import parts_of
+
+        op["keep_float"] = list(parts_of(keep_float))
     return op
 
 
 def _typed_plan(ckpt: Llama4Checkpoint, source: TensorSource, gg_type: str, imat: Any,
-                overrides: gguf_mix.Overrides | None) -> list[Planned]:
+                overrides: gguf_mix.Overrides | None, keep_float: Collection[str] | None = None) -> list[Planned]:
     """The plan with llama.cpp's per-tensor types of a mix (q4_k_m, ...) and the user's overrides (a single
-    type: as planned), each quantized tensor with its imatrix entry when there is one."""
+    type: as planned), the --keep-float parts at the source's float type, each quantized tensor with its
+    imatrix entry when there is one."""
+    from converters import gguf_keep_float
+
+    kept = gguf_keep_float.parts_of(keep_float)
+    float_type = resolve_outtype("auto", source) if kept else ""
+    if gguf_mix.is_mix(gg_type):
+        overrides = gguf_keep_float.mix_overrides(overrides, kept, float_type)
     plan = plan_text(ckpt, source, gguf_mix.unquantized(gg_type))
     gguf_mix.apply(plan, ckpt, gg_type, has_imatrix=bool(imat and imat.entries), overrides=overrides)
+    if not gguf_mix.is_mix(gg_type):
+        gguf_keep_float.keep_in_plan(plan, kept, float_type)
     if imat is not None and imat.entries:
         from converters.gguf_imatrix import attach
 

@@ -29,7 +29,7 @@ class Converter:
 PAIRS: dict[tuple[str, str], Converter] = {
     ("hf", "gguf"): Converter("converters.hf_to_gguf:convert_hf_to_gguf",
                               ("outtype", "split_max_size", "allow_lossy_config", "multimodal", "overrides",
-                               "imatrix", "include_weights", "exclude_weights", "parts")),
+                               "imatrix", "include_weights", "exclude_weights", "parts", "keep_float")),
     ("gguf", "hf"): Converter("converters.gguf_to_hf:convert_gguf_to_hf", ("dtype", "mmproj")),
     ("hf", "onnx"): Converter("converters.onnx_export:convert_hf_to_onnx",
                               ("dtype", "opset", "kv_cache", "vision", "block_size", "symmetric", "accuracy_level",
@@ -40,7 +40,7 @@ PAIRS: dict[tuple[str, str], Converter] = {
     ("gguf", "onnx"): Converter("converters.gguf_onnx:convert_gguf_to_onnx", ("dtype", "opset", "kv_cache")),
     ("onnx", "gguf"): Converter("converters.gguf_onnx:convert_onnx_to_gguf",
                                 ("outtype", "split_max_size", "allow_lossy_config", "overrides", "imatrix",
-                                 "include_weights", "exclude_weights")),
+                                 "include_weights", "exclude_weights", "keep_float")),
 }
 
 

@@ -50,7 +50,9 @@ class ConvertRequest:
     block_size: int | None = None  # 32, 64 or 128 (default 32)
     symmetric: bool | None = None  # default symmetric (no zero points)
     accuracy_level: int | None = None  # onnxruntime's 0..4 (default 0)
-    keep_float: tuple[str, ...] | None = None  # parts kept float32 (default router, embed)
+    # ONNX int4/int8: parts kept float32 (default router, embed); to gguf: parts kept at the source's float
+    # type (converters.gguf_keep_float; default none)
+    keep_float: tuple[str, ...] | None = None
 
 
 
@@ -85,8 +87,7 @@ def convert(request: ConvertRequest, progress: Progress = NULL_PROGRESS) -> Conv
     target = request.to.lower()
     fmt = source_format(request)
     conv = converter_for(fmt, target)  # refuses an unsupported pair before any work
-    kwargs = _converter_options(request, fmt, target)  # a dynamic mix expanded, its name kept for the provenance
-    request = expand_dynamic_mix(request)  # the mmproj type follows the mix's base type
+    request, kwargs = _prepare(request, fmt, target)  # a dynamic mix expanded once; the mmproj type follows it
     model = resolve(request.source, progress)
     mm_path = _mmproj_preflight(request, model) if (fmt, target) == ("hf", "gguf") else None
     if mm_path is not None:
@@ -142,7 +143,8 @@ def gguf_part_count(request: ConvertRequest, progress: Progress = NULL_PROGRESS)
 
     if request.to.lower() != "gguf" or source_format(request) != "hf":
         raise UsageError(f"{request.source}: only an HF -> GGUF conversion is written in parts")
-    return split_part_count(resolve(request.source, progress), **_converter_options(request, "hf", "gguf"))
+    request, kwargs = _prepare(request, "hf", "gguf")
+    return split_part_count(resolve(request.source, progress), **kwargs)
 
 
 def expand_dynamic_mix(request: ConvertRequest) -> ConvertRequest:
@@ -159,8 +161,23 @@ def expand_dynamic_mix(request: ConvertRequest) -> ConvertRequest:
                                      token_embedding_type=request.token_embedding_type, pure=request.pure))
 
 
+def _prepare(request: ConvertRequest, fmt: str, target: str) -> tuple[ConvertRequest, dict[str, Any]]:
+    """The request with a dynamic mix expanded, and the converter's options made from that one expansion (the
+    mix's name kept for the provenance): expanding twice would let the two disagree."""
+    from converters.gguf_dynamic import is_dynamic
+
+    mix = request.outtype.lower() if target == "gguf" and is_dynamic(request.outtype) else None
+    expanded = expand_dynamic_mix(request)
+    return expanded, _options(expanded, fmt, target, mix)
+
+
 def _converter_options(request: ConvertRequest, fmt: str, target: str) -> dict[str, Any]:
     """The request's options as the converters take them (validated here, before any work)."""
+    return _prepare(request, fmt, target)[1]
+
+
+def _options(request: ConvertRequest, fmt: str, target: str, mix: str | None) -> dict[str, Any]:
+    """`_converter_options` of a request whose dynamic mix (named `mix`) is already expanded."""
     from toolbox.tensors.sink import MIN_SPLIT_BYTES, parse_size
 
     opts: dict[str, Any] = {"outtype": request.outtype, "allow_lossy_config": request.allow_lossy_config,
@@ -172,7 +189,7 @@ def _converter_options(request: ConvertRequest, fmt: str, target: str) -> dict[s
         except ValueError:
             raise UsageError(f"--split-max-size {request.split_max_size!r} is not a size",
                              hint="e.g. 50G or 500M") from None
-        opts.update(_quant_options(request))
+        opts.update(_quant_options(request, mix))
         opts["parts"] = request.parts
         want = (request.mmproj or "none").lower()
         if want not in ("auto", "none"):
@@ -181,17 +198,22 @@ def _converter_options(request: ConvertRequest, fmt: str, target: str) -> dict[s
     opts["dtype"] = request.dtype  # the ONNX exporter reads auto as fp32 (converters.onnx_export.DTYPES)
     opts.update(block_size=request.block_size, symmetric=request.symmetric, accuracy_level=request.accuracy_level,
                 keep_float=request.keep_float)
+    if target == "gguf":  # checked before any work; ONNX checks its own with the int4/int8 options
+        from converters.gguf_keep_float import parts_of
+
+        opts["keep_float"] = parts_of(request.keep_float)
     mm = request.mmproj
     opts["mmproj"] = mm if fmt == "gguf" and mm and mm.lower() not in ("auto", "none") else None
     return opts
 
 
-def _quant_options(request: ConvertRequest) -> dict[str, Any]:
-    return gguf_quant_options(request.outtype, tensor_types=request.tensor_types,
-                              output_tensor_type=request.output_tensor_type,
-                              token_embedding_type=request.token_embedding_type, pure=request.pure,
-                              imatrix=request.imatrix, include_weights=request.include_weights,
-                              exclude_weights=request.exclude_weights)
+def _quant_options(request: ConvertRequest, mix: str | None) -> dict[str, Any]:
+    """The GGUF options of an expanded request (`expand_dynamic_mix`): not expanded again."""
+    return _validated_quant_options(
+        {"outtype": request.outtype, "tensor_types": request.tensor_types,
+         "output_tensor_type": request.output_tensor_type, "token_embedding_type": request.token_embedding_type,
+         "pure": request.pure}, mix, imatrix=request.imatrix, include_weights=request.include_weights,
+        exclude_weights=request.exclude_weights)
 
 
 def gguf_quant_options(outtype: str = "auto", *, tensor_types: Sequence[str] = (),
@@ -202,17 +224,25 @@ def gguf_quant_options(outtype: str = "auto", *, tensor_types: Sequence[str] = (
     every HF -> GGUF path (convert, and the merge/prune/extract chains): a built-in dynamic mix name becomes its
     llama.cpp mix and overrides (the name kept in them for the provenance), the user's options laid over it;
     the overrides are validated now, so a bad regex or type name fails before any work."""
-    from dataclasses import replace
-
     from converters.gguf_dynamic import expand, is_dynamic
-    from converters.gguf_mix import overrides_of
 
     o = expand(outtype, tensor_types=tuple(tensor_types), output_tensor_type=output_tensor_type,
                token_embedding_type=token_embedding_type, pure=pure)
+    return _validated_quant_options(o, outtype.lower() if is_dynamic(outtype) else None, imatrix=imatrix,
+                                    include_weights=include_weights, exclude_weights=exclude_weights)
+
+
+def _validated_quant_options(o: dict[str, Any], mix: str | None, *, imatrix: str | Path | None,
+                             include_weights: Sequence[str], exclude_weights: Sequence[str]) -> dict[str, Any]:
+    """Expanded options (`converters.gguf_dynamic.expand`'s keys) as the converter's keywords, validated."""
+    from dataclasses import replace
+
+    from converters.gguf_mix import overrides_of
+
     overrides = overrides_of(output_tensor_type=o["output_tensor_type"], token_embedding_type=o["token_embedding_type"],
                              pure=o["pure"], tensor_types=list(o["tensor_types"]))
-    if is_dynamic(outtype):
-        overrides = replace(overrides, mix=outtype.lower())
+    if mix is not None:
+        overrides = replace(overrides, mix=mix)
     return {"outtype": o["outtype"], "overrides": overrides or None, "imatrix": imatrix,
             "include_weights": list(include_weights), "exclude_weights": list(exclude_weights)}
 

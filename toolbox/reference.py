@@ -12,6 +12,7 @@ more branch in `ModelReference.parse` and `resolve`. Meta's original format (`pa
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -28,6 +29,24 @@ if TYPE_CHECKING:
 
 DEMO_PREFIX = "demo:"
 Kind = Literal["path", "demo"]
+# The Hub's repo-id grammar (huggingface_hub.utils.validate_repo_id), namespace required: `owner/name`, each
+# 1-96 of [A-Za-z0-9_.-] starting and ending with a letter, digit or underscore, no `--` or `..`.
+_HUB_PART = r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]{0,94}[A-Za-z0-9_])?"
+HUB_ID = re.compile(rf"{_HUB_PART}/{_HUB_PART}")
+# names that end like a file corral reads or writes are files, never repositories
+FILE_SUFFIXES = (".safetensors", ".gguf", ".onnx", ".json", ".yaml", ".yml", ".bin", ".pth", ".pt", ".data", ".dat",
+                 ".txt", ".model", ".pem", ".sig")
+
+
+def is_hub_id(spec: object) -> bool:
+    """True for a string in the Hub's `owner/name` grammar that is not an existing local path. Anything
+    path-shaped is a path: a `Path` object, a name starting with `.`, `/` or `~`, with more than one `/`,
+    with `--`, `..` or a `.git` end, or ending in a file suffix (`.safetensors`, `.gguf`, `.onnx`, ...)."""
+    if not isinstance(spec, str) or not HUB_ID.fullmatch(spec):
+        return False
+    if "--" in spec or ".." in spec or spec.lower().endswith((".git", *FILE_SUFFIXES)):
+        return False
+    return not Path(spec).exists()
 
 
 @dataclass(frozen=True)

@@ -69,6 +69,8 @@ router and norms stay F32). Options given beside one win over the mix's:
 
   corral convert ./Llama-4-Scout --to gguf --outtype scout-dynamic -o scout-dynamic.gguf
 
+  corral convert ./Llama-4-Scout --to gguf --outtype q4_k_m --keep-float embed -o s.gguf   # token_embd in bf16
+
   corral convert ./Llama-4-Scout --to gguf --outtype scout-dynamic-iq2 --imatrix scout.imatrix.gguf -o s-iq2.gguf
 
 ONNX (--to onnx): the text model with KV cache (input_ids, attention_mask, position_ids,
@@ -147,8 +149,9 @@ AccuracyLevelOpt = Annotated[int | None, typer.Option(
         "4 int8 activations.")]
 KeepFloatOpt = Annotated[str | None, typer.Option(
         "--keep-float", metavar="PARTS", show_default=False,
-        help="ONNX int4/int8: parts kept float32, comma-separated among router, embed, lm_head, attention, "
-        "shared_expert, dense_mlp (default: router,embed; norms always).")]
+        help="Parts kept float, comma-separated among router, embed, lm_head, attention, shared_expert, dense_mlp. "
+        "ONNX int4/int8: float32 (default: router,embed; norms always). GGUF with a quantized --outtype: the "
+        "source's float type (default: none; the router and norms are F32 in every GGUF).")]
 
 
 def convert(

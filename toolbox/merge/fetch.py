@@ -4,25 +4,23 @@ sha256-checked, gated repositories and the Llama license gate handled as `corral
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from toolbox.hf_output import COPIED_FILES
 from toolbox.progress import NULL_PROGRESS, Progress
-from toolbox.reference import ModelReference, ResolvedModel
+from toolbox.reference import ModelReference, ResolvedModel, is_hub_id
 
-_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 ADAPTER_FILES = ["adapter_config.json", "adapter_model.safetensors"]
 # a weight merge reads the config, the safetensors (and their index) and copies the tokenizer/processor files
 MODEL_FILES = ["config.json", "*.safetensors", "*.safetensors.index.json", *COPIED_FILES]
 
 
 def is_repo_id(spec: str | Path) -> bool:
-    """'org/name' that is not an existing local path."""
-    text = str(spec)
-    return bool(_REPO_ID.match(text)) and ".." not in text and not Path(text).exists()
+    """'org/name' in the Hub's grammar that is not an existing local path (`toolbox.reference.is_hub_id`): a
+    path-shaped name that does not exist stays a path, so it fails as a missing file, not as a download."""
+    return is_hub_id(spec)
 
 
 def fetch_adapter(repo_id: str, *, progress: Progress = NULL_PROGRESS) -> tuple[Path, dict[str, Any]]:

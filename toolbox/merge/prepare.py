@@ -141,5 +141,6 @@ def merge_stamp(inp: StampInput, ckpt: Any, loaded: list[Adapter], weights: list
 
 
 def _looks_like_repo(text: str) -> bool:
-    parts = text.split("/")
-    return len(parts) == 2 and all(parts) and not text.startswith((".", "~")) and not Path(text).exists()
+    from toolbox.reference import is_hub_id
+
+    return is_hub_id(text)
