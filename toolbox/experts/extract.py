@@ -78,15 +78,19 @@ def extract_dense(src: ModelLike, out: str | Path, *, expert: int | Mapping[int,
     """Write a dense model: in each MoE layer, [shared expert | routed `expert`] as one MLP.
 
     `to="gguf"` streams the dense model straight into the GGUF `out` of `outtype` (no HF copy on disk),
-    byte for byte the conversion of the HF output. `shards`/`max_shard_bytes`: as `prune_experts`."""
+    byte for byte the conversion of the HF output. `shards`/`max_shard_bytes` and the per-tensor GGUF keywords in
+    `legacy`: as `prune_experts`."""
     from toolbox.experts.output import require_hf
+    from toolbox.merge.chain import check_quant, take_quant
     from toolbox.reference import resolve
     from toolbox.tensors.atomic import check_output_path
 
     require_hf(src)
+    quant = take_quant(legacy)
     opts = LicenseOptions.of(license_options, **legacy)
     if to not in ("hf", "gguf"):
         raise UsageError(f"unknown --to {to!r}", hint="choose hf or gguf")
+    check_quant(to, outtype, quant)  # a bad type or pattern fails before anything is read
     if to == "gguf" and shards is not None:
         raise UsageError("shards= applies to an HF output; a GGUF output is split with split_max_size")
     if to == "gguf":
@@ -118,7 +122,8 @@ def extract_dense(src: ModelLike, out: str | Path, *, expert: int | Mapping[int,
             cfg.pop("quantization_config", None)  # as write_checkpoint: FP8 sources are dequantized on read
             res = derived_to_gguf(model, cfg, lambda: dense, out, tag="extract-", progress=progress, force=force,
                                   license_options=LicenseOptions(name=stamp.name, mau_declaration=opts.mau_declaration,
-                                                                 base_model=opts.base_model), outtype=outtype)
+                                                                 base_model=opts.base_model), outtype=outtype,
+                                  **quant)
             return ExtractResult(out, chosen, res.bytes, stamp.name)
         written = write_checkpoint(out, src_dir, _plan(source, chosen, t), dense_config(ckpt.config), stamp,
                                    force=force, label="extracting", progress=progress, shards=shards,

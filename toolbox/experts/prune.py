@@ -42,19 +42,25 @@ def prune_experts(src: ModelLike, out: str | Path, *, keep: KeepSpec | None = No
     `keep`/`drop` is one list for every MoE layer or {layer: list}; the same count must remain in
     every layer and at least num_experts_per_tok. Streams one expert slice at a time.
     `to="gguf"` writes the pruned model straight as the GGUF `out` of `outtype` (no HF copy on disk:
-    `toolbox.merge.chain`), byte for byte the conversion of the HF output. `max_shard_bytes` sizes the
-    safetensors files (default 5 GiB); `shards` writes only some of them, or with `()` the rest of the directory
-    (`toolbox.experts.output.write_checkpoint`; `prune_shard_count` says how many there are)."""
+    `toolbox.merge.chain`), byte for byte the conversion of the HF output; `legacy` may also hold `corral
+    convert`'s per-tensor and imatrix keywords (tensor_types=, output_tensor_type=, token_embedding_type=,
+    pure=, imatrix=, include_weights=, exclude_weights=: `toolbox.convert.gguf_quant_options`).
+    `max_shard_bytes` sizes the safetensors files (default 5 GiB); `shards` writes only some of them, or with `()`
+    the rest of the directory (`toolbox.experts.output.write_checkpoint`; `prune_shard_count` says how many there
+    are)."""
     from toolbox.experts.output import require_hf
+    from toolbox.merge.chain import check_quant, take_quant
     from toolbox.reference import resolve
     from toolbox.tensors.atomic import check_output_path
 
     require_hf(src)
+    quant = take_quant(legacy)
     opts = LicenseOptions.of(license_options, **legacy)
     if to not in ("hf", "gguf"):
         from toolbox.errors import UsageError
 
         raise UsageError(f"unknown --to {to!r}", hint="choose hf or gguf")
+    check_quant(to, outtype, quant)  # a bad type or pattern fails before anything is read
     if to == "gguf" and shards is not None:
         from toolbox.errors import UsageError
 
@@ -79,7 +85,8 @@ def prune_experts(src: ModelLike, out: str | Path, *, keep: KeepSpec | None = No
     try:
         stamp = make_stamp(model, source, op, suffix=f"{n_kept}E-pruned", options=opts)
         if to == "gguf":
-            written = _to_gguf(model, PrunedSource(source, kept, stamp), config, out, outtype, opts, force, progress)
+            written = _to_gguf(model, PrunedSource(source, kept, stamp), config, out, outtype, opts, force, progress,
+                               quant)
             return PruneResult(out, kept, t.experts, n_kept, written, stamp.name, criterion)
         written = write_checkpoint(out, src_dir, _plan(source, kept), config, stamp, force=force, label="pruning",
                                    progress=progress, shards=shards, max_shard_bytes=max_shard_bytes)
@@ -119,7 +126,7 @@ def prune_shard_count(src: ModelLike, *, keep: KeepSpec | None = None, drop: Kee
 
 
 def _to_gguf(model: Any, pruned: PrunedSource, config: dict[str, Any], out: Path, outtype: str,
-             opts: LicenseOptions, force: bool, progress: Progress) -> int:
+             opts: LicenseOptions, force: bool, progress: Progress, quant: dict[str, Any]) -> int:
     """The pruned model streamed into the GGUF converter (named and declared as the HF output would be)."""
     from toolbox.merge.chain import derived_to_gguf
 
@@ -128,7 +135,7 @@ def _to_gguf(model: Any, pruned: PrunedSource, config: dict[str, Any], out: Path
     gguf_opts = LicenseOptions(name=pruned.stamp.name, mau_declaration=opts.mau_declaration,
                                base_model=opts.base_model)
     res = derived_to_gguf(model, cfg, lambda: pruned, out, tag="prune-", license_options=gguf_opts, force=force,
-                          progress=progress, outtype=outtype)
+                          progress=progress, outtype=outtype, **quant)
     return res.bytes
 
 
@@ -176,9 +183,11 @@ def prune_by_criterion(src: ModelLike, out: str | Path, *, count: int, criterion
     on `calibration` now, as `router_stats` with `seq_len` and `dtype`), then `prune_experts`."""
     from toolbox.experts.output import require_hf
     from toolbox.experts.stats import router_stats
+    from toolbox.merge.chain import check_quant, take_quant
     from toolbox.reference import resolve
 
     require_hf(src)
+    check_quant(kwargs.get("to", "hf"), kwargs.get("outtype", "auto"), take_quant(dict(kwargs)))  # before the stats
     model = resolve(src)
     t = model.checkpoint.text
     if criterion != "random" and stats is None:

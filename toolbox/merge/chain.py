@@ -52,6 +52,31 @@ def gguf_output(out: str | Path, *, force: bool) -> Path:
     return out
 
 
+def take_quant(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The per-tensor and imatrix options among `kwargs` (the keywords of `toolbox.convert.gguf_quant_options`
+    after `outtype`), removed from it: how prune/extract take them beside their license keywords."""
+    import inspect
+
+    from toolbox.convert import gguf_quant_options
+
+    keys = [p.name for p in inspect.signature(gguf_quant_options).parameters.values() if p.kind is p.KEYWORD_ONLY]
+    return {k: kwargs.pop(k) for k in keys if k in kwargs}
+
+
+def check_quant(to: str, outtype: str, quant: dict[str, Any]) -> None:
+    """Per-tensor options validated before any work: with a GGUF output as `corral convert` checks them, and
+    refused without one (they would be ignored)."""
+    if to == "gguf":
+        from toolbox.convert import gguf_quant_options
+
+        gguf_quant_options(outtype, **quant)
+        return
+    given = sorted(k for k, v in quant.items() if v)
+    if given:
+        flags = ", ".join("--tensor-type" if k == "tensor_types" else "--" + k.replace("_", "-") for k in given)
+        raise UsageError(f"{flags}: per-tensor GGUF options need a GGUF output", hint="add --to gguf (-o FILE.gguf)")
+
+
 def derived_to_gguf(origin: ResolvedModel, config: dict[str, Any], tensors: Callable[[], TensorSource],
                     out: Path, *, tag: str, license_options: LicenseOptions, force: bool = False,
                     progress: Progress = NULL_PROGRESS, outtype: str = "auto", **quant: Any) -> GGUFResult:

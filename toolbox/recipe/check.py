@@ -97,6 +97,7 @@ def _check_params(loaded: LoadedRecipe, i: int, inst: Instance) -> None:
     p, uses = inst.params, inst.step.uses
     if uses in ("merge", "prune", "extract") and p.get("to") == "gguf":  # a chain into GGUF takes convert's types
         _check_outtype(loaded, i, inst)
+        _check_quant_options(loaded, i, inst)
     if uses == "convert":
         _check_convert(loaded, i, inst)
     elif uses == "merge":

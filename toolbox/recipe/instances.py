@@ -12,7 +12,7 @@ from typing import Any
 
 from toolbox.errors import UsageError
 from toolbox.recipe.load import LoadedRecipe
-from toolbox.recipe.ops import GATES_OPS, is_step_ref
+from toolbox.recipe.ops import GATES_OPS, QUANT_OPS, is_step_ref
 
 
 @dataclass
@@ -98,8 +98,8 @@ def expand_steps(loaded: LoadedRecipe) -> list[Instance]:
 
 def reference_of(inst: Instance) -> str | None:
     """The other step (or 'source') an instance reads besides its input: a verify/report/eval step's
-    `against`, or the imatrix step a convert step names."""
-    if inst.step.uses == "convert" and is_step_ref(inst.params.get("imatrix")):
+    `against`, or the imatrix step a convert (or merge/prune/extract into GGUF) step names."""
+    if inst.step.uses in QUANT_OPS and is_step_ref(inst.params.get("imatrix")):
         return str(inst.params["imatrix"])
     return inst.params.get("against")
 
