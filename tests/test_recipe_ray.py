@@ -18,8 +18,10 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from test_merge_weights import inputs  # noqa: F401 - the fixture: a cut demo:scout base and three fine-tunes
 from test_shard_fanout import SHARDED  # the prune recipe of its local test
 
 from toolbox.cli.main import main
@@ -50,17 +52,23 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _ray_start(args: list[str], env: dict[str, str]) -> int:
-    """`ray start ARGS` in a new session; returns its process group (the node's daemons stay in it)."""
-    proc = subprocess.Popen([RAY, "start", *args, "--disable-usage-stats"], env=env, start_new_session=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        out, _ = proc.communicate(timeout=START_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        raise
-    assert proc.returncode == 0, out[-2000:]
-    return proc.pid
+def _ray_start(args: list[str], env: dict[str, str], attempts: int = 2) -> int:
+    """`ray start ARGS` in a new session; returns its process group (the node's daemons stay in it). A failed
+    start (Ray gives a raylet 30 s to register, which a loaded machine can miss) has its daemons stopped and is
+    tried once more."""
+    for attempt in range(attempts):
+        proc = subprocess.Popen([RAY, "start", *args, "--disable-usage-stats"], env=env, start_new_session=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            out, _ = proc.communicate(timeout=START_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            _stop(proc.pid)
+            raise
+        if proc.returncode == 0:
+            return proc.pid
+        _stop(proc.pid)  # what the failed start left running (gcs_server, monitors)
+        assert attempt + 1 < attempts, out[-2000:]
+    raise AssertionError("unreachable")
 
 
 def _group(pgid: int, *, parent: int | None = None) -> list[tuple[int, str]]:
@@ -119,7 +127,8 @@ def cluster() -> Iterator[dict[str, object]]:
             assert time.monotonic() < deadline, "the second Ray node did not join"
             time.sleep(0.5)
         ray.shutdown()
-        yield {"address": address, "head": groups[0], "worker": groups[1]}
+        yield {"address": address, "head": groups[0], "worker": groups[1], "groups": groups, "env": env,
+               "common": common}
     finally:
         if ray.is_initialized():
             ray.shutdown()
@@ -130,6 +139,52 @@ def cluster() -> Iterator[dict[str, object]]:
             os.environ.pop("RAY_AUTH_MODE", None)
         else:
             os.environ["RAY_AUTH_MODE"] = saved
+
+
+def _ensure_worker(cluster: dict[str, object]) -> None:
+    """A live second node (resource node_b): a new one, stopped at the end like the first, when a kill test took
+    the last one down."""
+    import ray
+
+    if any("/raylet/raylet " in cmd for _pid, cmd in _group(int(cluster["worker"]))):  # type: ignore[arg-type]
+        return
+    _stop(int(cluster["worker"]))  # type: ignore[arg-type]
+    groups: list[int] = cluster["groups"]  # type: ignore[assignment]
+    groups.append(_ray_start([f"--address={cluster['address']}", "--resources={\"node_b\": 1}",
+                              *cluster["common"]], cluster["env"]))  # type: ignore[misc]
+    cluster["worker"] = groups[-1]
+    ray.init(address=str(cluster["address"]), log_to_driver=False, configure_logging=False)
+    try:
+        deadline = time.monotonic() + START_TIMEOUT
+        while sum(1 for n in ray.nodes() if n["Alive"]) < 2:
+            assert time.monotonic() < deadline, "the new second Ray node did not join"
+            time.sleep(0.5)
+    finally:
+        ray.shutdown()
+
+
+def _kill_worker_during(cluster: dict[str, object], task: str, run: Any) -> dict[str, object]:
+    """Run `run()` in a thread; kill -9 the second node's raylet once it runs a `task` (a Ray task's worker is
+    its raylet's child, titled ray::FUNCTION while it runs one); the run's result or error, within RUN_TIMEOUT."""
+    result: dict[str, object] = {}
+
+    def body() -> None:
+        try:
+            result["res"] = run()
+        except BaseException as exc:  # reported by the caller's assertion
+            result["exc"] = exc
+
+    thread = threading.Thread(target=body, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + RUN_TIMEOUT
+    (raylet,) = [pid for pid, cmd in _group(int(cluster["worker"])) if "/raylet/raylet " in cmd]  # type: ignore
+    while not any(cmd.startswith(f"ray::{task}") for _pid, cmd in _group(0, parent=raylet)):
+        assert thread.is_alive() and time.monotonic() < deadline, f"no {task} ever ran on the second node"
+        time.sleep(0.05)
+    os.kill(raylet, signal.SIGKILL)
+    thread.join(timeout=max(1.0, deadline - time.monotonic()))
+    assert not thread.is_alive(), "the run did not finish after the node died"
+    return result
 
 
 def _hashes(out: Path) -> dict[str, str]:
@@ -291,29 +346,80 @@ def test_driver_settings_reach_tasks_on_an_already_started_cluster(cluster, tmp_
 @pytest.mark.slow
 def test_killed_node_costs_a_retry_not_the_result(cluster, split_reference: dict[str, str], tmp_path: Path) -> None:
     """kill -9 of the second node's raylet while it runs a part: Ray retries the part on the head node."""
+    _ensure_worker(cluster)
     (tmp_path / "split.yaml").write_text(SPLIT)
-    result: dict[str, object] = {}
-
-    def run() -> None:
-        try:
-            result["res"] = run_recipe(load_recipe(tmp_path / "split.yaml"), tmp_path / "out",
-                                       cache_dir=tmp_path / "cache", executor="ray", address=str(cluster["address"]))
-        except BaseException as exc:  # reported by the assertion below
-            result["exc"] = exc
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + RUN_TIMEOUT
-    (raylet,) = [pid for pid, cmd in _group(int(cluster["worker"])) if "/raylet/raylet " in cmd]  # type: ignore
-    # the second node's task workers are its raylet's children, titled ray::FUNCTION while they run one
-    while not any(cmd.startswith("ray::remote_part") for _pid, cmd in _group(0, parent=raylet)):
-        assert thread.is_alive() and time.monotonic() < deadline, "no part ever ran on the second node"
-        time.sleep(0.05)
-    os.kill(raylet, signal.SIGKILL)
-    thread.join(timeout=max(1.0, deadline - time.monotonic()))
-    assert not thread.is_alive(), "the run did not finish after the node died"
+    result = _kill_worker_during(cluster, "remote_part", lambda: run_recipe(
+        load_recipe(tmp_path / "split.yaml"), tmp_path / "out", cache_dir=tmp_path / "cache", executor="ray",
+        address=str(cluster["address"])))
     assert "exc" not in result, result.get("exc")
     assert _hashes(tmp_path / "out") == split_reference
+    assert not [p for p in (tmp_path / "cache" / "objects").iterdir() if p.name.startswith(".")]  # no work dirs
+
+
+WEIGHTS = """\
+corral: 1
+name: weights
+source: {base}
+license:
+  mau_declaration: below-700m
+steps:
+  - id: merged
+    uses: merge
+    with:
+      method: ties
+      models: [{{path: {ft0}, weight: 0.6, density: 0.5}}, {{path: {ft1}, weight: 0.4, density: 0.5}}]
+      dtype: f32
+      shard_size: 1M
+    output: Llama-4-ties-sharded
+"""
+
+
+def _tree(out: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(out.iterdir())}
+
+
+@pytest.fixture(scope="module")
+def weights_reference(inputs, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str], list]:  # noqa: F811
+    """A TIES merge (density 0.5) with shard_size 1M by the local executor: its recipe, files and record."""
+    base, models = inputs
+    tmp = tmp_path_factory.mktemp("weights-local")
+    recipe = tmp / "weights.yaml"
+    recipe.write_text(WEIGHTS.format(base=base, ft0=models[0], ft1=models[1]))
+    res = run_recipe(load_recipe(recipe), tmp / "out", cache_dir=tmp / "cache", executor="local")
+    tree = _tree(tmp / "out" / "Llama-4-ties-sharded")
+    assert len([n for n in tree if n.endswith(".safetensors")]) > 2  # really sharded
+    return recipe, tree, res.instances[0].files
+
+
+@pytest.mark.slow
+def test_weight_merge_fans_out_per_shard(cluster, weights_reference, tmp_path: Path) -> None:
+    """A weight merge whose output has several shards: a task per shard and one for the rest, on both nodes,
+    assembled into the directory a local run writes, every file byte for byte."""
+    _ensure_worker(cluster)
+    recipe, tree, files = weights_reference
+    res = run_recipe(load_recipe(recipe), tmp_path / "out", cache_dir=tmp_path / "cache", executor="ray",
+                     address=str(cluster["address"]))
+    assert _tree(tmp_path / "out" / "Llama-4-ties-sharded") == tree
+    (inst,) = res.instances
+    shards = len([n for n in tree if n.endswith(".safetensors")])
+    assert [p["part"] for p in inst.built_by["parts"]] == [*range(shards), -1]
+    assert {r for p in inst.built_by["parts"] for r in p["resources"]} == {"node_a", "node_b"}
+    assert inst.files == files
+    assert not [p for p in (tmp_path / "cache" / "objects").iterdir() if p.name.startswith(".")]  # no debris
+
+
+@pytest.mark.slow
+def test_killed_node_during_shard_tasks_costs_a_retry(cluster, weights_reference, tmp_path: Path) -> None:
+    """kill -9 of the second node's raylet while it merges a shard: the shard is retried on the head node, the
+    output equals the local run, and neither the killed task's work directory nor any other is left behind."""
+    _ensure_worker(cluster)
+    recipe, tree, _files = weights_reference
+    result = _kill_worker_during(cluster, "remote_shard", lambda: run_recipe(
+        load_recipe(recipe), tmp_path / "out", cache_dir=tmp_path / "cache", executor="ray",
+        address=str(cluster["address"])))
+    assert "exc" not in result, result.get("exc")
+    assert _tree(tmp_path / "out" / "Llama-4-ties-sharded") == tree
+    assert not [p for p in (tmp_path / "cache" / "objects").iterdir() if p.name.startswith(".")]  # no work dirs
 
 
 # -- without a cluster ------------------------------------------------------------------------------
@@ -372,3 +478,22 @@ def test_task_options_follow_the_step(tmp_path: Path) -> None:
     assert set(env) == set(FORWARDED_ENV) and not set(env) & set(SECRET_ENV)
     assert task_options(job("prune", keep_count=2, criterion="reap"), GIB, {})["memory"] == 4 * GIB
     assert task_options(job("convert", to="gguf"), 5 * GIB + 1, {"disk_gib": 100.0})["resources"] == {"disk_gib": 6}
+
+
+def test_task_work_dirs_are_one_per_task_and_found_after(tmp_path: Path) -> None:
+    """Every attempt of one fan-out task writes through the same work directory (a retry empties what a killed
+    attempt left), distinct per task and per run; the driver finds every one a run's tasks left."""
+    from toolbox.recipe.ray_executor import PARTS_SUFFIX, _fresh_work_dir, leftover_work_dirs, work_dir
+
+    parts, other = (tmp_path / f".key.{tag}{PARTS_SUFFIX}" for tag in ("abcd1234", "ffff0000"))
+    parts.mkdir()
+    other.mkdir()
+    killed = work_dir(parts, "shard1")
+    (killed / "model").mkdir(parents=True)
+    (killed / "model" / "model-00002-of-00004.safetensors").write_bytes(b"half a shard")
+    assert work_dir(other, "shard1") != killed != work_dir(parts, "shard2")
+    retry = _fresh_work_dir(parts, "shard1")
+    assert retry == killed and not list(retry.iterdir())
+    rest = _fresh_work_dir(parts, "rest")
+    _fresh_work_dir(other, "rest")
+    assert sorted(leftover_work_dirs(parts)) == sorted([killed, rest])

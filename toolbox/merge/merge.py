@@ -526,8 +526,9 @@ def merge_adapters(base: ModelLike, adapters: list[str | Path | Adapter], out: s
 
 
 def merge_shard_count(base: ModelLike, *, dtype: str | None = None, max_shard_bytes: int | None = None) -> int:
-    """How many safetensors files `merge_adapters` writes for this base, from its headers alone (the output has the
-    base's tensors, in the output dtype): what a caller writing each shard in its own process needs first."""
+    """How many safetensors files `merge_adapters`, or a weight merge of this base (`merge_weights`), writes, from
+    its headers alone (either output has the base's tensors, in the output dtype): what a caller writing each
+    shard in its own process needs first."""
     from toolbox.merge.prepare import check_merge_args
     from toolbox.reference import resolve
     from toolbox.tensors.sink import DEFAULT_MAX_SHARD_BYTES, shard_count

@@ -17,7 +17,9 @@ comes back to the driver as that error.
 A fanned-out step is staged as one directory: each task writes its file (a GGUF part, a safetensors shard)
 through a private work directory and renames it in; for safetensors, one more task writes the rest of the
 checkpoint (config, tokenizer, license files, index) which the driver moves in after the shards, the index
-last; then the directory is sealed as one object, the same bytes a one-process run writes.
+last; then the directory is sealed as one object, the same bytes a one-process run writes. A task's work
+directory is named by the staging directory and the task's part (`work_dir`), so a retry of a killed task
+empties the one its first attempt left, and the driver removes any left over once the step is sealed or failed.
 """
 
 from __future__ import annotations
@@ -67,6 +69,7 @@ SECRET_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "CORRAL_SIGNING_KEY_PASSWORD
 # repository reads its own node's HF_TOKEN (or token file), provisioned as a cluster secret.
 DRIVER_OPS = ("publish", "sign")
 SHARD_OPS = ("merge", "prune", "extract")  # steps whose safetensors shards fan out (toolbox.recipe.ops.shard_count)
+PARTS_SUFFIX = ".parts.partial"  # a fanned-out step's staging directory in the objects directory
 
 
 class RayMissingError(UsageError):
@@ -133,17 +136,36 @@ def remote_build(job: Job) -> Built:
     return build_job(job, NULL_PROGRESS, built_by=_node())
 
 
+def work_dir(parts_dir: Path, label: str) -> Path:
+    """The work directory of one task of a fanned-out step, beside its staging directory `parts_dir`: the same
+    for every attempt of that task (a retry starts by emptying what a killed attempt left), unique to the run
+    (`parts_dir` is), and matched by `leftover_work_dirs`."""
+    return parts_dir.parent / f"{parts_dir.name.removesuffix(PARTS_SUFFIX)}.{label}.partial"
+
+
+def leftover_work_dirs(parts_dir: Path) -> list[Path]:
+    """The work directories tasks of this staging directory left behind (killed mid-write, or never moved)."""
+    stem = parts_dir.name.removesuffix(PARTS_SUFFIX)
+    return [p for p in parts_dir.parent.glob(f"{stem}.*.partial") if p != parts_dir and p.is_dir()]
+
+
+def _fresh_work_dir(parts_dir: Path, label: str) -> Path:
+    work = work_dir(parts_dir, label)
+    shutil.rmtree(work, ignore_errors=True)  # a killed earlier attempt's files
+    work.mkdir(parents=True)
+    return work
+
+
 def remote_part(job: Job, part: int, parts_dir: str) -> dict[str, Any]:
-    """A Ray task: write part `part` of a split GGUF into `parts_dir` (through a private work directory, so
-    a retried task replaces the file whole); returns its name, sha256, node and time."""
+    """A Ray task: write part `part` of a split GGUF into `parts_dir` (through its work directory, so a retried
+    task replaces the file whole); returns its name, sha256, node and time."""
     from toolbox.convert import convert
     from toolbox.recipe.hashing import HashCache
     from toolbox.recipe.ops import convert_request
 
     t0 = time.perf_counter()
     target = Path(parts_dir)
-    work = target.parent / f"{target.name.removesuffix('.parts.partial')}.part{part}.{uuid.uuid4().hex[:8]}.partial"
-    work.mkdir(parents=True)
+    work = _fresh_work_dir(target, f"part{part}")
     try:
         request = replace(convert_request(job.params, Path(job.src), work, job.op_context(NULL_PROGRESS)),
                           parts=(part,))
@@ -165,9 +187,7 @@ def remote_shard(job: Job, shard: int | None, staging: str) -> dict[str, Any]:
 
     t0 = time.perf_counter()
     target = Path(staging)
-    label = "rest" if shard is None else f"shard{shard}"
-    work = target.parent / f"{target.name.removesuffix('.parts.partial')}.{label}.{uuid.uuid4().hex[:8]}.partial"
-    work.mkdir(parents=True)
+    work = _fresh_work_dir(target, "rest" if shard is None else f"shard{shard}")
     params = {**job.params, "shards": [] if shard is None else [shard]}
     try:
         made = run_op(job.uses, params, Path(job.src), work, job.op_context(NULL_PROGRESS))
@@ -293,7 +313,7 @@ class RayBackend:
         opts = task_options(job, inst.estimate, self.ray.cluster_resources())
         self._check_feasible(job, opts)
         count = split_parts(job)
-        parts_dir = Path(job.objects) / f".{job.key}.{uuid.uuid4().hex[:8]}.parts.partial" if count > 1 else None
+        parts_dir = Path(job.objects) / f".{job.key}.{uuid.uuid4().hex[:8]}{PARTS_SUFFIX}" if count > 1 else None
         unit = _Unit(inst, job, parts_dir)
         if parts_dir is None:
             ref = self.remote_build.options(**opts).remote(job)
@@ -351,18 +371,20 @@ class RayBackend:
                             hint="check the nodes (ray status); a re-run builds only what is missing")
 
     def _finish(self, unit: _Unit) -> Built | BaseException:
-        if unit.error is not None:
-            if unit.parts_dir is not None:
-                shutil.rmtree(unit.parts_dir, ignore_errors=True)
-                for r in unit.results:
-                    if r.get("rest"):
-                        shutil.rmtree(Path(r["rest"]).parent, ignore_errors=True)
-            return unit.error
         if unit.parts_dir is None:
+            if unit.error is not None:
+                return unit.error
             built: Built = unit.results[0]
             built.built_by = self._describe(built.built_by)
             return built
-        return self._assemble(unit)
+        try:
+            if unit.error is not None:
+                return unit.error
+            return self._assemble(unit)
+        finally:  # sealed (renamed away) or failed: the staging directory and every task's work directory go
+            shutil.rmtree(unit.parts_dir, ignore_errors=True)
+            for leftover in leftover_work_dirs(unit.parts_dir):
+                shutil.rmtree(leftover, ignore_errors=True)
 
     def _assemble(self, unit: _Unit) -> Built | BaseException:
         """All parts are written: seal them as one object (renamed into place whole, like any other)."""
