@@ -3,11 +3,22 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 from toolbox.cli._typer import typer
 from toolbox.cli.choices import CHAIN_OUTTYPE_HELP, ComputeDtype, ConvertOutType, Criterion, MergeTarget
-from toolbox.cli.options import BaseModelOpt, BomOpt, FixNameOpt, ForceOpt, MauDeclarationOpt, NameOpt, OutputDirOpt
+from toolbox.cli.convert_cmd import ImatrixOpt, OutputTensorTypeOpt, PureOpt, TensorTypeOpt, TokenEmbeddingTypeOpt
+from toolbox.cli.options import (
+    BaseModelOpt,
+    BomOpt,
+    FixNameOpt,
+    ForceOpt,
+    MauDeclarationOpt,
+    NameOpt,
+    OutputDirOpt,
+    ShardSizeOpt,
+    shard_bytes,
+)
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -20,6 +31,12 @@ Calibration data: a .txt file, a .jsonl file with a "text" field per line, or a 
 with "messages" [{role, content}, ...] per line (rendered with the model's chat template).
 The forward pass runs one decoder layer at a time, so memory is one layer plus activations.
 HF checkpoints only: a GGUF or ONNX model is refused (exit 3); convert --to hf first.
+"""
+_GGUF = """\
+With --to gguf, --tensor-type REGEX=TYPE, --output-tensor-type, --token-embedding-type, --pure and
+--imatrix work as in corral convert (with a llama.cpp mix or dynamic --outtype): the GGUF equals corral
+convert of the HF output with the same options. An --imatrix must fit the output's shapes (an entry made
+on the unpruned experts is refused, exit 3); without --to gguf these options are refused (exit 2).
 """
 _LICENSE = "Outputs carry the Llama 4 license stamp; the operation, criterion and kept experts are in the provenance.\n"
 
@@ -47,11 +64,15 @@ Examples:
 
   corral experts prune demo:scout -o scout-8e.gguf --keep 0-7 --to gguf --outtype q8_0   # no HF copy on disk
 
+  corral experts prune ./Scout -o s8.gguf --keep 0-7 --to gguf --outtype q4_k_m --tensor-type 'attn_v=q8_0'
+
   corral experts prune demo:scout -o ./scout-8e --keep 0-7 --bom cyclonedx   # + ./scout-8e/bom.cdx.json
+
+  corral experts prune ./Llama-4-Scout-17B-16E-Instruct -o ./scout-8e --keep 0-7 --shard-size 2G   # 2 GB files
 
 Expert lists: "0,2,5-7" for every MoE layer, or "LAYER:LIST;LAYER:LIST" naming each MoE layer.
 The same number of experts must remain in every MoE layer, and at least num_experts_per_tok.
-""" + _LICENSE
+""" + _GGUF + _LICENSE
 
 EXTRACT_EPILOG = _CALIBRATION + """
 Examples:
@@ -62,8 +83,12 @@ Examples:
 
   corral experts extract demo:scout -o scout-dense.gguf --dense 3 --to gguf --outtype q8_0   # no HF copy on disk
 
+  corral experts extract ./Llama-4-Scout-17B-16E-Instruct -o ./scout-dense --dense 3 --shard-size 1GiB
+
+  corral experts extract ./Scout -o dense.gguf --dense 3 --to gguf --outtype scout-dynamic --pure
+
 --dense auto folds each layer's most used routed expert (measured on --calibration, or read from --stats).
-""" + _LICENSE
+""" + _GGUF + _LICENSE
 
 COMPARE_EPILOG = _CALIBRATION + """
 Examples:
@@ -158,11 +183,17 @@ def prune(
     = "hf",
     outtype: Annotated[ConvertOutType, typer.Option("--outtype", case_sensitive=False, help=CHAIN_OUTTYPE_HELP)]
     = "auto",
+    tensor_type: TensorTypeOpt = None,
+    output_tensor_type: OutputTensorTypeOpt = None,
+    token_embedding_type: TokenEmbeddingTypeOpt = None,
+    pure: PureOpt = False,
+    imatrix: ImatrixOpt = None,
     name: NameOpt = None,
     base_model: BaseModelOpt = None,
     mau_declaration: MauDeclarationOpt = None,
     fix_name: FixNameOpt = False,
     bom: BomOpt = None,
+    shard_size: ShardSizeOpt = None,
     force: ForceOpt = False,
 ) -> None:
     """Remove routed experts: the same number kept in every MoE layer, router rows sliced in step."""
@@ -178,7 +209,9 @@ def prune(
         raise UsageError("give exactly one of --keep, --drop or --keep-count")
     need_bom(bom)
     common = {"name": name, "mau_declaration": mau_declaration, "fix_name": fix_name, "force": force,
-              "base_model": base_model, "progress": out.progress(), "to": to, "outtype": outtype}
+              "base_model": base_model, "progress": out.progress(), "to": to, "outtype": outtype,
+              "max_shard_bytes": shard_bytes(shard_size, to),
+              **_quant(tensor_type, output_tensor_type, token_embedding_type, pure, imatrix)}
     if keep_count is not None:
         if criterion != "random" and calibration is None and stats_file is None:
             raise UsageError(f"--criterion {criterion} needs --calibration DATA (or --stats FILE)")
@@ -212,11 +245,17 @@ def extract(
     = "hf",
     outtype: Annotated[ConvertOutType, typer.Option("--outtype", case_sensitive=False, help=CHAIN_OUTTYPE_HELP)]
     = "auto",
+    tensor_type: TensorTypeOpt = None,
+    output_tensor_type: OutputTensorTypeOpt = None,
+    token_embedding_type: TokenEmbeddingTypeOpt = None,
+    pure: PureOpt = False,
+    imatrix: ImatrixOpt = None,
     name: NameOpt = None,
     base_model: BaseModelOpt = None,
     mau_declaration: MauDeclarationOpt = None,
     fix_name: FixNameOpt = False,
     bom: BomOpt = None,
+    shard_size: ShardSizeOpt = None,
     force: ForceOpt = False,
 ) -> None:
     """A dense model: each MoE layer becomes shared expert + one routed expert as one MLP."""
@@ -225,9 +264,13 @@ def extract(
     from toolbox.experts.extract import extract_dense, most_used_experts
     from toolbox.experts.selection import parse_ids, parse_spec
     from toolbox.experts.stats import load_stats
+    from toolbox.merge.chain import check_quant
 
     out = ctx.obj
     need_bom(bom)
+    quant = _quant(tensor_type, output_tensor_type, token_embedding_type, pure, imatrix)
+    check_quant(to, outtype, dict(quant))  # before --dense auto's calibration pass
+    max_shard_bytes = shard_bytes(shard_size, to)
     extra = {}
     if dense.strip().lower() == "auto":
         expert: int | dict[int, int]
@@ -246,12 +289,19 @@ def extract(
         expert = ids[0]
     result = extract_dense(src, output, expert=expert, name=name, mau_declaration=mau_declaration, fix_name=fix_name,
                            force=force, base_model=base_model, extra_provenance=extra, progress=out.progress(),
-                           to=to, outtype=outtype)
+                           to=to, outtype=outtype, max_shard_bytes=max_shard_bytes, **quant)
     data = {"source": src, "path": str(result.path), "name": result.name, "bytes": result.bytes,
             "experts": {str(k): v for k, v in result.experts.items()}}
     out.result(*with_boms(out, [result.path], bom, data, lambda c: c.print(
         f"wrote dense model {result.path} ({result.bytes / 2**20:.1f} MiB; experts "
         f"{', '.join(f'{k}:{v}' for k, v in result.experts.items())})", markup=False)))
+
+
+def _quant(tensor_type: list[str] | None, output_tensor_type: str | None, token_embedding_type: str | None,
+           pure: bool, imatrix: Path | None) -> dict[str, Any]:
+    """The per-tensor GGUF options as the library's keywords (those of `toolbox.convert.gguf_quant_options`)."""
+    return {"tensor_types": tuple(tensor_type or ()), "output_tensor_type": output_tensor_type,
+            "token_embedding_type": token_embedding_type, "pure": pure, "imatrix": imatrix}
 
 
 @app.command("compare", epilog=COMPARE_EPILOG)

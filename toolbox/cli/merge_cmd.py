@@ -9,7 +9,16 @@ from typing import Annotated, Any
 from toolbox.cli._typer import typer
 from toolbox.cli.choices import CHAIN_OUTTYPE_HELP, ConvertOutType, MergeDtype, MergeTarget, WeightMethod
 from toolbox.cli.convert_cmd import ImatrixOpt, OutputTensorTypeOpt, PureOpt, TensorTypeOpt, TokenEmbeddingTypeOpt
-from toolbox.cli.options import BaseModelOpt, BomOpt, FixNameOpt, ForceOpt, MauDeclarationOpt, NameOpt
+from toolbox.cli.options import (
+    BaseModelOpt,
+    BomOpt,
+    FixNameOpt,
+    ForceOpt,
+    MauDeclarationOpt,
+    NameOpt,
+    ShardSizeOpt,
+    shard_bytes,
+)
 from toolbox.cli.output import plain
 
 EPILOG = """\
@@ -40,6 +49,8 @@ Examples:
 
   corral merge demo:scout ./my-lora -o ./merged --bom spdx    # + ./merged/bom.spdx.json (SPDX 2.3)
 
+  corral merge ./base ./lora -o ./merged --shard-size 2G   # model-0000i-of-0000n.safetensors of at most 2 GB
+
 Weight merges of full fine-tunes of the same base (--method or --config; Scout with Scout,
 Maverick with Maverick, any layout corral reads), equal to mergekit's methods and streamed one
 expert slice or row block of every input at a time. BASE is the base; the other arguments are
@@ -47,7 +58,8 @@ the fine-tuned models. linear averages the models (BASE only supplies config and
 ties, dare_ties and dare_linear take --density (one for all, or one per model); DARE's masks come
 from --seed, per tensor, so a rerun is byte-identical; slerp takes --t (0: BASE); model_stock
 needs two models or more. --config reads mergekit's YAML (merge_method, base_model, models with
-weight/density, parameters, dtype/out_dtype), refusing what it does not support with FILE:LINE.
+weight/density, parameters, dtype/out_dtype; gradients and filters per tensor; whole-model slices),
+refusing what it does not support with FILE:LINE.
 
   corral merge --method ties ./scout ./ft-a ./ft-b --weight 0.6 --weight 0.4 --density 0.5 -o ./Llama-4-ties
 
@@ -56,6 +68,8 @@ weight/density, parameters, dtype/out_dtype), refusing what it does not support 
   corral merge --method ties meta-llama/Llama-4-Scout-17B-16E-Instruct acme/ft-a ./ft-b -o ./m   # Hub ids: fetched
 
   corral merge --method dare_ties ./scout ./ft-a ./ft-b --density 0.3 --seed 7 -o ./Llama-4-dare
+
+  corral merge --method linear ./scout ./ft-a ./ft-b -o ./Llama-4-avg --shard-size 500M
 
   corral merge --config merge.yaml -o ./Llama-4-merged --mau-declaration below-700m
 """
@@ -94,7 +108,7 @@ def merge(
     base: Annotated[str | None, typer.Argument(help="Base HF checkpoint directory, demo:scout|demo:maverick, or "
                                                "(--method) a Hub repo id.",
                                                metavar="BASE", show_default=False)] = None,
-    adapters: Annotated[list[Path] | None, typer.Argument(help="PEFT adapter directories (adapter_config.json + "
+    adapters: Annotated[list[str] | None, typer.Argument(help="PEFT adapter directories (adapter_config.json + "
                                                           "adapter_model.safetensors), or Hub repo ids; with "
                                                           "--method, the fine-tuned models (directories or "
                                                           "Hub repo ids).",
@@ -120,6 +134,7 @@ def merge(
     pure: PureOpt = False,
     imatrix: ImatrixOpt = None,
     bom: BomOpt = None,
+    shard_size: ShardSizeOpt = None,
     force: ForceOpt = False,
 ) -> None:
     """Merge LoRA adapters (or, with --method/--config, full fine-tunes) into a Llama 4 checkpoint, streamed."""
@@ -136,7 +151,7 @@ def merge(
             raise UsageError("weight merges write HF checkpoints", hint="convert the result with corral convert")
         opts = LicenseOptions(name=name, mau_declaration=mau_declaration, fix_name=fix_name, base_model=base_model)
         wres = _weight_merge(base, [str(a) for a in adapters or []], output, method, config, weight, density,
-                             normalize, seed, t, dtype, force, opts, out.progress())
+                             normalize, seed, t, dtype, force, opts, out.progress(), shard_bytes(shard_size))
         out.result(*with_boms(out, [wres.path], bom, {"format": "hf", **wres.to_dict()},
                               lambda c: c.print(f"wrote {wres.path} ({wres.name}: {wres.method}, {wres.tensors} "
                                                 f"tensors, {len(wres.inputs) - 1} models)", markup=False)))
@@ -144,6 +159,7 @@ def merge(
     if base is None or not adapters:
         raise UsageError("give BASE and one or more ADAPTER directories",
                          hint="or --method METHOD BASE MODEL... / --config merge.yaml for a weight merge")
+    max_shard_bytes = shard_bytes(shard_size, to)
     if to == "gguf":
         _lora_to_gguf(out, base, list(adapters), output, bom, weights=weight, dtype=dtype, outtype=outtype, name=name,
                       mau_declaration=mau_declaration, fix_name=fix_name, force=force, base_model=base_model,
@@ -152,7 +168,7 @@ def merge(
         return
     res = merge_adapters(base, list(adapters), output, weights=weight, dtype=dtype, name=name,
                          mau_declaration=mau_declaration, fix_name=fix_name, force=force, base_model=base_model,
-                         progress=out.progress())
+                         progress=out.progress(), max_shard_bytes=max_shard_bytes)
     for w in res.warnings:
         out.warn(w)
 
@@ -160,7 +176,7 @@ def merge(
                           lambda console: _render_lora(console, res, out.verbose)))
 
 
-def _lora_to_gguf(out: Any, base: str, adapters: list[Path], output: Path, bom: Any, **kwargs: Any) -> None:
+def _lora_to_gguf(out: Any, base: str, adapters: list[str], output: Path, bom: Any, **kwargs: Any) -> None:
     """--to gguf: `toolbox.merge.chain.merge_to_gguf` (the merged tensors streamed into the converter)."""
     from toolbox.cli.bom_cmd import with_boms
     from toolbox.merge.chain import merge_to_gguf
@@ -195,7 +211,8 @@ def _render_lora(console: object, res: Any, verbose: bool) -> None:
 
 def _weight_merge(base: str | None, models: list[str], output: Path, method: object, config: Path | None,
                   weight: list[float] | None, density: list[float] | None, normalize: bool | None, seed: int,
-                  t: float | None, dtype: str, force: bool, opts: object, progress: object) -> object:
+                  t: float | None, dtype: str, force: bool, opts: object, progress: object,
+                  max_shard_bytes: int | None = None) -> object:
     """--method BASE MODEL... or --config FILE (which names the inputs itself) to `merge_weights`."""
     from toolbox.errors import UsageError
     from toolbox.merge.weights import merge_weights
@@ -212,9 +229,10 @@ def _weight_merge(base: str | None, models: list[str], output: Path, method: obj
             kwargs["dtype"] = dtype
         return merge_weights(cfg.base, list(cfg.models), output, seed=seed, force=force,
                              license_options=opts, progress=progress,  # type: ignore[arg-type]
-                             extra_op={"config": config.name}, **kwargs)
+                             extra_op={"config": config.name}, max_shard_bytes=max_shard_bytes, **kwargs)
     if base is None or not models:
         raise UsageError("--method needs BASE and the fine-tuned MODEL directories")
     return merge_weights(base, models, output, method=str(method), weights=weight,
                          densities=density, normalize=normalize, t=t, seed=seed, dtype=dtype, force=force,
-                         license_options=opts, progress=progress)  # type: ignore[arg-type]
+                         license_options=opts, progress=progress,  # type: ignore[arg-type]
+                         max_shard_bytes=max_shard_bytes)

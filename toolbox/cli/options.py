@@ -55,3 +55,31 @@ BomOpt = Annotated[
                  "publish look: cyclonedx (DIR/bom.cdx.json, or FILE.cdx.json beside each .gguf file), spdx "
                  "(SPDX 2.3: bom.spdx.json, FILE.spdx.json) or spdx3 (SPDX 3.0.1, AI profile: bom.spdx3.json)."),
 ]
+ShardSizeOpt = Annotated[
+    str | None,
+    typer.Option("--shard-size", metavar="SIZE", show_default=False,
+                 help="Largest safetensors file of the HF output, e.g. 2G, 500M or 2GiB (at least 1 MB; default "
+                 "5GiB); the files are model-0000i-of-0000n.safetensors + index. Not with --to gguf (a GGUF is "
+                 "split by corral convert --split-max-size)."),
+]
+
+
+def shard_bytes(size: str | None, to: str = "hf") -> int | None:
+    """--shard-size as bytes (None: the writer's default), parsed as a recipe's `shard_size`; UsageError (exit 2)
+    for 0, a size below 1 MB, or a GGUF output."""
+    from toolbox.errors import InvalidSizeError, UsageError
+    from toolbox.tensors.sink import MIN_SPLIT_BYTES, parse_size
+
+    if size is None:
+        return None
+    if to != "hf":
+        raise UsageError("--shard-size sizes the safetensors files of an HF output (--to hf)",
+                         hint="write the HF output, then corral convert --to gguf --split-max-size SIZE")
+    hint = "write e.g. 2G, 500M or 2GiB (at least 1,000,000 bytes), or leave it out for 5GiB"
+    try:
+        value = parse_size(size, minimum=MIN_SPLIT_BYTES)
+    except InvalidSizeError as exc:
+        raise InvalidSizeError(f"--shard-size {exc.message}", hint=hint) from None
+    if value == 0:
+        raise InvalidSizeError("--shard-size 0 is not a size", hint=hint)
+    return value

@@ -16,7 +16,7 @@ import contextlib
 import hashlib
 import math
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +34,7 @@ from toolbox.tensors.dtypes import HF_OUT_DTYPES
 if TYPE_CHECKING:
     import torch
 
+    from toolbox.merge.params import TensorParams
     from toolbox.reference import ResolvedModel
     from toolbox.tensors.source import TensorInfo, TensorSource
 
@@ -177,6 +178,18 @@ class _Workers:
     def __init__(self, n_models: int, workers: int) -> None:
         self.ws = [Workspace(n_models) for _ in range(workers)]
         self.pool = ThreadPoolExecutor(workers - 1, thread_name_prefix="corral-merge") if workers > 1 else None
+        self._out: torch.Tensor | None = None
+
+    def out_buffer(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        """A merged piece's buffer, reused piece after piece (the writer copies each piece out before the
+        next): fresh memory would cost a page fault per 4 KiB of output."""
+        import torch
+
+        nbytes = numel * dtype.itemsize
+        if self._out is None or self._out.numel() < nbytes:
+            self._out = None
+            self._out = torch.empty(nbytes, dtype=torch.uint8)
+        return self._out[:nbytes].view(dtype)
 
     def run(self, tasks: list[Callable[[Workspace], Any]]) -> list[Any]:
         """Each task on its own worker (at most one task per worker); the results in task order."""
@@ -216,8 +229,6 @@ def _stream(sources: list[TensorSource], info: TensorInfo,
 def _merge_tensor(sources: list[TensorSource], writer: Any, info: TensorInfo, out_dt: torch.dtype,
                   params: MergeParams, workers: _Workers) -> int:
     """Write one merged tensor; returns how many times each input's tensor was read."""
-    import torch
-
     tm = TensorMerge(info.name, info.numel, params, key_dtype=out_dt)
     parts = len(workers.ws)
 
@@ -234,7 +245,7 @@ def _merge_tensor(sources: list[TensorSource], writer: Any, info: TensorInfo, ou
 
     def merge_piece(_index: int | slice, offset: int, pieces: list[torch.Tensor]) -> None:
         flat = [p.reshape(-1) for p in pieces]
-        out = torch.empty(flat[0].numel(), dtype=out_dt)
+        out = workers.out_buffer(flat[0].numel(), out_dt)
         budgets = tm.tie_budgets()
         tied = [i for i, b in enumerate(budgets) if b > 0]
 
@@ -264,7 +275,8 @@ def merge_weights(base: ModelLike, models: list[ModelLike], out: str | Path, *, 
                   normalize: bool | None = None, rescale: bool | None = None, t: float | None = None,
                   seed: int = 0, dtype: str | None = None, force: bool = False,
                   license_options: LicenseOptions | None = None, progress: Progress = NULL_PROGRESS,
-                  extra_op: dict[str, Any] | None = None) -> WeightMergeResult:
+                  extra_op: dict[str, Any] | None = None, shards: Collection[int] | None = None,
+                  max_shard_bytes: int | None = None, tensor_params: TensorParams | None = None) -> WeightMergeResult:
     """Merge full fine-tunes of `base` by a mergekit method into an HF checkpoint, streamed and stamped.
 
     `method` is one of METHODS; for `linear` the models are averaged (weighted) and the base only supplies
@@ -273,11 +285,14 @@ def merge_weights(base: ModelLike, models: list[ModelLike], out: str | Path, *, 
     (0: the base); `seed` makes DARE's masks (per tensor, input and block). `dtype` auto/bf16/f16/f32
     (auto: the base's); the math is float32 throughout. The output appears only once complete. `base` and
     `models` may be Hub repo ids (`org/name`, not an existing path): fetched into the cache first
-    (`toolbox.merge.fetch`), named by their id, repo and commit in the provenance.
+    (`toolbox.merge.fetch`), named by their id, repo and commit in the provenance. `shards`/`max_shard_bytes`: as
+    `merge_adapters` (statistics are per tensor: a shards= run merges only its files' tensors, byte for byte).
+    `tensor_params` (mergekit gradients and filters, `toolbox.merge.params`) gives each tensor its own
+    parameters in place of the lists above; their settings, as written, go into the provenance.
     """
     from toolbox.merge.fetch import resolve_input
     from toolbox.tensors.atomic import atomic_directory, check_output_path, ensure_free_space
-    from toolbox.tensors.sink import SafetensorsWriter
+    from toolbox.tensors.sink import DEFAULT_MAX_SHARD_BYTES, SafetensorsWriter
     from toolbox.tensors.source import TensorInfo
 
     opts = LicenseOptions.of(license_options)
@@ -301,29 +316,36 @@ def merge_weights(base: ModelLike, models: list[ModelLike], out: str | Path, *, 
         sources += [_open_input(m, lora, opts) for m, lora in zip(resolved, loras[1:], strict=True)]
         _check_same_shape(base_model, base_src, resolved, sources[1:])
         infos = base_src.infos()
+        per_tensor = tensor_params.resolve(infos, base_model.checkpoint, seed) if tensor_params else {}
+        settings, shared = tensor_params.describe() if tensor_params else (None, {})
         out_st = {n: (requested or i.dtype) if i.dtype in FLOAT_ST else i.dtype for n, i in infos.items()}
-        stamp, described = _stamp(base_model, base_src, resolved, params, key, opts, extra_op, loras)
+        stamp, described = _stamp(base_model, base_src, resolved, params, key, opts,
+                                  {**shared, **(extra_op or {})}, loras, settings)
         result = WeightMergeResult(out, method, len(infos), requested or "auto", described, name=stamp.name)
-        ensure_free_space(out, sum(TensorInfo(n, i.shape, out_st[n]).nbytes for n, i in infos.items()),
-                          f"the merged checkpoint {out.name}")
         with atomic_directory(out, force=force) as staging:
-            writer = SafetensorsWriter(staging, metadata=stamp.safetensors_metadata())
+            writer = SafetensorsWriter(staging, metadata=stamp.safetensors_metadata(), shards=shards,
+                                       max_shard_bytes=max_shard_bytes or DEFAULT_MAX_SHARD_BYTES)
             for name, info in infos.items():
                 writer.add(name, info.shape, out_st[name])
             writer.begin()
+            infos = {n: i for n, i in infos.items() if writer.wanted(n)}  # a shards= run: its files' tensors only
+            ensure_free_space(out, sum(TensorInfo(n, i.shape, out_st[n]).nbytes for n, i in infos.items()),
+                              f"the merged checkpoint {out.name}")
             with progress.task("merging", total=sum(i.nbytes for i in infos.values()), unit="bytes") as task, \
                     _single_threaded_ops():
                 workers = _Workers(len(sources) - 1, WORKERS)
                 try:
                     for name, info in infos.items():
-                        reads = _write_tensor(sources, writer, info, out_st[name], params, workers)
+                        reads = _write_tensor(sources, writer, info, out_st[name], per_tensor.get(name, params),
+                                              workers)
                         result.passes[str(reads)] = result.passes.get(str(reads), 0) + 1
                         task.advance(info.nbytes)
                 finally:
                     workers.close()
             writer.finish()
-            finish_hf_directory(staging, base_model.directory, _out_config(base_model.checkpoint.config, requested),
-                                stamp)
+            if writer.writes_rest:
+                finish_hf_directory(staging, base_model.directory,
+                                    _out_config(base_model.checkpoint.config, requested), stamp)
     finally:
         for s in sources:
             s.close()
@@ -375,7 +397,11 @@ def _open_input(model: ResolvedModel, lora: str | None, opts: LicenseOptions) ->
     """The input's canonical tensors; with a LoRA, merged into them piece by piece as they are read (the
     bytes `corral merge MODEL LORA` would write, in MODEL's dtype)."""
     if lora is None:
-        return model.open_source()
+        source = model.open_source()
+        stored = source.stored()
+        if hasattr(stored, "reuse_buffers"):  # pieces are dropped as the stream moves on: reuse their buffers
+            stored.reuse_buffers = True
+        return source
     from toolbox.merge.merged_source import open_merged
 
     return open_merged(model, [lora], license_options=opts)
@@ -383,7 +409,7 @@ def _open_input(model: ResolvedModel, lora: str | None, opts: LicenseOptions) ->
 
 def _stamp(base: ResolvedModel, base_src: TensorSource, models: list[ResolvedModel], params: MergeParams,
            dtype: str, opts: LicenseOptions, extra_op: dict[str, Any] | None,
-           loras: list[str | None]) -> tuple[Any, list[dict[str, Any]]]:
+           loras: list[str | None], settings: list[dict[str, Any]] | None = None) -> tuple[Any, list[dict[str, Any]]]:
     """relation merge; every input's (and its LoRA's) file hashes in the provenance, the parameters in the op."""
     from toolbox.hub.manifest import source_origin
 
@@ -407,6 +433,7 @@ def _stamp(base: ResolvedModel, base_src: TensorSource, models: list[ResolvedMod
             entry["weight"] = params.weights[i - 1]
             if SPECS[params.method].sparsify:
                 entry["density"] = params.densities[i - 1]
+            entry.update(settings[i - 1] if settings else {})  # gradients and filters as the config gave them
         described.append(entry)
     op: dict[str, Any] = {"op": "merge", "method": params.method, "dtype": dtype, "normalize": params.normalize,
                           "inputs": [{k: v for k, v in d.items() if k != "sha256"} for d in described],

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from license.stamp import LicenseOptions
 
 GATES_OPS = ("verify", "license-check", "publish")
+QUANT_OPS = ("convert", "merge", "prune", "extract")  # steps that take the per-tensor GGUF options (`gguf_options`)
 
 
 class GateFailed(CorralError):
@@ -63,16 +64,20 @@ def convert_request(p: dict[str, Any], src: Path, workdir: Path, ctx: OpContext)
                           kv_cache=p.get("kv_cache", True), mmproj=p.get("mmproj"),
                           mmproj_outtype=p.get("mmproj_outtype"),
                           allow_lossy_config=p.get("allow_lossy_config", False), license=_license(ctx, p),
-                          tensor_types=tuple(p.get("tensor_types") or ()),
-                          output_tensor_type=p.get("output_tensor_type"),
-                          token_embedding_type=p.get("token_embedding_type"), pure=bool(p.get("pure")),
-                          imatrix=_imatrix_file(p, ctx),
-                          include_weights=tuple(p.get("include_weights") or ()),
-                          exclude_weights=tuple(p.get("exclude_weights") or ()))
+                          **gguf_options(p, ctx))
+
+
+def gguf_options(p: dict[str, Any], ctx: OpContext) -> dict[str, Any]:
+    """A step's per-tensor GGUF options (schema.GGUFQuantWith) as `toolbox.convert.gguf_quant_options` and
+    `ConvertRequest` name them: a convert step's, and a merge/prune/extract step's with to: gguf."""
+    return {"tensor_types": tuple(p.get("tensor_types") or ()), "output_tensor_type": p.get("output_tensor_type"),
+            "token_embedding_type": p.get("token_embedding_type"), "pure": bool(p.get("pure")),
+            "imatrix": _imatrix_file(p, ctx), "include_weights": tuple(p.get("include_weights") or ()),
+            "exclude_weights": tuple(p.get("exclude_weights") or ())}
 
 
 def is_step_ref(value: Any) -> bool:
-    """A convert step's `imatrix` that is a step id (no dot or slash, unlike a file name) names an imatrix step."""
+    """A step's `imatrix` that is a step id (no dot or slash, unlike a file name) names an imatrix step."""
     import re
 
     from toolbox.recipe.schema import STEP_ID
@@ -81,7 +86,7 @@ def is_step_ref(value: Any) -> bool:
 
 
 def _imatrix_file(p: dict[str, Any], ctx: OpContext) -> Path | None:
-    """A convert step's imatrix: a file, or the artifact of the imatrix step it names (its `against`)."""
+    """A step's imatrix: a file, or the artifact of the imatrix step it names (its `against`)."""
     if not p.get("imatrix"):
         return None
     return Path(ctx.resolve(p["imatrix"])) if is_step_ref(p["imatrix"]) else Path(p["imatrix"])
@@ -136,7 +141,7 @@ def _merge(p: dict[str, Any], src: Path, workdir: Path, ctx: OpContext) -> Path:
                       weights=[float(m.get("weight", 1.0)) for m in models],
                       densities=dens if len(dens) == len(models) else None, normalize=p.get("normalize"),
                       t=p.get("t"), seed=int(p.get("seed") or 0), dtype=p.get("dtype"), progress=ctx.progress,
-                      license_options=_license(ctx, p))
+                      license_options=_license(ctx, p), **_sharding(p))
         return out
     adapters = [a["path"] for a in p["adapters"]]
     weights = [float(a.get("weight", 1.0)) for a in p["adapters"]]
@@ -146,7 +151,7 @@ def _merge(p: dict[str, Any], src: Path, workdir: Path, ctx: OpContext) -> Path:
         gguf = workdir / "model.gguf"
         merge_to_gguf(src, adapters, gguf, weights=weights, dtype=p.get("dtype"), outtype=p.get("outtype") or "auto",
                       name=p.get("name"), mau_declaration=ctx.mau_declaration, fix_name=ctx.fix_name,
-                      progress=ctx.progress)
+                      progress=ctx.progress, **gguf_options(p, ctx))
         return gguf
     merge_adapters(src, adapters, out, weights=weights, dtype=p.get("dtype"),
                    progress=ctx.progress, license_options=_license(ctx, p), **_sharding(p))
@@ -158,7 +163,7 @@ def _prune(p: dict[str, Any], src: Path, workdir: Path, ctx: OpContext) -> Path:
 
     out = workdir / ("model.gguf" if p.get("to") == "gguf" else "model")  # to gguf: streamed, no HF copy
     common = {"progress": ctx.progress, "license_options": _license(ctx, p), "to": p.get("to") or "hf",
-              "outtype": p.get("outtype") or "auto", **_sharding(p)}
+              "outtype": p.get("outtype") or "auto", **_sharding(p), **gguf_options(p, ctx)}
     if p.get("keep_count") is not None:
         prune_by_criterion(src, out, count=int(p["keep_count"]), criterion=p["criterion"],
                            calibration=p.get("calibration"), **common)
@@ -176,7 +181,7 @@ def _extract(p: dict[str, Any], src: Path, workdir: Path, ctx: OpContext) -> Pat
         expert, extra = most_used_experts(src, p.get("calibration"), progress=ctx.progress)
     extract_dense(src, out, expert=expert, extra_provenance=extra, progress=ctx.progress,
                   license_options=_license(ctx, p), to=p.get("to") or "hf", outtype=p.get("outtype") or "auto",
-                  **_sharding(p))
+                  **_sharding(p), **gguf_options(p, ctx))
     return out
 
 
@@ -196,9 +201,9 @@ def _sharding(p: dict[str, Any]) -> dict[str, Any]:
 
 def shard_count(uses: str, p: dict[str, Any], src: Path) -> int:
     """How many safetensors files a step writes, from headers alone, where each can be written by its own task: a
-    LoRA merge, a prune by an explicit keep/drop list or an extract of a given expert, to HF (1 for anything else:
-    a prune by criterion or an `expert: auto` would measure statistics in every task; a weight merge and GGUF
-    outputs are one task)."""
+    merge (LoRA or weights: a weight merge's statistics are per tensor, and its output has the base's tensors), a
+    prune by an explicit keep/drop list or an extract of a given expert, to HF (1 for anything else: a prune by
+    criterion or an `expert: auto` would measure statistics in every task; GGUF outputs are one task)."""
     max_bytes = _sharding(p).get("max_shard_bytes")
     if (p.get("to") or "hf") != "hf":
         return 1
@@ -206,7 +211,7 @@ def shard_count(uses: str, p: dict[str, Any], src: Path) -> int:
         from toolbox.experts.prune import prune_shard_count
 
         return prune_shard_count(src, keep=p.get("keep"), drop=p.get("drop"), max_shard_bytes=max_bytes)
-    if uses == "merge" and not p.get("method"):
+    if uses == "merge":
         from toolbox.merge.merge import merge_shard_count
 
         return merge_shard_count(src, dtype=p.get("dtype"), max_shard_bytes=max_bytes)

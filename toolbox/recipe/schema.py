@@ -47,7 +47,28 @@ class Adapter(_Strict):
     weight: float = 1.0
 
 
-class ConvertWith(_Strict):
+class GGUFQuantWith(_Strict):
+    """llama-quantize's per-tensor options of a GGUF output with a mix outtype (corral convert --help): a convert
+    step's, and a merge/prune/extract step's with `to: gguf` (the same keys, checked the same way)."""
+
+    tensor_types: list[Annotated[str, Field(max_length=300)]] = Field(
+        [], max_length=64, description="REGEX=TYPE overrides, first match wins (--tensor-type)")
+    output_tensor_type: str | None = None
+    token_embedding_type: str | None = None
+    pure: bool = False
+    imatrix: str | None = Field(None, description="importance matrix file (llama-imatrix's GGUF or legacy .dat), "
+                                "or the id of an earlier `uses: imatrix` step")
+    include_weights: list[Annotated[str, Field(max_length=300)]] = Field([], max_length=64)
+    exclude_weights: list[Annotated[str, Field(max_length=300)]] = Field([], max_length=64)
+
+    def _quant_needs_gguf(self, to: str) -> None:
+        """A chain step's per-tensor options are refused without `to: gguf` (they would be ignored)."""
+        given = [k for k in GGUFQuantWith.model_fields if getattr(self, k)]
+        if given and to != "gguf":
+            raise FieldError(f"{given[0]} is a GGUF option: it needs to: gguf", given[0])
+
+
+class ConvertWith(GGUFQuantWith):
     to: Literal["gguf", "hf", "onnx"]
     outtype: str = Field("auto", description="GGUF tensor type (q8_0, q4_k_m, bf16, ...)")
     dtype: str = Field("auto", description="HF/ONNX dtype")
@@ -59,16 +80,6 @@ class ConvertWith(_Strict):
     mmproj: Literal["auto", "none"] | None = Field(None, description="to gguf: auto also writes the vision tower "
                                                    "as OUT.mmproj.gguf, published beside the output")
     mmproj_outtype: Literal["auto", "f32", "f16", "bf16", "q8_0"] | None = None
-    # to gguf with a mix outtype: llama-quantize's per-tensor options (corral convert --help)
-    tensor_types: list[Annotated[str, Field(max_length=300)]] = Field(
-        [], max_length=64, description="REGEX=TYPE overrides, first match wins (--tensor-type)")
-    output_tensor_type: str | None = None
-    token_embedding_type: str | None = None
-    pure: bool = False
-    imatrix: str | None = Field(None, description="importance matrix file (llama-imatrix's GGUF or legacy .dat), "
-                                "or the id of an earlier `uses: imatrix` step")
-    include_weights: list[Annotated[str, Field(max_length=300)]] = Field([], max_length=64)
-    exclude_weights: list[Annotated[str, Field(max_length=300)]] = Field([], max_length=64)
 
 
 def _shard_size(value: str | None) -> str | None:
@@ -90,7 +101,7 @@ class MergeModel(_Strict):
     density: float | None = Field(None, ge=0, le=1, description="ties/dare: share of the delta kept")
 
 
-class MergeWith(_Strict):
+class MergeWith(GGUFQuantWith):
     adapters: list[Adapter] = Field([], description="LoRA adapters (without method)")
     method: Literal["linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "slerp",
                     "model_stock"] | None = Field(None, description="a weight merge of full fine-tunes of the "
@@ -115,8 +126,9 @@ class MergeWith(_Strict):
             raise ValueError("a weight merge (method) takes models, not adapters")
         if self.method is not None and self.to != "hf":
             raise ValueError("a weight merge writes an HF checkpoint: convert it in a next step")
-        if self.shard_size is not None and (self.method is not None or self.to != "hf"):
-            raise ValueError("shard_size sizes a LoRA merge's HF output (to: hf)")
+        if self.shard_size is not None and self.to != "hf":
+            raise ValueError("shard_size sizes a merge's HF output (to: hf)")
+        self._quant_needs_gguf(self.to)
         return self
 
 
@@ -125,7 +137,7 @@ Layer = Annotated[int, Field(ge=0, le=MAX_INDEX)]
 Experts = Annotated[list[Layer], Field(max_length=MAX_INDEX)]
 
 
-class PruneWith(_Strict):
+class PruneWith(GGUFQuantWith):
     keep: Experts | dict[Layer, Experts] | None = Field(None, description="experts to keep in every MoE layer, "
                                                         "or {layer: [experts]}")
     drop: Experts | dict[Layer, Experts] | None = None
@@ -148,10 +160,11 @@ class PruneWith(_Strict):
             raise ValueError("keep_count needs criterion and calibration")
         if self.shard_size is not None and self.to != "hf":
             raise ValueError("shard_size sizes an HF output (to: hf)")
+        self._quant_needs_gguf(self.to)
         return self
 
 
-class ExtractWith(_Strict):
+class ExtractWith(GGUFQuantWith):
     expert: Annotated[int, Field(ge=0, le=MAX_INDEX)] | Literal["auto"]
     calibration: str | None = None
     name: str | None = None
@@ -160,6 +173,11 @@ class ExtractWith(_Strict):
     outtype: str = Field("auto", max_length=40, description="GGUF tensor type with to: gguf (q8_0, q4_k_m, ...)")
     shard_size: ShardSize = Field(None, max_length=40, description="largest safetensors file of the HF output "
                                   "(e.g. 2G, 500M; default 5GiB); on a Ray cluster each file is one task")
+
+    @model_validator(mode="after")
+    def _gguf_options(self) -> ExtractWith:
+        self._quant_needs_gguf(self.to)
+        return self
 
 
 class ExtractLoraWith(_Strict):
