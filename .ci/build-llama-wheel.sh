@@ -24,4 +24,6 @@ if ! ls "$wheels"/llama_cpp_python-"$version"-*.whl >/dev/null 2>&1; then
     mv "$staging" "$wheels"
     trap - EXIT
 fi
-"$py" -m pip install -q "$wheels"/llama_cpp_python-"$version"-*.whl
+whl=("$wheels"/llama_cpp_python-"$version"-*.whl)
+"$py" -m pip install -q --no-deps --force-reinstall "${whl[0]}"  # replaces a native build already there
+"$py" -m pip install -q "${whl[0]}"  # its dependencies
