@@ -139,6 +139,11 @@ def test_the_cli_refuses_per_tensor_options_without_a_gguf_output(tmp_path: Path
     assert main(["experts", "prune", "demo:scout", "-o", str(tmp_path / "p"), "--keep", "0-7", "--tensor-type",
                  "attn_v=q8_0", "--mau-declaration", DECL]) == 2
     assert "--tensor-type: per-tensor GGUF options need a GGUF output" in capsys.readouterr().err
+    for merge in (["merge", "demo:scout", str(tmp_path / "no-adapter")],  # checked before the adapter is read
+                  ["merge", "--method", "linear", "demo:scout", "demo:scout"]):
+        assert main([*merge, "-o", str(tmp_path / "m"), "--token-embedding-type", "q8_0", "--pure",
+                     "--mau-declaration", DECL]) == 2
+        assert "--pure, --token-embedding-type: per-tensor GGUF options need a GGUF output" in capsys.readouterr().err
     # a bad pattern fails before --dense auto's calibration pass (and before anything is written)
     assert main(["experts", "extract", "demo:scout", "-o", str(tmp_path / "d.gguf"), "--dense", "auto",
                  "--calibration", str(CALIBRATION), "--to", "gguf", "--outtype", "q4_k_m", "--tensor-type",

@@ -144,6 +144,11 @@ def merge(
 
     out = ctx.obj
     need_bom(bom)
+    if to != "gguf":  # per-tensor options an HF output would silently ignore are refused before any work
+        from toolbox.merge.chain import check_quant
+
+        check_quant(to, outtype, {"tensor_types": tuple(tensor_type or ()), "output_tensor_type": output_tensor_type,
+                                  "token_embedding_type": token_embedding_type, "pure": pure, "imatrix": imatrix})
     if method is not None or config is not None:
         from license.stamp import LicenseOptions
 
