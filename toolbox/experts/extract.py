@@ -81,24 +81,13 @@ def extract_dense(src: ModelLike, out: str | Path, *, expert: int | Mapping[int,
     byte for byte the conversion of the HF output. `shards`/`max_shard_bytes` and the per-tensor GGUF keywords in
     `legacy`: as `prune_experts`."""
     from toolbox.experts.output import require_hf
-    from toolbox.merge.chain import check_quant, take_quant
+    from toolbox.merge.chain import checked_output, take_quant
     from toolbox.reference import resolve
-    from toolbox.tensors.atomic import check_output_path
 
     require_hf(src)
     quant = take_quant(legacy)
     opts = LicenseOptions.of(license_options, **legacy)
-    if to not in ("hf", "gguf"):
-        raise UsageError(f"unknown --to {to!r}", hint="choose hf or gguf")
-    check_quant(to, outtype, quant)  # a bad type or pattern fails before anything is read
-    if to == "gguf" and shards is not None:
-        raise UsageError("shards= applies to an HF output; a GGUF output is split with split_max_size")
-    if to == "gguf":
-        from toolbox.merge.chain import gguf_output
-
-        out = gguf_output(out, force=force)
-    out = Path(out).absolute()
-    check_output_path(out, force=force)
+    out = checked_output(to, outtype, out, quant, shards=shards, force=force)
     model = resolve(src)
     src_dir, ckpt = model.path, model.checkpoint
     t = ckpt.text

@@ -77,6 +77,20 @@ def check_quant(to: str, outtype: str, quant: dict[str, Any]) -> None:
         raise UsageError(f"{flags}: per-tensor GGUF options need a GGUF output", hint="add --to gguf (-o FILE.gguf)")
 
 
+def checked_output(to: str, outtype: str, out: str | Path, quant: dict[str, Any], *, shards: Any,
+                   force: bool) -> Path:
+    """The absolute output path of a prune or extract, with its target, per-tensor options and shard selection
+    checked before anything is read (a bad type, pattern or combination fails first)."""
+    if to not in ("hf", "gguf"):
+        raise UsageError(f"unknown --to {to!r}", hint="choose hf or gguf")
+    check_quant(to, outtype, quant)
+    if to == "gguf" and shards is not None:
+        raise UsageError("shards= applies to an HF output; a GGUF output is split with split_max_size")
+    path = gguf_output(out, force=force) if to == "gguf" else Path(out).absolute()
+    check_output_path(path, force=force)
+    return path
+
+
 def derived_to_gguf(origin: ResolvedModel, config: dict[str, Any], tensors: Callable[[], TensorSource],
                     out: Path, *, tag: str, license_options: LicenseOptions, force: bool = False,
                     progress: Progress = NULL_PROGRESS, outtype: str = "auto", **quant: Any) -> GGUFResult:
