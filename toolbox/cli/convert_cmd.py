@@ -131,6 +131,14 @@ ImatrixOpt = Annotated[Path | None, typer.Option(
         "--imatrix", metavar="FILE", show_default=False,
         help="Importance matrix (llama-imatrix's GGUF output or a legacy .dat) for a mix --outtype; "
         "enables the types that need one (iq2_*, iq1_*, iq3_xxs, q2_k_s).")]
+def quant_options(tensor_type: list[str] | None, output_tensor_type: str | None, token_embedding_type: str | None,
+                  pure: bool, imatrix: Path | None) -> dict[str, object]:
+    """The per-tensor GGUF options above as the library's keywords (those of `toolbox.convert.gguf_quant_options`),
+    for the commands that chain into GGUF (merge, experts prune/extract)."""
+    return {"tensor_types": tuple(tensor_type or ()), "output_tensor_type": output_tensor_type,
+            "token_embedding_type": token_embedding_type, "pure": pure, "imatrix": imatrix}
+
+
 IncludeWeightsOpt = Annotated[list[str] | None, typer.Option(
         "--include-weights", metavar="NAME", show_default=False,
         help="Use imatrix entries only for tensors whose name contains NAME (repeatable).")]

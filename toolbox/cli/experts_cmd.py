@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated
 
 from toolbox.cli._typer import typer
 from toolbox.cli.choices import CHAIN_OUTTYPE_HELP, ComputeDtype, ConvertOutType, Criterion, MergeTarget
-from toolbox.cli.convert_cmd import ImatrixOpt, OutputTensorTypeOpt, PureOpt, TensorTypeOpt, TokenEmbeddingTypeOpt
+from toolbox.cli.convert_cmd import (
+    ImatrixOpt,
+    OutputTensorTypeOpt,
+    PureOpt,
+    TensorTypeOpt,
+    TokenEmbeddingTypeOpt,
+    quant_options,
+)
 from toolbox.cli.options import (
     BaseModelOpt,
     BomOpt,
@@ -211,7 +218,7 @@ def prune(
     common = {"name": name, "mau_declaration": mau_declaration, "fix_name": fix_name, "force": force,
               "base_model": base_model, "progress": out.progress(), "to": to, "outtype": outtype,
               "max_shard_bytes": shard_bytes(shard_size, to),
-              **_quant(tensor_type, output_tensor_type, token_embedding_type, pure, imatrix)}
+              **quant_options(tensor_type, output_tensor_type, token_embedding_type, pure, imatrix)}
     if keep_count is not None:
         if criterion != "random" and calibration is None and stats_file is None:
             raise UsageError(f"--criterion {criterion} needs --calibration DATA (or --stats FILE)")
@@ -268,7 +275,7 @@ def extract(
 
     out = ctx.obj
     need_bom(bom)
-    quant = _quant(tensor_type, output_tensor_type, token_embedding_type, pure, imatrix)
+    quant = quant_options(tensor_type, output_tensor_type, token_embedding_type, pure, imatrix)
     check_quant(to, outtype, dict(quant))  # before --dense auto's calibration pass
     max_shard_bytes = shard_bytes(shard_size, to)
     extra = {}
@@ -295,13 +302,6 @@ def extract(
     out.result(*with_boms(out, [result.path], bom, data, lambda c: c.print(
         f"wrote dense model {result.path} ({result.bytes / 2**20:.1f} MiB; experts "
         f"{', '.join(f'{k}:{v}' for k, v in result.experts.items())})", markup=False)))
-
-
-def _quant(tensor_type: list[str] | None, output_tensor_type: str | None, token_embedding_type: str | None,
-           pure: bool, imatrix: Path | None) -> dict[str, Any]:
-    """The per-tensor GGUF options as the library's keywords (those of `toolbox.convert.gguf_quant_options`)."""
-    return {"tensor_types": tuple(tensor_type or ()), "output_tensor_type": output_tensor_type,
-            "token_embedding_type": token_embedding_type, "pure": pure, "imatrix": imatrix}
 
 
 @app.command("compare", epilog=COMPARE_EPILOG)

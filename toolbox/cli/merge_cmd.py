@@ -8,7 +8,14 @@ from typing import Annotated, Any
 
 from toolbox.cli._typer import typer
 from toolbox.cli.choices import CHAIN_OUTTYPE_HELP, ConvertOutType, MergeDtype, MergeTarget, WeightMethod
-from toolbox.cli.convert_cmd import ImatrixOpt, OutputTensorTypeOpt, PureOpt, TensorTypeOpt, TokenEmbeddingTypeOpt
+from toolbox.cli.convert_cmd import (
+    ImatrixOpt,
+    OutputTensorTypeOpt,
+    PureOpt,
+    TensorTypeOpt,
+    TokenEmbeddingTypeOpt,
+    quant_options,
+)
 from toolbox.cli.options import (
     BaseModelOpt,
     BomOpt,
@@ -144,11 +151,11 @@ def merge(
 
     out = ctx.obj
     need_bom(bom)
+    quant = quant_options(tensor_type, output_tensor_type, token_embedding_type, pure, imatrix)
     if to != "gguf":  # per-tensor options an HF output would silently ignore are refused before any work
         from toolbox.merge.chain import check_quant
 
-        check_quant(to, outtype, {"tensor_types": tuple(tensor_type or ()), "output_tensor_type": output_tensor_type,
-                                  "token_embedding_type": token_embedding_type, "pure": pure, "imatrix": imatrix})
+        check_quant(to, outtype, quant)
     if method is not None or config is not None:
         from license.stamp import LicenseOptions
 
@@ -168,8 +175,7 @@ def merge(
     if to == "gguf":
         _lora_to_gguf(out, base, list(adapters), output, bom, weights=weight, dtype=dtype, outtype=outtype, name=name,
                       mau_declaration=mau_declaration, fix_name=fix_name, force=force, base_model=base_model,
-                      tensor_types=tuple(tensor_type or ()), output_tensor_type=output_tensor_type,
-                      token_embedding_type=token_embedding_type, pure=pure, imatrix=imatrix)
+                      **quant)
         return
     res = merge_adapters(base, list(adapters), output, weights=weight, dtype=dtype, name=name,
                          mau_declaration=mau_declaration, fix_name=fix_name, force=force, base_model=base_model,
